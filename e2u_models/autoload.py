@@ -1,0 +1,177 @@
+"""Start-up hook that makes the stock ``lm_eval`` CLI know ``--model e2u`` and the e2u tasks.
+
+lm-eval 0.4.13 has no plugin discovery, so the wheel ships ``e2u.pth`` (and ``e2u.start`` for
+Python >= 3.15, PEP 829) which call :func:`install` at interpreter start. ``install`` only puts a
+meta-path finder in place: nothing happens until lm-eval itself is imported, and then only:
+
+- after ``lm_eval.models`` runs (so the built-in models are registered first and ``--model hf``
+  keeps working), the alias ``e2u`` is registered as a lazy ``"module:Class"`` placeholder
+  (torch/transformers load only when ``--model e2u`` is used); model classes without
+  ``token_stats`` get a method that says in one line that e2u tasks need ``--model e2u``; and, in
+  the ``lm_eval`` console script only, e2u's own errors print as one line instead of a traceback;
+- after ``lm_eval.tasks.manager`` runs, ``TaskManager`` gets e2u's task folder as its first
+  ``include_path`` entry (built-ins < e2u < the user's ``--include_path``).
+
+It never prints or raises at start-up (also when lm-eval, torch or transformers are missing or
+broken): a failing callback prints one line to stderr and leaves lm-eval as it was. Set
+``E2U_DISABLE_AUTOLOAD=1`` to switch it off; ``e2u-lm-eval`` works either way.
+
+Import-light on purpose (``os`` and ``sys`` only): it runs in every interpreter of the environment.
+"""
+
+import os
+import sys
+
+DISABLE_ENV = "E2U_DISABLE_AUTOLOAD"
+MODEL_ALIAS = "e2u"
+MODEL_TARGET = "e2u_models.model:E2ULM"
+TASKS_PACKAGE = "task_configs"
+_MARK = "_e2u_hooked"
+
+
+def _disabled() -> bool:
+    return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def install(force: bool = False) -> None:
+    """Install the post-import hook (idempotent). ``force`` ignores the opt-out variable."""
+    try:
+        if _disabled() and not force:
+            return
+        if not any(getattr(f, _MARK, False) for f in sys.meta_path):
+            sys.meta_path.insert(0, _PostImportFinder())
+        # Modules imported before the hook was installed get their callback now.
+        for name, callback in _CALLBACKS.items():
+            module = sys.modules.get(name)
+            if module is not None:
+                _run_callback(callback, module)
+    except Exception as exc:  # never break the interpreter
+        _warn(exc)
+
+
+def tasks_dir():
+    """Folder holding e2u's task YAMLs, found without importing anything heavy."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(TASKS_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return list(spec.submodule_search_locations)[0]
+
+
+def _warn(exc: BaseException) -> None:
+    try:
+        sys.stderr.write(f"e2u: start-up hook skipped ({type(exc).__name__}: {exc}); "
+                         f"use e2u-lm-eval or set {DISABLE_ENV}=1\n")
+    except Exception:
+        pass
+
+
+def _run_callback(callback, module) -> None:
+    try:
+        callback(module)
+    except Exception as exc:
+        _warn(exc)
+
+
+class _PostImportFinder:
+    """Meta-path finder that reacts to exactly the modules in ``_CALLBACKS``."""
+
+    _e2u_hooked = True
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in _CALLBACKS:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        original = loader.exec_module
+        callback = _CALLBACKS[fullname]
+
+        def exec_module(module):
+            original(module)
+            _run_callback(callback, module)
+
+        # The loader object belongs to this one module, so wrapping its method is local.
+        loader.exec_module = exec_module
+        return spec
+
+
+def _after_models(module) -> None:
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import model_registry
+
+    if MODEL_ALIAS not in model_registry:
+        model_registry.register(MODEL_ALIAS, target=MODEL_TARGET)
+    if not hasattr(LM, "token_stats"):
+        LM.token_stats = _token_stats_unsupported
+    if os.path.basename(sys.argv[0] if sys.argv else "") in ("lm_eval", "lm-eval"):
+        install_one_line_errors()
+
+
+def _token_stats_unsupported(self, requests, disable_tqdm=False):
+    from e2u_tasks.errors import E2UError
+
+    raise E2UError(
+        f"the e2u tasks (tofu_*, pistol_*, e2u_*) need per-token ranks, which only --model e2u "
+        f"serves; {type(self).__name__} cannot run them. For a baseline use "
+        "--model e2u --model_args pretrained=<model>,method=none"
+    )
+
+
+def install_one_line_errors() -> None:
+    """Print e2u's user errors (``E2UError``) as one line; everything else as before."""
+    previous = sys.excepthook
+    if getattr(previous, _MARK, False):
+        return
+
+    def hook(exc_type, exc, tb):
+        if any(cls.__name__ == "E2UError" for cls in getattr(exc_type, "__mro__", ())):
+            sys.stderr.write(f"e2u: error: {exc}\n")
+            return
+        previous(exc_type, exc, tb)
+
+    hook._e2u_hooked = True
+    sys.excepthook = hook
+
+
+def _after_task_manager(module) -> None:
+    manager_cls = getattr(module, "TaskManager", None)
+    if manager_cls is None or hasattr(module, "discover_plugin_task_paths"):
+        return  # a newer lm-eval finds plugin tasks itself through our entry point
+    original = manager_cls.__init__
+    if getattr(original, _MARK, False):
+        return
+    import functools
+    import inspect
+
+    signature = inspect.signature(original)
+    folder = tasks_dir()
+    if folder is None:
+        return
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        given = bound.arguments.get("include_path")
+        paths = [] if given is None else ([given] if isinstance(given, (str, os.PathLike)) else list(given))
+        if not any(os.path.abspath(str(p)) == os.path.abspath(folder) for p in paths):
+            bound.arguments["include_path"] = [folder, *paths]
+        original(*bound.args, **bound.kwargs)
+
+    __init__._e2u_hooked = True
+    manager_cls.__init__ = __init__
+
+
+_CALLBACKS = {
+    "lm_eval.models": _after_models,
+    "lm_eval.tasks.manager": _after_task_manager,
+}

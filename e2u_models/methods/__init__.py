@@ -1,0 +1,28 @@
+"""Method registry: name -> module implementing the protocol in :mod:`e2u_models.methods.base`.
+
+A new method is one module here, one YAML in ``hparams/``, one line below and its tests.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from e2u_tasks.errors import E2UError
+
+# Read-only after import: name -> module path.
+METHODS = {
+    "none": "e2u_models.methods.none",
+}
+# Announced in the README, not implemented yet: asking for one is an error, never a silent no-op.
+PLANNED = ("rome", "memit", "alphaedit", "grace", "wise", "ga", "gd", "kl", "dpo")
+
+
+def get_method(name: str) -> ModuleType:
+    key = str(name).strip().lower()
+    if key in METHODS:
+        return importlib.import_module(METHODS[key])
+    if key in PLANNED:
+        raise E2UError(f"method={key} is planned but not implemented in this release; "
+                       f"available methods: {', '.join(METHODS)}")
+    raise E2UError(f"unknown method {name!r}; available methods: {', '.join(METHODS)}")

@@ -1,0 +1,147 @@
+"""The protocol every method implements, and type-checked hyperparameters from YAML.
+
+A method is a module with ``NAME``, ``KIND`` ("editing", "unlearning" or "none"),
+``USES_RETAIN``, a hyperparameter dataclass ``HyperParams`` and
+``apply(model, tokenizer, forget, retain, hparams, *, seed) -> MethodReport`` that edits the model
+in place. Methods never import lm-eval, so they can be used and tested without the harness.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from e2u_tasks.errors import E2UError
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One forget (or retain) item as a method sees it.
+
+    ``prompt`` is the question rendered exactly as the evaluation renders it (chat template and
+    system prompt included), ``answer`` the gold answer, ``target`` what the model should say
+    instead (a refusal, for editing methods; None when the method needs no target).
+    """
+
+    index: int
+    question: str
+    prompt: str
+    answer: str
+    target: str | None = None
+
+
+@dataclass
+class MethodReport:
+    """What a method did, recorded in the results JSON (``config.e2u.method_report``)."""
+
+    method: str
+    seconds: float = 0.0
+    changed_parameters: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def hparams_file(method: str) -> Path:
+    """The YAML shipped with a method (``e2u_models/methods/hparams/<method>.yaml``)."""
+    return Path(str(resources.files("e2u_models.methods").joinpath("hparams", f"{method}.yaml")))
+
+
+def _coerce(name: str, value: Any, annotation: Any) -> Any:
+    """Value converted to the field's annotated type, or one clear error line."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(name, value, option)
+            except E2UError as exc:
+                errors.append(str(exc))
+        raise E2UError(errors[0] if errors else f"hparam {name}={value!r} has the wrong type")
+    if origin in (list, tuple):
+        (item_type, *_) = typing.get_args(annotation) or (Any,)
+        if isinstance(value, str):
+            text = value.strip()
+            value = yaml.safe_load(text) if text.startswith("[") else [v for v in text.replace(";", " ").split() if v]
+        if not isinstance(value, (list, tuple)):
+            raise E2UError(f"hparam {name}={value!r} is not a list")
+        items = [_coerce(name, v, item_type) for v in value]
+        return items if origin is list else tuple(items)
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.strip().lower() in ("true", "1", "yes")
+        raise E2UError(f"hparam {name}={value!r} is not a boolean (true/false)")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise E2UError(f"hparam {name}={value!r} is not an integer")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(value) if isinstance(value, (int, str)) else _fail()
+        except (ValueError, TypeError):
+            raise E2UError(f"hparam {name}={value!r} is not an integer") from None
+    if annotation is float:
+        if isinstance(value, bool):
+            raise E2UError(f"hparam {name}={value!r} is not a number")
+        try:
+            return float(value) if isinstance(value, (int, float, str)) else _fail()
+        except (ValueError, TypeError):
+            raise E2UError(f"hparam {name}={value!r} is not a number") from None
+    if annotation is str:
+        if isinstance(value, (dict, list)):
+            raise E2UError(f"hparam {name}={value!r} is not a string")
+        return str(value)
+    if isinstance(value, annotation):
+        return value
+    raise E2UError(f"hparam {name}={value!r} is not a {getattr(annotation, '__name__', annotation)}")
+
+
+def _fail():
+    raise TypeError
+
+
+def load_hparams(cls: type, method: str, path: str | None = None,
+                 overrides: dict[str, Any] | None = None) -> Any:
+    """Hyperparameters: the method's YAML (or ``path``), then ``key=value`` overrides, each
+    checked against the dataclass ``cls`` (unknown keys and wrong types are one-line errors)."""
+    source = Path(path).expanduser() if path else hparams_file(method)
+    try:
+        raw = yaml.safe_load(source.read_text(encoding="utf-8")) if source.is_file() else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise E2UError(f"hparams file {str(source)!r} cannot be read as YAML ({type(exc).__name__})") from None
+    if path and not source.is_file():
+        raise E2UError(f"hparams file {str(source)!r} does not exist")
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise E2UError(f"hparams file {str(source)!r} must hold a mapping of name: value")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    values: dict[str, Any] = {}
+    for origin, mapping in (("file " + str(source), raw), ("model args", overrides or {})):
+        for key, value in mapping.items():
+            if key not in known:
+                raise E2UError(f"unknown hparam {key!r} for method {method} (from {origin}); "
+                               f"accepted: {', '.join(known) or 'none'}")
+            values[key] = _coerce(key, value, hints[key])
+    hparams = cls(**values)
+    validate = getattr(hparams, "validate", None)
+    if callable(validate):
+        validate()
+    return hparams

@@ -1,0 +1,240 @@
+"""The ``e2u`` lm-eval model: an ``HFLM`` that applies an unlearning method before evaluating.
+
+Like lm-eval's ``steered`` model it changes the network once at construction and then evaluates
+like ``hf``, so the edited model also runs any other lm-eval task in the same command. On top of
+``hf`` it serves the ``token_stats`` request type (per-token log-probabilities and ranks) that the
+e2u tasks need, and renders bare questions with :class:`~e2u_models.prompts.PromptFormat` so the
+evaluation prompt is exactly the prompt a method edited.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import inspect
+import logging
+import random
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+from tqdm import tqdm
+
+from e2u_models.cache import json_sha256
+from e2u_models.embedded import DEFAULT_MODEL, EMBEDDED_MODELS, resolve_embedded
+from e2u_models.methods import get_method
+from e2u_models.methods.base import EditRequest, MethodReport, load_hparams
+from e2u_models.prompts import PromptFormat, parse_chat_template
+from e2u_tasks.errors import E2UError
+from e2u_tasks.metrics import DEFAULT_TOP_M
+from e2u_tasks.requests import PROMPT_KEY
+from e2u_tasks.splits import SPEC_KEYS, SplitSpec, parse_int
+
+log = logging.getLogger(__name__)
+
+# Keyword arguments HFLM forwards to ``from_pretrained`` that users legitimately pass.
+FROM_PRETRAINED_ARGS = frozenset({
+    "attn_implementation", "low_cpu_mem_usage", "device_map", "quantization_config",
+    "load_in_8bit", "load_in_4bit", "token", "torch_dtype", "use_safetensors",
+})
+HFLM_ARGS = frozenset(name for name, p in inspect.signature(HFLM.__init__).parameters.items()
+                      if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and name != "self")
+E2U_ARGS = ("pretrained", "method", "hparams", "seed", "cache_dir", "chat_template",
+            "system_prompt", "top_m", *SPEC_KEYS)
+
+
+def _package_versions() -> dict[str, str]:
+    versions = {}
+    for dist in ("e2u", "lm_eval", "torch", "transformers", "datasets", "rouge_score"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    return versions
+
+
+@register_model("e2u")
+class E2ULM(HFLM):
+    """``--model e2u --model_args pretrained=...,method=...,<split args>,<hparam overrides>``."""
+
+    def __init__(self, pretrained: Any = DEFAULT_MODEL, method: str | None = "none",
+                 hparams: str | None = None, seed: Any = 0, cache_dir: str | None = None,
+                 chat_template: Any = "auto", system_prompt: str | None = None,
+                 top_m: Any = DEFAULT_TOP_M, **kwargs: Any) -> None:
+        # Everything that can be wrong in the arguments is checked before any model is loaded.
+        method_name = "none" if method in (None, "", "None") else str(method).strip().lower()
+        self.method = get_method(method_name)
+        spec_args = {key: kwargs.pop(key) for key in SPEC_KEYS if key in kwargs}
+        hparam_names = {f.name for f in dataclasses.fields(self.method.HyperParams)}
+        overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in hparam_names}
+        unknown = sorted(k for k in kwargs if k not in HFLM_ARGS and k not in FROM_PRETRAINED_ARGS)
+        if unknown:
+            raise E2UError(
+                f"unknown model arg(s) {', '.join(unknown)} for --model e2u; accepted: "
+                f"{', '.join(E2U_ARGS)}, the hparams of method={method_name} "
+                f"({', '.join(sorted(hparam_names)) or 'none'}) and the hf model args"
+            )
+        self.hparams = load_hparams(self.method.HyperParams, method_name, hparams, overrides)
+        self.seed = parse_int("seed", seed)
+        self.top_m = parse_int("top_m", top_m, 1)
+        chat_template = parse_chat_template(chat_template)
+        self.splits = SplitSpec.from_args(spec_args).load()
+
+        self.model_source: dict[str, Any] = {"pretrained": str(pretrained)}
+        if isinstance(pretrained, str) and pretrained.lower() in EMBEDDED_MODELS:
+            pretrained, embedded = resolve_embedded(pretrained, cache_dir)
+            self.model_source.update(embedded)
+        super().__init__(pretrained=pretrained, **kwargs)
+        self.prompt_format = PromptFormat.for_tokenizer(self.tokenizer, chat_template, system_prompt)
+        self.method_report = self._apply_method()
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict | None = None):
+        """Like ``HFLM``'s, but ``--model_args device=...``/``batch_size=...`` win over the CLI's
+        defaults instead of raising "got multiple values for keyword argument"."""
+        extra = {k: v for k, v in (additional_config or {}).items()
+                 if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    # ------------------------------------------------------------------ the method
+
+    def requests_for(self, indices) -> list[EditRequest]:
+        """Edit requests of dataset rows, prompts rendered exactly as the evaluation renders them."""
+        return [EditRequest(index=i, question=self.splits.rows[i]["question"],
+                            prompt=self.prompt_format.render(self.tokenizer, self.splits.rows[i]["question"]),
+                            answer=self.splits.rows[i]["answer"])
+                for i in indices]
+
+    def _apply_method(self) -> MethodReport:
+        name = self.method.NAME
+        forget = self.requests_for(self.splits.forget)
+        retain = self.requests_for(self.splits.retain) if self.method.USES_RETAIN else None
+        random.seed(self.seed)
+        torch.manual_seed(self.seed)
+        started = time.perf_counter()
+        if name != "none":
+            log.warning("e2u: applying %s to %d forget requests", name, len(forget))
+        report = self.method.apply(self.model, self.tokenizer, forget, retain, self.hparams,
+                                   seed=self.seed)
+        report.seconds = round(time.perf_counter() - started, 3)
+        if name != "none":
+            log.warning("e2u: %s done in %.1f s", name, report.seconds)
+        self.model.eval()
+        return report
+
+    # ------------------------------------------------------------------ requests
+
+    def _render(self, context: str, prompt_mode: str) -> str:
+        return self.prompt_format.render(self.tokenizer, context) if prompt_mode == "question" else context
+
+    def _check_split(self, options: dict) -> None:
+        """A task's rows must be the rows this model's method forgot (``none`` forgot nothing)."""
+        if self.method.NAME == "none":
+            return
+        if options.get("split_fingerprint") != self.splits.fingerprint:
+            raise E2UError(
+                f"task {options.get('task')} evaluates a different dataset or forget set than the "
+                f"model forgot ({self.splits.spec.dataset}, {len(self.splits.forget)} rows); pass "
+                "the same dataset/forget_* args to the model and the tasks"
+            )
+
+    def _encode_context_answer(self, context: str, answer: str) -> tuple[list[int], list[int]]:
+        """Token ids of prompt and answer, the answer tokenised in context.
+
+        Unlike lm-eval's ``_encode_pair`` a trailing newline of the prompt (chat templates end
+        with ``assistant\\n``) stays in the prompt, so only answer tokens are scored.
+        """
+        context_ids = self.tok_encode(context)
+        whole = self.tok_encode(context + answer)
+        if whole[: len(context_ids)] == context_ids and len(whole) > len(context_ids):
+            return context_ids, whole[len(context_ids):]
+        return self._encode_pair(context, answer)
+
+    def token_stats(self, requests, disable_tqdm: bool = False) -> list[dict]:
+        """Per-token log-probability and rank (1 = argmax) of each continuation, teacher-forced.
+
+        Request args: ``(context, answer, options)`` with ``options["prompt"]`` "question" (bare
+        question: render it and put the answer delimiter before the answer) or "rendered".
+        """
+        encoded = []
+        for request in requests:
+            context, answer, options = request.args
+            self._check_split(options)
+            mode = options.get("prompt", "rendered")
+            delimiter = self.prompt_format.answer_delimiter if mode == "question" else ""
+            context_ids, answer_ids = self._encode_context_answer(self._render(context, mode),
+                                                                  delimiter + answer)
+            if len(answer_ids) > self.max_length:
+                raise E2UError(f"answer of {len(answer_ids)} tokens exceeds the model's "
+                               f"max_length {self.max_length}")
+            encoded.append((context_ids, answer_ids))
+        batch_size = self.batch_size if isinstance(self.batch_size, int) else self.max_batch_size
+        order = sorted(range(len(encoded)), key=lambda i: -sum(map(len, encoded[i])))
+        results: list[dict | None] = [None] * len(encoded)
+        vocab = len(self.tokenizer)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        progress = tqdm(total=len(encoded), disable=disable_tqdm or self.rank != 0,
+                        desc="Running token_stats requests")
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            inputs = [(encoded[i][0] + encoded[i][1])[-(self.max_length + 1):][:-1] for i in chunk]
+            width = max(map(len, inputs))
+            batch = torch.full((len(inputs), width), pad_id, dtype=torch.long)
+            for row, ids in enumerate(inputs):
+                batch[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            logits = self._model_call(batch.to(self.device))
+            for row, i in enumerate(chunk):
+                answer_ids = encoded[i][1]
+                end = len(inputs[row])
+                # Rank within the tokenizer's vocabulary (padded embedding rows never count).
+                scores = logits[row, end - len(answer_ids): end, :vocab].float()
+                gold = torch.tensor(answer_ids, device=scores.device).unsqueeze(-1)
+                gold_scores = scores.gather(-1, gold)
+                ranks = 1 + (scores > gold_scores).sum(-1)
+                logprobs = F.log_softmax(scores, dim=-1).gather(-1, gold).squeeze(-1)
+                results[i] = {"tokens": answer_ids, "logprobs": logprobs.tolist(),
+                              "ranks": ranks.tolist()}
+            progress.update(len(chunk))
+        progress.close()
+        return results
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """``hf`` generation, with e2u tasks' bare questions rendered first."""
+        prepared = []
+        for request in requests:
+            context, gen_kwargs, *rest = request.args
+            if isinstance(gen_kwargs, dict) and PROMPT_KEY in gen_kwargs:
+                gen_kwargs = {k: v for k, v in gen_kwargs.items() if k != PROMPT_KEY}
+                context = self._render(context, request.args[1][PROMPT_KEY])
+                request = dataclasses.replace(request, arguments=(context, gen_kwargs, *rest))
+            prepared.append(request)
+        return super().generate_until(prepared, disable_tqdm=disable_tqdm)
+
+    # ------------------------------------------------------------------ provenance
+
+    def get_model_info(self) -> dict:
+        info = super().get_model_info()
+        info["e2u"] = {
+            "method": self.method.NAME,
+            "method_kind": self.method.KIND,
+            "uses_retain_split": bool(self.method.USES_RETAIN),
+            "hparams": dataclasses.asdict(self.hparams),
+            "hparams_sha256": json_sha256(dataclasses.asdict(self.hparams)),
+            "seed": self.seed,
+            "top_m": self.top_m,
+            "split": self.splits.describe(),
+            "prompt": self.prompt_format.describe(),
+            "model_source": self.model_source,
+            "method_report": self.method_report.as_dict(),
+            "packages": _package_versions(),
+        }
+        return info

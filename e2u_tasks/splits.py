@@ -1,0 +1,240 @@
+"""The split spec: one object, built from the same ``--model_args`` by the model (to know what to
+forget) and by the tasks (to know what to evaluate), so the two can never disagree.
+
+Forget selection:
+- a benchmark without groups (``tofu_factual``, your own data): ``forget_size`` rows (default 40)
+  drawn by ``forget_seed`` (default 0) with a hash ranking that is stable across Python, numpy and
+  e2u releases; or an explicit ``forget_indices`` list;
+- ``pistol``: every QA of the contract(s) ``forget_edge`` (default ``A_B``), or ``forget_indices``.
+Retain is every other row; rephrase is the forget rows with the question paraphrased.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from e2u_tasks.data import BENCHMARKS, content_hash, load_benchmark, load_user_dataset
+from e2u_tasks.errors import E2UError
+
+DEFAULT_DATASET = "tofu_factual"
+DEFAULT_FORGET_SIZE = 40
+SPLIT_NAMES = ("forget", "retain", "rephrase")
+# Model args that belong to the split spec (everything else is the model's or the method's).
+SPEC_KEYS = ("dataset", "forget_size", "forget_seed", "forget_edge", "forget_indices", "data_dir")
+
+
+def parse_int(name: str, value: Any, minimum: int | None = None) -> int:
+    """An integer argument from CLI/Python/YAML spellings, or one clear error line."""
+    if isinstance(value, bool):
+        raise E2UError(f"{name}={value!r} is not an integer")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise E2UError(f"{name}={value!r} is not an integer") from None
+    if not isinstance(value, int):
+        raise E2UError(f"{name}={value!r} is not an integer")
+    if minimum is not None and value < minimum:
+        raise E2UError(f"{name}={value} is out of range: it must be >= {minimum}")
+    return value
+
+
+def parse_list(name: str, value: Any) -> list:
+    """A list argument: a real list, JSON ``[1,2]``, or ``a;b;c`` / ``a+b`` (the Python
+    ``model_args`` string parser splits at commas, so commas cannot be used there)."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                parsed = json.loads(text)
+            except json.JSONDecodeError:
+                raise E2UError(f"{name}={value!r} is not a valid JSON list") from None
+            if isinstance(parsed, list):
+                return parsed
+        for sep in (";", "+", " "):
+            if sep in text:
+                return [part for part in text.split(sep) if part]
+        return [text] if text else []
+    raise E2UError(f"{name}={value!r} is not a list; use [a,b], 'a;b' or 'a+b'")
+
+
+def _method_of(args: Mapping[str, Any]) -> str:
+    method = args.get("method")
+    return "none" if method in (None, "", "None") else str(method).lower()
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """Which dataset, and which of its rows the model forgets."""
+
+    dataset: str = DEFAULT_DATASET
+    forget_size: int | None = None
+    forget_seed: int = 0
+    forget_edge: tuple[str, ...] | None = None
+    forget_indices: tuple[int, ...] | None = None
+    data_dir: str | None = field(default=None, compare=False)
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any], default_dataset: str = DEFAULT_DATASET) -> SplitSpec:
+        """Build and type-check the spec from model args (CLI or Python spellings)."""
+        dataset = args.get("dataset")
+        dataset = default_dataset if dataset in (None, "") else str(dataset)
+        forget_size = args.get("forget_size")
+        forget_size = None if forget_size in (None, "") else parse_int("forget_size", forget_size, 1)
+        forget_seed = parse_int("forget_seed", args.get("forget_seed", 0) or 0)
+        edge = args.get("forget_edge")
+        edges = None if edge in (None, "") else tuple(str(e) for e in parse_list("forget_edge", edge))
+        indices = args.get("forget_indices")
+        if indices in (None, ""):
+            index_tuple = None
+        else:
+            index_tuple = tuple(parse_int("forget_indices", i, 0)
+                                for i in parse_list("forget_indices", indices))
+            if not index_tuple:
+                raise E2UError("forget_indices is empty; give at least one row index")
+            if len(set(index_tuple)) != len(index_tuple):
+                raise E2UError("forget_indices has duplicates; give each row index once")
+        if index_tuple is not None and (forget_size is not None or edges is not None):
+            raise E2UError("forget_indices cannot be combined with forget_size or forget_edge; "
+                           "give one way of choosing the forget rows")
+        bench = BENCHMARKS.get(dataset)
+        if bench is not None and bench.group_field is None and edges is not None:
+            raise E2UError(f"forget_edge is for datasets with contract edges (pistol), not {dataset!r}; "
+                           "use forget_size/forget_seed or forget_indices")
+        if bench is not None and bench.group_field is not None and forget_size is not None:
+            raise E2UError(f"{dataset} forgets whole contracts: use forget_edge=<edge> "
+                           "(e.g. A_B or A_B+A_C) or forget_indices, not forget_size")
+        data_dir = args.get("data_dir")
+        return cls(dataset=dataset, forget_size=forget_size, forget_seed=forget_seed,
+                   forget_edge=edges, forget_indices=index_tuple,
+                   data_dir=None if data_dir in (None, "") else str(data_dir))
+
+    @classmethod
+    def for_task(cls, benchmark: str | None, args: Mapping[str, Any]) -> SplitSpec:
+        """The spec a task evaluates, refusing a task that does not match what the model forgot.
+
+        ``benchmark`` is the task's dataset, or None for the generic ``e2u_*`` tasks that evaluate
+        whatever ``dataset=`` names.
+        """
+        named = args.get("dataset") not in (None, "")
+        if benchmark is None:
+            return cls.from_args(args)
+        spec = cls.from_args(args, default_dataset=benchmark)
+        if named and spec.dataset != benchmark:
+            raise E2UError(
+                f"task evaluates {benchmark!r} but the model args say dataset={spec.dataset!r}; "
+                f"run the {benchmark} tasks with dataset={benchmark} (or no dataset), or use the "
+                "e2u_forget/e2u_retain/e2u_rephrase tasks for your own data"
+            )
+        if not named and _method_of(args) != "none" and benchmark != DEFAULT_DATASET:
+            raise E2UError(
+                f"the model forgets rows of {DEFAULT_DATASET!r} (no dataset= given) but this task "
+                f"evaluates {benchmark!r}; add dataset={benchmark} to --model_args"
+            )
+        return spec
+
+    def load(self) -> Splits:
+        """Load the rows and choose the forget set (fast: data files are small)."""
+        bench = BENCHMARKS.get(self.dataset)
+        rows = (load_benchmark(self.dataset, self.data_dir) if bench is not None
+                else load_user_dataset(self.dataset, self.data_dir))
+        n = len(rows)
+        if self.forget_indices is not None:
+            bad = [i for i in self.forget_indices if i >= n]
+            if bad:
+                raise E2UError(f"forget_indices {bad} out of range: {self.dataset} has {n} rows "
+                               f"(indices 0..{n - 1})")
+            forget = tuple(sorted(self.forget_indices))
+        elif bench is not None and bench.group_field is not None:
+            forget = self._forget_by_group(rows, bench.group_field,
+                                           self.forget_edge or bench.default_forget_groups)
+        else:
+            size = self.forget_size if self.forget_size is not None else DEFAULT_FORGET_SIZE
+            if size >= n:
+                raise E2UError(f"forget_size={size} is out of range: {self.dataset} has {n} rows, "
+                               f"so forget_size must be 1..{n - 1} (at least one retain row)")
+            forget = seeded_sample(n, size, self.forget_seed)
+        return Splits(spec=self, rows=tuple(rows), forget=forget, content_hash=content_hash(rows))
+
+    def _forget_by_group(self, rows: list[dict], group_field: str, groups: tuple[str, ...]):
+        known = sorted({str(r.get(group_field)) for r in rows})
+        unknown = [g for g in groups if g not in known]
+        if unknown:
+            raise E2UError(f"forget_edge {unknown} does not exist in {self.dataset}; known edges: "
+                           f"{', '.join(known)}")
+        return tuple(i for i, r in enumerate(rows) if str(r.get(group_field)) in groups)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "forget_size": self.forget_size,
+                "forget_seed": self.forget_seed,
+                "forget_edge": list(self.forget_edge) if self.forget_edge else None,
+                "forget_indices": list(self.forget_indices) if self.forget_indices else None}
+
+
+def seeded_sample(n: int, k: int, seed: int) -> tuple[int, ...]:
+    """``k`` of ``range(n)``, sorted: the ``k`` smallest sha256 ranks for this seed.
+
+    A hash ranking rather than ``random.sample`` so the default forget set can never change with
+    a Python or library upgrade, and growing ``k`` only adds rows (nested forget sets).
+    """
+    def rank(i: int) -> bytes:
+        return hashlib.sha256(f"e2u-forget:{seed}:{i}".encode()).digest()
+
+    return tuple(sorted(sorted(range(n), key=rank)[:k]))
+
+
+@dataclass(frozen=True)
+class Splits:
+    """The loaded dataset and its forget/retain/rephrase views."""
+
+    spec: SplitSpec
+    rows: tuple[dict, ...]
+    forget: tuple[int, ...]
+    content_hash: str
+
+    @property
+    def retain(self) -> tuple[int, ...]:
+        chosen = set(self.forget)
+        return tuple(i for i in range(len(self.rows)) if i not in chosen)
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of (data content, forget rows): what a task checks against the model."""
+        payload = json.dumps([self.content_hash, list(self.forget)])
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def docs(self, split: str) -> list[dict]:
+        """The evaluation documents of one split."""
+        if split not in SPLIT_NAMES:
+            raise E2UError(f"unknown split {split!r}; accepted: {', '.join(SPLIT_NAMES)}")
+        indices = self.retain if split == "retain" else self.forget
+        docs = []
+        for i in indices:
+            row = self.rows[i]
+            question = row["question"]
+            if split == "rephrase":
+                question = row.get("paraphrase")
+                if not question:
+                    raise E2UError(f"dataset {self.spec.dataset!r} row {i} has no paraphrase; the "
+                                   "rephrase split needs a 'paraphrase' field on every forget row")
+            docs.append({"index": i, "question": question, "answer": row["answer"],
+                         "original_question": row["question"], "split": split,
+                         "split_fingerprint": self.fingerprint})
+        return docs
+
+    def describe(self) -> dict[str, Any]:
+        """Provenance recorded in the results JSON."""
+        return {**self.spec.as_dict(), "rows": len(self.rows), "forget_rows": len(self.forget),
+                "retain_rows": len(self.rows) - len(self.forget),
+                "forget_row_indices": list(self.forget), "data_sha256": self.content_hash,
+                "split_fingerprint": self.fingerprint}
