@@ -14,6 +14,7 @@ import importlib.metadata
 import inspect
 import logging
 import random
+import sys
 import time
 from typing import Any
 
@@ -42,8 +43,15 @@ FROM_PRETRAINED_ARGS = frozenset({
 })
 HFLM_ARGS = frozenset(name for name, p in inspect.signature(HFLM.__init__).parameters.items()
                       if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and name != "self")
+# Batch size when neither --batch_size nor model_args batch_size is given (generation dominates
+# the run time and batches well; 32 keeps peak memory of a 7B model's batch modest).
+DEFAULT_BATCH_SIZE = 32
 E2U_ARGS = ("pretrained", "method", "hparams", "seed", "cache_dir", "chat_template",
             "system_prompt", "top_m", *SPEC_KEYS)
+
+
+def _batch_size_on_command_line() -> bool:
+    return any(arg == "--batch_size" or arg.startswith("--batch_size=") for arg in sys.argv[1:])
 
 
 def _package_versions() -> dict[str, str]:
@@ -97,6 +105,11 @@ class E2ULM(HFLM):
         defaults instead of raising "got multiple values for keyword argument"."""
         extra = {k: v for k, v in (additional_config or {}).items()
                  if v is not None and k not in arg_dict}
+        if ("batch_size" not in arg_dict and str(extra.get("batch_size", "1")) == "1"
+                and not _batch_size_on_command_line()):
+            # lm-eval passes batch_size=1 when the flag is absent; e2u's tasks are ~10x faster
+            # batched, so an absent flag means e2u's default.
+            extra["batch_size"] = DEFAULT_BATCH_SIZE
         return cls(**arg_dict, **extra)
 
     @classmethod

@@ -1,0 +1,106 @@
+"""The stock ``lm_eval`` console script in a subprocess, with the start-up hook (as users run it)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import data_mirror
+
+BIN = Path(sys.executable).parent
+LM_EVAL = shutil.which("lm_eval", path=str(BIN)) or "lm_eval"
+
+
+def run(args, env_extra=None, timeout=600):
+    env = {**os.environ, "E2U_DATA_DIR": str(data_mirror()), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def local_mc_task(tmp_path_factory):
+    """A small local multiple-choice task (a stock output type) outside e2u."""
+    folder = tmp_path_factory.mktemp("local_task")
+    rows = [{"q": f"Is {n} even?", "choices": ["yes", "no"], "gold": n % 2} for n in range(6)]
+    (folder / "parity.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (folder / "parity_mc.yaml").write_text(textwrap.dedent(f"""\
+        task: parity_mc
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            test: {folder / 'parity.jsonl'}
+        test_split: test
+        output_type: multiple_choice
+        doc_to_text: "{{{{q}}}}"
+        doc_to_choice: "{{{{choices}}}}"
+        doc_to_target: "{{{{gold}}}}"
+        metric_list:
+          - metric: acc
+            aggregation: mean
+            higher_is_better: true
+        """))
+    return str(folder)
+
+
+def results_of(output_dir: Path) -> dict:
+    (path,) = output_dir.rglob("results_*.json")
+    return json.loads(path.read_text())
+
+
+def test_e2u_tasks_and_a_stock_task_in_one_command(tiny_model_dir, local_mc_task, tmp_path):
+    out = tmp_path / "out"
+    proc = run([LM_EVAL, "--model", "e2u", "--model_args", f"pretrained={tiny_model_dir},method=none",
+                "--tasks", "tofu_factual,parity_mc", "--include_path", local_mc_task,
+                "--limit", "3", "--device", "cpu", "--output_path", str(out), "--log_samples"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = results_of(out)
+    for task in ("tofu_forget", "tofu_retain", "tofu_rephrase"):
+        for metric in ("rouge1_recall", "prob", "mrr", "hit_rate"):
+            assert 0.0 <= res["results"][task][f"{metric},none"] <= 1.0
+            assert f"{metric}_stderr,none" in res["results"][task]
+    assert "composite,none" in res["groups"]["tofu_factual"]
+    assert "acc,none" in res["results"]["parity_mc"]
+    info = res["config"]["e2u"]
+    assert info["method"] == "none" and info["split"]["forget_rows"] == 40
+    assert len(list(out.rglob("samples_tofu_forget_*.jsonl"))) == 1
+
+
+def test_unknown_method_is_one_line_without_traceback(tmp_path):
+    proc = run([LM_EVAL, "--model", "e2u", "--model_args", "method=nope", "--tasks", "tofu_forget",
+                "--output_path", str(tmp_path / "out")])
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "e2u: error: unknown method 'nope'; available methods: none")
+    assert not (tmp_path / "out").exists()
+
+
+def test_builtin_hf_model_still_works(tiny_model_dir, local_mc_task):
+    proc = run([LM_EVAL, "--model", "hf", "--model_args", f"pretrained={tiny_model_dir}",
+                "--tasks", "parity_mc", "--include_path", local_mc_task, "--limit", "2",
+                "--device", "cpu"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "parity_mc" in proc.stdout
+
+
+def test_e2u_tasks_with_another_model_class_say_so(tiny_model_dir):
+    proc = run([LM_EVAL, "--model", "hf", "--model_args", f"pretrained={tiny_model_dir}",
+                "--tasks", "tofu_forget", "--limit", "2", "--device", "cpu"])
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "only --model e2u serves" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_wrapper_script_works_without_the_hook(tiny_model_dir, tmp_path):
+    wrapper = shutil.which("e2u-lm-eval", path=str(BIN))
+    proc = run([wrapper, "--model", "e2u", "--model_args", f"pretrained={tiny_model_dir},dataset=pistol",
+                "--tasks", "pistol_forget", "--limit", "2", "--device", "cpu"],
+               env_extra={"E2U_DISABLE_AUTOLOAD": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "pistol_forget" in proc.stdout and "rouge1_recall" in proc.stdout
+    tasks_dir = run([wrapper, "--tasks-dir"]).stdout.strip()
+    assert Path(tasks_dir, "tofu_forget.yaml").is_file()

@@ -1,0 +1,72 @@
+"""Model arguments: one clear error line before any model work, provenance in the results."""
+
+import dataclasses
+
+import pytest
+
+from e2u_models.methods import get_method
+from e2u_models.methods.base import load_hparams
+from e2u_models.model import E2ULM
+from e2u_tasks.errors import E2UError
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"method": "nope"}, "unknown method 'nope'; available methods: none"),
+    ({"method": "rome"}, "method=rome is planned but not implemented"),
+    ({"lr": 0.1}, "unknown model arg\\(s\\) lr for --model e2u"),
+    ({"seed": "x"}, "seed='x' is not an integer"),
+    ({"top_m": 0}, "top_m=0 is out of range"),
+    ({"chat_template": "maybe"}, "chat_template='maybe' is not accepted"),
+    ({"forget_size": "abc"}, "forget_size='abc' is not an integer"),
+    ({"hparams": "/no/such.yaml"}, "hparams file '/no/such.yaml' does not exist"),
+])
+def test_bad_model_args_fail_before_loading(kwargs, message):
+    # "pretrained" points nowhere: the error must come before any attempt to load it.
+    with pytest.raises(E2UError, match=message) as info:
+        E2ULM(pretrained="/definitely/not/a/model", device="cpu", **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_python_api_spelling_of_none(tiny_model_dir):
+    # lm-eval's Python string parser turns "method=none" into None.
+    lm = E2ULM.create_from_arg_string(f"pretrained={tiny_model_dir},method=none,device=cpu,batch_size=2")
+    assert lm.method.NAME == "none" and lm.batch_size == 2
+
+
+def test_model_info_records_method_split_seed_and_versions(tiny_lm):
+    info = tiny_lm.get_model_info()["e2u"]
+    assert info["method"] == "none" and info["seed"] == 0
+    assert info["split"]["dataset"] == "tofu_factual" and info["split"]["forget_rows"] == 40
+    assert len(info["split"]["forget_row_indices"]) == 40
+    assert set(info["packages"]) >= {"e2u", "lm_eval", "torch", "transformers"}
+    assert info["prompt"]["chat_template"] is True
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleHParams:
+    layers: list[int] = dataclasses.field(default_factory=lambda: [4, 5])
+    lr: float = 0.5
+    steps: int = 10
+    use_cov: bool = False
+    name: str | None = None
+
+
+def test_hparams_are_type_checked(tmp_path):
+    path = tmp_path / "h.yaml"
+    path.write_text("lr: 1e-3\nlayers: [1, 2]\n")
+    hp = load_hparams(ExampleHParams, "example", str(path),
+                      {"steps": "7", "use_cov": "true", "layers": "[3,4]"})
+    assert hp == ExampleHParams(layers=[3, 4], lr=1e-3, steps=7, use_cov=True)
+    with pytest.raises(E2UError, match="hparam steps='many' is not an integer"):
+        load_hparams(ExampleHParams, "example", str(path), {"steps": "many"})
+    with pytest.raises(E2UError, match="unknown hparam 'stepz' for method example"):
+        load_hparams(ExampleHParams, "example", str(path), {"stepz": 1})
+    path.write_text("- just a list\n")
+    with pytest.raises(E2UError, match="must hold a mapping"):
+        load_hparams(ExampleHParams, "example", str(path))
+
+
+def test_registry_none_method_is_a_real_noop(tiny_lm):
+    method = get_method("none")
+    assert method.KIND == "none" and not method.USES_RETAIN
+    assert tiny_lm.method_report.method == "none"

@@ -1,0 +1,83 @@
+"""The split spec shared by model and tasks: pinned defaults, edges, own data, mismatches."""
+
+import json
+
+import pytest
+
+from e2u_tasks.errors import E2UError
+from e2u_tasks.splits import SplitSpec, seeded_sample
+
+# The default TOFU-factual forget set (forget_size=40, forget_seed=0). Pinned: changing it would
+# silently change every published number. Also printed in the README.
+DEFAULT_TOFU_FORGET = (
+    7, 8, 21, 27, 32, 38, 39, 41, 42, 48, 51, 52, 53, 58, 70, 71, 72, 75, 80, 88,
+    97, 107, 116, 117, 125, 130, 134, 136, 159, 163, 165, 173, 174, 175, 178, 186, 210, 211, 212, 214,
+)
+
+
+def test_default_tofu_forget_indices_are_pinned():
+    splits = SplitSpec.from_args({}).load()
+    assert splits.forget == DEFAULT_TOFU_FORGET
+    assert len(splits.retain) == 177 and not set(splits.retain) & set(splits.forget)
+
+
+def test_seeded_sample_is_nested_and_seed_dependent():
+    assert set(seeded_sample(217, 20, 0)) <= set(seeded_sample(217, 40, 0))
+    assert seeded_sample(217, 40, 0) != seeded_sample(217, 40, 1)
+    assert seeded_sample(217, 40, 3) == seeded_sample(217, 40, 3)
+
+
+def test_pistol_forgets_one_edge_by_default():
+    splits = SplitSpec.from_args({"dataset": "pistol"}).load()
+    assert len(splits.forget) == 20 and len(splits.retain) == 380
+    assert {splits.rows[i]["edge"] for i in splits.forget} == {"A_B"}
+    two = SplitSpec.from_args({"dataset": "pistol", "forget_edge": "A_B+A_C"}).load()
+    assert len(two.forget) == 40
+
+
+def test_rephrase_docs_keep_answers_and_change_questions():
+    splits = SplitSpec.from_args({}).load()
+    forget, rephrase = splits.docs("forget"), splits.docs("rephrase")
+    assert [d["index"] for d in forget] == [d["index"] for d in rephrase]
+    assert all(f["answer"] == r["answer"] and f["question"] != r["question"]
+               for f, r in zip(forget, rephrase))
+
+
+def test_own_data_with_indices_and_size(tmp_path):
+    rows = [{"question": f"Q{i}?", "answer": f"A{i}", "paraphrase": f"Which Q{i}?"} for i in range(10)]
+    path = tmp_path / "mine.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    by_index = SplitSpec.from_args({"dataset": str(path), "forget_indices": "[1, 3]"}).load()
+    assert by_index.forget == (1, 3) and len(by_index.retain) == 8
+    assert SplitSpec.from_args({"dataset": str(path), "forget_indices": "3;1"}).load().forget == (1, 3)
+    by_size = SplitSpec.from_args({"dataset": str(path), "forget_size": 4, "forget_seed": 2}).load()
+    assert len(by_size.forget) == 4
+    assert by_size.docs("rephrase")[0]["question"].startswith("Which")
+
+
+@pytest.mark.parametrize("args,message", [
+    ({"forget_size": "abc"}, "forget_size='abc' is not an integer"),
+    ({"forget_size": 0}, "forget_size=0 is out of range"),
+    ({"forget_size": 217}, "forget_size=217 is out of range"),
+    ({"dataset": "pistol", "forget_edge": "Z_Z"}, "forget_edge \\['Z_Z'\\] does not exist"),
+    ({"dataset": "pistol", "forget_size": 5}, "forgets whole contracts"),
+    ({"forget_edge": "A_B"}, "forget_edge is for datasets with contract edges"),
+    ({"forget_indices": [1, 1]}, "duplicates"),
+    ({"forget_indices": [500]}, "out of range"),
+    ({"dataset": "no/such/file.json"}, "cannot load dataset 'no/such'"),
+    ({"dataset": "nonsense"}, "neither a built-in benchmark"),
+])
+def test_bad_split_args_are_one_line_errors(args, message):
+    with pytest.raises(E2UError, match=message) as info:
+        SplitSpec.from_args(args).load()
+    assert "\n" not in str(info.value)
+
+
+def test_task_refuses_a_dataset_the_model_did_not_forget():
+    with pytest.raises(E2UError, match="task evaluates 'pistol' but the model args say"):
+        SplitSpec.for_task("pistol", {"dataset": "tofu_factual", "method": "none"})
+    with pytest.raises(E2UError, match="add dataset=pistol"):
+        SplitSpec.for_task("pistol", {"method": "rome"})
+    # method=none forgot nothing: every benchmark task evaluates its own default split.
+    assert SplitSpec.for_task("pistol", {"method": None}).dataset == "pistol"
+    assert SplitSpec.for_task("tofu_factual", {"method": "rome"}).dataset == "tofu_factual"

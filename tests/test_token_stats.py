@@ -1,0 +1,74 @@
+"""The custom ``token_stats`` request against brute force, and the model's prompt handling."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lm_eval.api.instance import Instance
+
+from e2u_tasks.errors import E2UError
+
+
+def stats_request(context, answer, **options):
+    return Instance(request_type="token_stats", doc={}, arguments=(context, answer, options), idx=0)
+
+
+def brute_force(lm, context, answer):
+    """Unpadded, unbatched: logits of the whole sequence, ranks by counting."""
+    context_ids, answer_ids = lm._encode_context_answer(context, answer)
+    ids = torch.tensor([context_ids + answer_ids])
+    with torch.no_grad():
+        logits = lm.model(ids).logits[0]
+    ranks, logprobs = [], []
+    for offset, token in enumerate(answer_ids):
+        row = logits[len(context_ids) + offset - 1]
+        ranks.append(1 + sum(1 for v in row.tolist() if v > row[token].item()))
+        logprobs.append(F.log_softmax(row, -1)[token].item())
+    return answer_ids, ranks, logprobs
+
+
+CASES = [
+    ("Question: Who wrote the play about two young lovers?\nAnswer:", " William Shakespeare."),
+    ("Question: What is the capital of France?\nAnswer:", " Paris"),
+    ("Question: When was the contract between the seller and the customer effective, and what "
+     "was the payment due after delivery according to the agreement?\nAnswer:", " 06-02-1998."),
+]
+
+
+def test_padded_batches_match_brute_force(tiny_lm):
+    results = tiny_lm.token_stats([stats_request(c, a, prompt="rendered") for c, a in CASES],
+                                  disable_tqdm=True)
+    for (context, answer), got in zip(CASES, results):
+        tokens, ranks, logprobs = brute_force(tiny_lm, context, answer)
+        assert got["tokens"] == tokens
+        assert got["ranks"] == ranks
+        assert got["logprobs"] == pytest.approx(logprobs, abs=1e-5)
+
+
+def test_sum_of_logprobs_equals_lm_eval_loglikelihood(tiny_lm):
+    stats = tiny_lm.token_stats([stats_request(c, a, prompt="rendered") for c, a in CASES],
+                                disable_tqdm=True)
+    lls = tiny_lm.loglikelihood([Instance("loglikelihood", {}, (c, a), 0) for c, a in CASES],
+                                disable_tqdm=True)
+    for got, (ll, _greedy) in zip(stats, lls):
+        assert sum(got["logprobs"]) == pytest.approx(ll, abs=1e-4)
+
+
+def test_bare_questions_are_rendered_with_the_chat_template(tiny_lm):
+    question, answer = "What is the capital of France?", "Paris"
+    rendered = tiny_lm.prompt_format.render(tiny_lm.tokenizer, question)
+    assert rendered.endswith("<|im_start|>assistant\n") and question in rendered
+    (bare,) = tiny_lm.token_stats([stats_request(question, answer, prompt="question")], True)
+    (manual,) = tiny_lm.token_stats([stats_request(rendered, answer, prompt="rendered")], True)
+    assert bare == manual
+    # The template's trailing newline belongs to the prompt: only answer tokens are scored.
+    assert tiny_lm.tokenizer.decode(bare["tokens"]) == "Paris"
+
+
+def test_edited_model_refuses_a_task_with_another_forget_set(tiny_model_dir):
+    from e2u_models.model import E2ULM
+
+    lm = E2ULM(pretrained=tiny_model_dir, method="none", device="cpu", batch_size=2)
+    lm.method = type("FakeMethod", (), {"NAME": "rome"})  # as if an editor had run
+    with pytest.raises(E2UError, match="different dataset or forget set"):
+        lm.token_stats([stats_request("Q?", "A", prompt="question", split_fingerprint="other",
+                                      task="tofu_forget")], True)
