@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import inspect
+import json
 import logging
 import random
 import sys
@@ -29,6 +30,7 @@ from e2u_models.embedded import DEFAULT_MODEL, EMBEDDED_MODELS, resolve_embedded
 from e2u_models.methods import get_method
 from e2u_models.methods.base import EditRequest, MethodReport, load_hparams
 from e2u_models.prompts import PromptFormat, parse_chat_template
+from e2u_models.shared_prefix import SharedPrefixRunner, common_prefix_length
 from e2u_tasks.errors import E2UError
 from e2u_tasks.metrics import DEFAULT_TOP_M
 from e2u_tasks.requests import PROMPT_KEY
@@ -44,10 +46,14 @@ FROM_PRETRAINED_ARGS = frozenset({
 HFLM_ARGS = frozenset(name for name, p in inspect.signature(HFLM.__init__).parameters.items()
                       if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and name != "self")
 # Batch size when neither --batch_size nor model_args batch_size is given (generation dominates
-# the run time and batches well; 32 keeps peak memory of a 7B model's batch modest).
-DEFAULT_BATCH_SIZE = 32
+# the run time and batches well).
+DEFAULT_BATCH_SIZE = 64
 E2U_ARGS = ("pretrained", "method", "hparams", "seed", "cache_dir", "chat_template",
             "system_prompt", "top_m", *SPEC_KEYS)
+
+
+def _is_greedy(gen_kwargs: dict) -> bool:
+    return not gen_kwargs.get("do_sample") and not float(gen_kwargs.get("temperature") or 0.0)
 
 
 def _batch_size_on_command_line() -> bool:
@@ -178,6 +184,8 @@ class E2ULM(HFLM):
         Request args: ``(context, answer, options)`` with ``options["prompt"]`` "question" (bare
         question: render it and put the answer delimiter before the answer) or "rendered".
         """
+        if not requests:
+            return []
         encoded = []
         for request in requests:
             context, answer, options = request.args
@@ -190,29 +198,27 @@ class E2ULM(HFLM):
                 raise E2UError(f"answer of {len(answer_ids)} tokens exceeds the model's "
                                f"max_length {self.max_length}")
             encoded.append((context_ids, answer_ids))
-        batch_size = self.batch_size if isinstance(self.batch_size, int) else self.max_batch_size
-        order = sorted(range(len(encoded)), key=lambda i: -sum(map(len, encoded[i])))
-        results: list[dict | None] = [None] * len(encoded)
+        inputs = [(context_ids + answer_ids)[:-1] for context_ids, answer_ids in encoded]
+        if any(len(row) > self.max_length for row in inputs):  # rare: no shared prefix then
+            inputs = [row[-self.max_length:] for row in inputs]
+            prefix = 0
+        else:
+            prefix = common_prefix_length([context_ids for context_ids, _ in encoded])
+        runner = SharedPrefixRunner(self.model, inputs[0][:prefix], self._pad_id(), self.device)
         vocab = len(self.tokenizer)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        results: list[dict | None] = [None] * len(encoded)
         progress = tqdm(total=len(encoded), disable=disable_tqdm or self.rank != 0,
                         desc="Running token_stats requests")
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            inputs = [(encoded[i][0] + encoded[i][1])[-(self.max_length + 1):][:-1] for i in chunk]
-            width = max(map(len, inputs))
-            batch = torch.full((len(inputs), width), pad_id, dtype=torch.long)
-            for row, ids in enumerate(inputs):
-                batch[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            logits = self._model_call(batch.to(self.device))
+        for chunk in self._length_sorted_batches(inputs):
+            keep = max(len(encoded[i][1]) for i in chunk)
+            logits, _, _ = runner.last_logits([inputs[i][prefix:] for i in chunk], keep)
             for row, i in enumerate(chunk):
                 answer_ids = encoded[i][1]
-                end = len(inputs[row])
-                # Rank within the tokenizer's vocabulary (padded embedding rows never count).
-                scores = logits[row, end - len(answer_ids): end, :vocab].float()
+                # Rows are end-aligned: the last len(answer) positions predict the answer.
+                # Ranks within the tokenizer's vocabulary (padded embedding rows never count).
+                scores = logits[row, keep - len(answer_ids):, :vocab].float()
                 gold = torch.tensor(answer_ids, device=scores.device).unsqueeze(-1)
-                gold_scores = scores.gather(-1, gold)
-                ranks = 1 + (scores > gold_scores).sum(-1)
+                ranks = 1 + (scores > scores.gather(-1, gold)).sum(-1)
                 logprobs = F.log_softmax(scores, dim=-1).gather(-1, gold).squeeze(-1)
                 results[i] = {"tokens": answer_ids, "logprobs": logprobs.tolist(),
                               "ranks": ranks.tolist()}
@@ -220,17 +226,76 @@ class E2ULM(HFLM):
         progress.close()
         return results
 
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else (self.eot_token_id or 0)
+
+    def _length_sorted_batches(self, rows: list[list[int]]) -> list[list[int]]:
+        """Row indices in batches of ``batch_size``, longest first (least padding)."""
+        size = self.batch_size if isinstance(self.batch_size, int) else self.max_batch_size
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+        return [order[start:start + size] for start in range(0, len(order), size)]
+
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """``hf`` generation, with e2u tasks' bare questions rendered first."""
-        prepared = []
-        for request in requests:
-            context, gen_kwargs, *rest = request.args
-            if isinstance(gen_kwargs, dict) and PROMPT_KEY in gen_kwargs:
-                gen_kwargs = {k: v for k, v in gen_kwargs.items() if k != PROMPT_KEY}
-                context = self._render(context, request.args[1][PROMPT_KEY])
-                request = dataclasses.replace(request, arguments=(context, gen_kwargs, *rest))
-            prepared.append(request)
-        return super().generate_until(prepared, disable_tqdm=disable_tqdm)
+        """Greedy answers to e2u tasks' questions (shared-prefix decoding); everything else, and
+        sampled generation, goes through ``hf``'s ``generate_until``."""
+        if not requests:
+            return []
+        results: list[str | None] = [None] * len(requests)
+        ours: dict[str, list[int]] = {}
+        passthrough: list[int] = []
+        for i, request in enumerate(requests):
+            gen_kwargs = request.args[1]
+            if isinstance(gen_kwargs, dict) and PROMPT_KEY in gen_kwargs and _is_greedy(gen_kwargs):
+                key = json.dumps({k: v for k, v in gen_kwargs.items() if k != PROMPT_KEY},
+                                 sort_keys=True, default=str)
+                ours.setdefault(key, []).append(i)
+            else:
+                passthrough.append(i)
+        if passthrough:
+            prepared = []
+            for i in passthrough:
+                context, gen_kwargs, *rest = requests[i].args
+                if isinstance(gen_kwargs, dict) and PROMPT_KEY in gen_kwargs:
+                    context = self._render(context, gen_kwargs[PROMPT_KEY])
+                    gen_kwargs = {k: v for k, v in gen_kwargs.items() if k != PROMPT_KEY}
+                prepared.append(dataclasses.replace(requests[i], arguments=(context, gen_kwargs, *rest)))
+            for i, text in zip(passthrough, super().generate_until(prepared, disable_tqdm=disable_tqdm)):
+                results[i] = text
+        for indices in ours.values():
+            texts = self._greedy_answers([requests[i] for i in indices], disable_tqdm)
+            for i, text in zip(indices, texts):
+                results[i] = text
+        return results
+
+    def _greedy_answers(self, requests, disable_tqdm: bool) -> list[str]:
+        gen_kwargs = requests[0].args[1]
+        until = gen_kwargs.get("until") or []
+        until = [until] if isinstance(until, str) else [u for u in until if u]
+        max_new = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
+        prompts = [self.tok_encode(self._render(r.args[0], r.args[1][PROMPT_KEY]))[-(self.max_length - max_new):]
+                   for r in requests]
+        prefix = common_prefix_length(prompts)
+        runner = SharedPrefixRunner(self.model, prompts[0][:prefix], self._pad_id(), self.device)
+        eot = self.eot_token_id
+        answers: list[str | None] = [None] * len(requests)
+        progress = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
+                        desc="Running generate_until requests")
+        for chunk in self._length_sorted_batches(prompts):
+            def is_done(row, tokens):
+                return tokens[-1] == eot or any(u in self.tok_decode(tokens) for u in until)
+
+            generated = runner.greedy([prompts[i][prefix:] for i in chunk], max_new, is_done)
+            for row, i in enumerate(chunk):
+                tokens = [t for t in generated[row] if t != eot]
+                text = self.tok_decode(tokens)
+                for stop in until:
+                    text = text.split(stop)[0]
+                answers[i] = text
+                self.cache_hook.add_partial("generate_until", requests[i].args, text)
+            progress.update(len(chunk))
+        progress.close()
+        return answers
 
     # ------------------------------------------------------------------ provenance
 

@@ -72,3 +72,36 @@ def test_edited_model_refuses_a_task_with_another_forget_set(tiny_model_dir):
     with pytest.raises(E2UError, match="different dataset or forget set"):
         lm.token_stats([stats_request("Q?", "A", prompt="question", split_fingerprint="other",
                                       task="tofu_forget")], True)
+
+
+def test_shared_prefix_greedy_matches_transformers_generate(tiny_lm):
+    """Our batched shared-prefix decoding gives what ``generate`` gives row by row."""
+    questions = ["What is the capital of France?", "Who wrote the play about two young lovers?",
+                 "What was the effective date of the contract?"]
+    requests = [Instance("generate_until", {}, (q, {"until": ["\n\n"], "max_gen_toks": 12,
+                                                    "do_sample": False, "e2u_prompt": "question"}), 1)
+                for q in questions]
+    ours = tiny_lm.generate_until(requests, disable_tqdm=True)
+    tokenizer = tiny_lm.tokenizer
+    for question, text in zip(questions, ours):
+        ids = torch.tensor([tiny_lm.tok_encode(tiny_lm.prompt_format.render(tokenizer, question))])
+        with torch.no_grad():
+            out = tiny_lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                         do_sample=False, eos_token_id=tiny_lm.eot_token_id,
+                                         pad_token_id=tiny_lm.eot_token_id)
+        expected = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("\n\n")[0]
+        assert text == expected
+
+
+def test_shared_prefix_scores_match_unshared_ones(tiny_lm):
+    from e2u_models.shared_prefix import SharedPrefixRunner, common_prefix_length
+
+    rows = [tiny_lm.tok_encode(tiny_lm.prompt_format.render(tiny_lm.tokenizer, q))
+            for q in ("Who wrote it?", "What is the capital of Italy, and when?")]
+    prefix = common_prefix_length(rows)
+    assert prefix > 5
+    shared = SharedPrefixRunner(tiny_lm.model, rows[0][:prefix], 0, "cpu")
+    plain = SharedPrefixRunner(tiny_lm.model, [], 0, "cpu")
+    a, _, _ = shared.last_logits([r[prefix:] for r in rows], keep=3)
+    b, _, _ = plain.last_logits(rows, keep=3)
+    assert torch.allclose(a, b, atol=1e-4)
