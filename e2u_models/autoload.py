@@ -7,7 +7,7 @@ meta-path finder in place: nothing happens until lm-eval itself is imported, and
 - after ``lm_eval.models`` runs (so the built-in models are registered first and ``--model hf``
   keeps working), the alias ``e2u`` is registered as a lazy ``"module:Class"`` placeholder
   (torch/transformers load only when ``--model e2u`` is used); model classes without
-  ``token_stats`` get a method that says in one line that e2u tasks need ``--model e2u``; and, in
+  ``e2u_answer`` (the e2u tasks' request type) get a method that says in one line that e2u tasks need ``--model e2u``; and, in
   the ``lm_eval`` console script only, e2u's own errors print as one line instead of a traceback;
 - after ``lm_eval.tasks.manager`` runs, ``TaskManager`` gets e2u's task folder as its first
   ``include_path`` entry (built-ins < e2u < the user's ``--include_path``).
@@ -111,13 +111,13 @@ def _after_models(module) -> None:
 
     if MODEL_ALIAS not in model_registry:
         model_registry.register(MODEL_ALIAS, target=MODEL_TARGET)
-    if not hasattr(LM, "token_stats"):
-        LM.token_stats = _token_stats_unsupported
+    if not hasattr(LM, "e2u_answer"):
+        LM.e2u_answer = _e2u_answer_unsupported
     if os.path.basename(sys.argv[0] if sys.argv else "") in ("lm_eval", "lm-eval"):
         install_one_line_errors()
 
 
-def _token_stats_unsupported(self, requests, disable_tqdm=False):
+def _e2u_answer_unsupported(self, requests, disable_tqdm=False):
     from e2u_tasks.errors import E2UError
 
     raise E2UError(

@@ -2,8 +2,8 @@
 
 Like lm-eval's ``steered`` model it changes the network once at construction and then evaluates
 like ``hf``, so the edited model also runs any other lm-eval task in the same command. On top of
-``hf`` it serves the ``token_stats`` request type (per-token log-probabilities and ranks) that the
-e2u tasks need, and renders bare questions with :class:`~e2u_models.prompts.PromptFormat` so the
+``hf`` it serves the ``e2u_answer`` request type (greedy answer plus per-token log-probabilities
+and ranks of the gold answer) that the e2u tasks need, and renders bare questions with :class:`~e2u_models.prompts.PromptFormat` so the
 evaluation prompt is exactly the prompt a method edited.
 """
 
@@ -33,7 +33,6 @@ from e2u_models.prompts import PromptFormat, parse_chat_template
 from e2u_models.shared_prefix import SharedPrefixRunner, common_prefix_length
 from e2u_tasks.errors import E2UError
 from e2u_tasks.metrics import DEFAULT_TOP_M
-from e2u_tasks.requests import PROMPT_KEY
 from e2u_tasks.splits import SPEC_KEYS, SplitSpec, parse_int
 
 log = logging.getLogger(__name__)
@@ -178,52 +177,80 @@ class E2ULM(HFLM):
             return context_ids, whole[len(context_ids):]
         return self._encode_pair(context, answer)
 
-    def token_stats(self, requests, disable_tqdm: bool = False) -> list[dict]:
-        """Per-token log-probability and rank (1 = argmax) of each continuation, teacher-forced.
+    def e2u_answer(self, requests, disable_tqdm: bool = False) -> list[dict]:
+        """Serve the e2u tasks' request: greedy answer and per-token statistics of the gold answer.
 
-        Request args: ``(context, answer, options)`` with ``options["prompt"]`` "question" (bare
-        question: render it and put the answer delimiter before the answer) or "rendered".
+        Request args ``(context, answer, options)``: ``options["prompt"]`` is "question" (a bare
+        question: render it, put the answer delimiter before the answer) or "rendered";
+        ``options["generation"]`` holds the task's generation kwargs (``until``,
+        ``max_gen_toks``; greedy only). Returns per request ``generation`` (text), ``tokens``
+        (gold answer ids), ``logprobs`` and ``ranks`` (1 = argmax; ties count in the gold
+        token's favour), teacher-forced. One forward pass per batch reads prompt and answer;
+        decoding continues from its cache (see :mod:`e2u_models.shared_prefix`).
         """
         if not requests:
             return []
-        encoded = []
-        for request in requests:
-            context, answer, options = request.args
-            self._check_split(options)
-            mode = options.get("prompt", "rendered")
-            delimiter = self.prompt_format.answer_delimiter if mode == "question" else ""
-            context_ids, answer_ids = self._encode_context_answer(self._render(context, mode),
-                                                                  delimiter + answer)
-            if len(answer_ids) > self.max_length:
-                raise E2UError(f"answer of {len(answer_ids)} tokens exceeds the model's "
-                               f"max_length {self.max_length}")
-            encoded.append((context_ids, answer_ids))
-        inputs = [(context_ids + answer_ids)[:-1] for context_ids, answer_ids in encoded]
-        if any(len(row) > self.max_length for row in inputs):  # rare: no shared prefix then
-            inputs = [row[-self.max_length:] for row in inputs]
+        groups: dict[str, list[int]] = {}
+        for i, request in enumerate(requests):
+            self._check_split(request.args[2])
+            generation = dict(request.args[2].get("generation") or {})
+            if not _is_greedy(generation):
+                raise E2UError("e2u tasks decode greedily; remove do_sample/temperature from "
+                               "--gen_kwargs (accepted: until, max_gen_toks)")
+            groups.setdefault(json.dumps(generation, sort_keys=True, default=str), []).append(i)
+        results: list[dict | None] = [None] * len(requests)
+        progress = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
+                        desc="Running e2u_answer requests")
+        for key, indices in groups.items():
+            answers = self._answer_group([requests[i] for i in indices], json.loads(key), progress)
+            for i, answer in zip(indices, answers):
+                results[i] = answer
+        progress.close()
+        return results
+
+    def _encode_request(self, context: str, answer: str, options: dict) -> tuple[list[int], list[int]]:
+        mode = options.get("prompt", "rendered")
+        delimiter = self.prompt_format.answer_delimiter if mode == "question" else ""
+        return self._encode_context_answer(self._render(context, mode), delimiter + answer)
+
+    def _answer_group(self, requests, generation: dict, progress) -> list[dict]:
+        until = generation.get("until") or []
+        until = [until] if isinstance(until, str) else [u for u in until if u]
+        max_new = int(generation.get("max_gen_toks", self.max_gen_toks))
+        encoded = [self._encode_request(*r.args) for r in requests]
+        budget = self.max_length - max_new
+        if any(len(c) + len(a) > budget for c, a in encoded):  # rare: truncate, no shared prefix
+            if any(len(a) >= budget for _, a in encoded):
+                raise E2UError(f"a gold answer does not fit the model's max_length {self.max_length}")
+            encoded = [(c[-(budget - len(a)):], a) for c, a in encoded]
             prefix = 0
         else:
-            prefix = common_prefix_length([context_ids for context_ids, _ in encoded])
-        runner = SharedPrefixRunner(self.model, inputs[0][:prefix], self._pad_id(), self.device)
-        vocab = len(self.tokenizer)
-        results: list[dict | None] = [None] * len(encoded)
-        progress = tqdm(total=len(encoded), disable=disable_tqdm or self.rank != 0,
-                        desc="Running token_stats requests")
-        for chunk in self._length_sorted_batches(inputs):
-            keep = max(len(encoded[i][1]) for i in chunk)
-            logits, _, _ = runner.last_logits([inputs[i][prefix:] for i in chunk], keep)
+            prefix = common_prefix_length([c for c, _ in encoded])
+        runner = SharedPrefixRunner(self.model, encoded[0][0][:prefix], self._pad_id(), self.device)
+        vocab, eot = len(self.tokenizer), self.eot_token_id
+        results: list[dict | None] = [None] * len(requests)
+        for chunk in self._length_sorted_batches([c for c, _ in encoded]):
+            answers = [encoded[i][1] for i in chunk]
+            logits, cache, mask = runner.score_answers([encoded[i][0][prefix:] for i in chunk], answers)
+            # Ranks within the tokenizer's vocabulary (padded embedding rows never count).
+            logits = logits[..., :vocab].float()
+
+            def is_done(row, tokens):
+                return tokens[-1] == eot or any(u in self.tok_decode(tokens) for u in until)
+
+            generated = runner.greedy(logits[:, 0], cache, mask, max_new, is_done)
             for row, i in enumerate(chunk):
-                answer_ids = encoded[i][1]
-                # Rows are end-aligned: the last len(answer) positions predict the answer.
-                # Ranks within the tokenizer's vocabulary (padded embedding rows never count).
-                scores = logits[row, keep - len(answer_ids):, :vocab].float()
+                answer_ids = answers[row]
+                scores = logits[row, : len(answer_ids)]
                 gold = torch.tensor(answer_ids, device=scores.device).unsqueeze(-1)
                 ranks = 1 + (scores > scores.gather(-1, gold)).sum(-1)
                 logprobs = F.log_softmax(scores, dim=-1).gather(-1, gold).squeeze(-1)
-                results[i] = {"tokens": answer_ids, "logprobs": logprobs.tolist(),
-                              "ranks": ranks.tolist()}
+                text = self.tok_decode([t for t in generated[row] if t != eot])
+                for stop in until:
+                    text = text.split(stop)[0]
+                results[i] = {"generation": text, "tokens": answer_ids,
+                              "logprobs": logprobs.tolist(), "ranks": ranks.tolist()}
             progress.update(len(chunk))
-        progress.close()
         return results
 
     def _pad_id(self) -> int:
@@ -235,67 +262,6 @@ class E2ULM(HFLM):
         size = self.batch_size if isinstance(self.batch_size, int) else self.max_batch_size
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
         return [order[start:start + size] for start in range(0, len(order), size)]
-
-    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy answers to e2u tasks' questions (shared-prefix decoding); everything else, and
-        sampled generation, goes through ``hf``'s ``generate_until``."""
-        if not requests:
-            return []
-        results: list[str | None] = [None] * len(requests)
-        ours: dict[str, list[int]] = {}
-        passthrough: list[int] = []
-        for i, request in enumerate(requests):
-            gen_kwargs = request.args[1]
-            if isinstance(gen_kwargs, dict) and PROMPT_KEY in gen_kwargs and _is_greedy(gen_kwargs):
-                key = json.dumps({k: v for k, v in gen_kwargs.items() if k != PROMPT_KEY},
-                                 sort_keys=True, default=str)
-                ours.setdefault(key, []).append(i)
-            else:
-                passthrough.append(i)
-        if passthrough:
-            prepared = []
-            for i in passthrough:
-                context, gen_kwargs, *rest = requests[i].args
-                if isinstance(gen_kwargs, dict) and PROMPT_KEY in gen_kwargs:
-                    context = self._render(context, gen_kwargs[PROMPT_KEY])
-                    gen_kwargs = {k: v for k, v in gen_kwargs.items() if k != PROMPT_KEY}
-                prepared.append(dataclasses.replace(requests[i], arguments=(context, gen_kwargs, *rest)))
-            for i, text in zip(passthrough, super().generate_until(prepared, disable_tqdm=disable_tqdm)):
-                results[i] = text
-        for indices in ours.values():
-            texts = self._greedy_answers([requests[i] for i in indices], disable_tqdm)
-            for i, text in zip(indices, texts):
-                results[i] = text
-        return results
-
-    def _greedy_answers(self, requests, disable_tqdm: bool) -> list[str]:
-        gen_kwargs = requests[0].args[1]
-        until = gen_kwargs.get("until") or []
-        until = [until] if isinstance(until, str) else [u for u in until if u]
-        max_new = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
-        prompts = [self.tok_encode(self._render(r.args[0], r.args[1][PROMPT_KEY]))[-(self.max_length - max_new):]
-                   for r in requests]
-        prefix = common_prefix_length(prompts)
-        runner = SharedPrefixRunner(self.model, prompts[0][:prefix], self._pad_id(), self.device)
-        eot = self.eot_token_id
-        answers: list[str | None] = [None] * len(requests)
-        progress = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
-                        desc="Running generate_until requests")
-        for chunk in self._length_sorted_batches(prompts):
-            def is_done(row, tokens):
-                return tokens[-1] == eot or any(u in self.tok_decode(tokens) for u in until)
-
-            generated = runner.greedy([prompts[i][prefix:] for i in chunk], max_new, is_done)
-            for row, i in enumerate(chunk):
-                tokens = [t for t in generated[row] if t != eot]
-                text = self.tok_decode(tokens)
-                for stop in until:
-                    text = text.split(stop)[0]
-                answers[i] = text
-                self.cache_hook.add_partial("generate_until", requests[i].args, text)
-            progress.update(len(chunk))
-        progress.close()
-        return answers
 
     # ------------------------------------------------------------------ provenance
 

@@ -1,10 +1,12 @@
-"""Batched scoring and greedy decoding that compute the prompts' common prefix once.
+"""Batched answer scoring and greedy decoding from one prompt pass, common prefix computed once.
 
 Every e2u prompt starts with the same chat-template text (system prompt, user header): about half
 of SmolLM2's prompt tokens. Running that prefix once, repeating its key/value cache across the
-batch and feeding only each row's remaining tokens roughly halves the prompt cost of both request
-types. Rows are left-padded *after* the prefix (``[prefix | pad | rest]``) with matching attention
-mask and position ids, so each row computes exactly what it would alone, up to float rounding.
+batch and feeding only each row's remaining tokens roughly halves the prompt cost. The gold answer
+is scored teacher-forced in the same forward pass that reads the prompt, and greedy decoding
+continues from that pass's cache cropped back to the prompt, so each prompt is computed once.
+Rows are padded *after* the prefix with matching attention mask and position ids, so each row
+computes what it would alone, up to float rounding.
 """
 
 from __future__ import annotations
@@ -58,48 +60,55 @@ class SharedPrefixRunner:
         cache.batch_repeat_interleave(batch)
         return cache
 
-    def _left_padded(self, rows: Sequence[Sequence[int]]):
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), self.prefix_length + width), dtype=torch.long)
+    @torch.no_grad()
+    def score_answers(self, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]]):
+        """One forward over ``prompt + answer`` for every row.
+
+        Layout ``[prefix | pad | prompt | answer | pad]``: prompts end-aligned, answers after them
+        and right-padded (masked). Returns the logits at the positions predicting each answer
+        token (``[batch, max answer length, vocab]``; position 0 is also the first greedy
+        token), and the cache and mask cropped to the prompts, ready for :meth:`greedy`.
+        """
+        width = max(len(p) for p in prompts)
+        longest = max(len(a) for a in answers)
+        rows, total = len(prompts), width + longest - 1
+        ids = torch.full((rows, total), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((rows, self.prefix_length + total), dtype=torch.long)
         mask[:, : self.prefix_length] = 1
-        for i, row in enumerate(rows):
-            ids[i, width - len(row):] = torch.tensor(list(row), dtype=torch.long)
-            mask[i, self.prefix_length + width - len(row):] = 1
-        return ids.to(self.device), mask.to(self.device)
-
-    def _positions(self, mask: torch.Tensor, width: int) -> torch.Tensor:
-        positions = mask.cumsum(-1) - 1
-        return positions.clamp(min=0)[:, -width:]
-
-    @torch.no_grad()
-    def last_logits(self, rows: Sequence[Sequence[int]], keep: int):
-        """Logits of the last ``keep`` positions of every row (rows end-aligned), with the cache
-        and mask to continue decoding."""
-        ids, mask = self._left_padded(rows)
-        cache = self._cache_for(len(rows))
-        out = self.model(input_ids=ids, attention_mask=mask,
-                         position_ids=self._positions(mask, ids.shape[1]),
-                         use_cache=True, logits_to_keep=keep, **{self._cache_arg: cache})
-        return out.logits, _cache_of(out), mask
+        for i, (prompt, answer) in enumerate(zip(prompts, answers)):
+            tail = list(answer[:-1])
+            ids[i, width - len(prompt): width + len(tail)] = torch.tensor(list(prompt) + tail)
+            mask[i, self.prefix_length + width - len(prompt): self.prefix_length + width + len(tail)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -total:]
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         use_cache=True, logits_to_keep=longest,
+                         **{self._cache_arg: self._cache_for(rows)})
+        cache = _cache_of(out)
+        if longest > 1:  # drop the answer positions (a negative count works on old and new caches)
+            cache.crop(-(longest - 1))
+        return out.logits, cache, mask[:, : self.prefix_length + width]
 
     @torch.no_grad()
-    def greedy(self, rows: Sequence[Sequence[int]], max_new_tokens: int, is_done) -> list[list[int]]:
-        """Greedy continuation of each row; ``is_done(row_index, tokens)`` says when a row stops."""
-        logits, cache, mask = self.last_logits(rows, keep=1)
-        generated: list[list[int]] = [[] for _ in rows]
-        finished = [False] * len(rows)
-        for _step in range(max_new_tokens):
-            next_tokens = logits[:, -1, :].argmax(-1)
+    def greedy(self, first_logits: torch.Tensor, cache, mask: torch.Tensor, max_new_tokens: int,
+               is_done) -> list[list[int]]:
+        """Greedy continuation from :meth:`score_answers`' state (``first_logits``: ``[batch,
+        vocab]`` after the prompt); ``is_done(row, tokens)`` says when a row stops."""
+        rows = first_logits.shape[0]
+        logits = first_logits
+        generated: list[list[int]] = [[] for _ in range(rows)]
+        finished = [False] * rows
+        for step in range(max_new_tokens):
+            next_tokens = logits.argmax(-1)
             for i, token in enumerate(next_tokens.tolist()):
                 if not finished[i]:
                     generated[i].append(token)
                     finished[i] = is_done(i, generated[i])
-            if all(finished) or _step == max_new_tokens - 1:
+            if all(finished) or step == max_new_tokens - 1:
                 break
-            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
-            position = (mask.sum(-1, keepdim=True) - 1)
+            mask = torch.cat([mask, mask.new_ones((rows, 1))], dim=1)
             out = self.model(input_ids=next_tokens.unsqueeze(-1), attention_mask=mask,
-                             position_ids=position, use_cache=True, **{self._cache_arg: cache})
-            logits, cache = out.logits, _cache_of(out)
+                             position_ids=mask.sum(-1, keepdim=True) - 1, use_cache=True,
+                             **{self._cache_arg: cache})
+            logits, cache = out.logits[:, -1, :], _cache_of(out)
         return generated

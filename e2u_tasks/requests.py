@@ -1,6 +1,5 @@
 """Names shared by the task (which emits requests) and the model (which serves them)."""
 
-# Custom lm-eval request type: per-token log-probabilities and ranks of a continuation.
-TOKEN_STATS = "token_stats"
-# generation_kwargs key: "question" (bare question, the model renders it) or "rendered".
-PROMPT_KEY = "e2u_prompt"
+# Custom lm-eval request type served by the e2u model: the greedy answer to a question plus the
+# per-token log-probabilities and ranks of the gold answer (teacher-forced), from one prompt pass.
+E2U_ANSWER = "e2u_answer"

@@ -1,9 +1,10 @@
 """The one task class behind every e2u task YAML.
 
-Each document yields two requests:
-- ``token_stats`` (idx 0, a custom request type the ``e2u`` model serves): per-token
-  log-probabilities and ranks of the gold answer, teacher-forced, for ``prob``/``mrr``/``hit_rate``;
-- ``generate_until`` (idx 1): the greedy answer, for ``rouge1_recall``.
+Each document yields one request of the custom type ``e2u_answer``, which the ``e2u`` model
+serves (lm-eval's stock types cannot return per-token ranks): the greedy answer, for
+``rouge1_recall``, and the per-token log-probabilities and ranks of the gold answer,
+teacher-forced, for ``prob``/``mrr``/``hit_rate``. Generation settings are the task's
+``generation_kwargs`` (``--gen_kwargs`` applies), passed along in the request.
 
 The context is the bare question. The model renders it (chat template when it has one, else a
 ``Question: ... Answer:`` completion prompt), so that evaluation and editing see the same prompt;
@@ -21,7 +22,7 @@ from lm_eval.api.metrics import mean
 from lm_eval.api.task import ConfigurableTask
 
 from e2u_tasks.metrics import DEFAULT_TOP_M, METRIC_NAMES, composite_share, item_metrics
-from e2u_tasks.requests import PROMPT_KEY, TOKEN_STATS
+from e2u_tasks.requests import E2U_ANSWER
 from e2u_tasks.splits import SPLIT_NAMES, SplitSpec, parse_int
 
 
@@ -52,25 +53,19 @@ class UnlearningTask(ConfigurableTask):
         if self.split != "rephrase":
             self._higher_is_better["composite"] = True
 
-    def construct_requests(self, doc: dict, ctx: str, **kwargs: Any) -> list[Instance]:
+    def construct_requests(self, doc: dict, ctx: str, **kwargs: Any) -> Instance:
         rendered = bool(kwargs.pop("apply_chat_template", False))
         kwargs.pop("chat_template", None)
-        prompt = "rendered" if rendered else "question"
-        options = {"prompt": prompt, "split_fingerprint": doc["split_fingerprint"],
-                   "task": self.config.task}
-        gen_kwargs = deepcopy(self.config.generation_kwargs) or {}
-        gen_kwargs[PROMPT_KEY] = prompt
-        return [
-            Instance(request_type=TOKEN_STATS, doc=doc, arguments=(ctx, doc["answer"], options),
-                     idx=0, **kwargs),
-            Instance(request_type="generate_until", doc=doc, arguments=(ctx, gen_kwargs),
-                     idx=1, **kwargs),
-        ]
+        options = {"prompt": "rendered" if rendered else "question",
+                   "generation": deepcopy(self.config.generation_kwargs) or {},
+                   "split_fingerprint": doc["split_fingerprint"], "task": self.config.task}
+        return Instance(request_type=E2U_ANSWER, doc=doc, arguments=(ctx, doc["answer"], options),
+                        idx=0, **kwargs)
 
     def process_results(self, doc: dict, results: list) -> dict[str, float]:
-        stats, generation = results
-        values = item_metrics(doc["answer"], generation, stats["logprobs"], stats["ranks"],
-                              self.top_m)
+        (answer,) = results
+        values = item_metrics(doc["answer"], answer["generation"], answer["logprobs"],
+                              answer["ranks"], self.top_m)
         share = composite_share(self.split, values["rouge1_recall"])
         if share is not None:
             values["composite"] = share
