@@ -17,6 +17,7 @@ import logging
 import random
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,6 +50,17 @@ HFLM_ARGS = frozenset(name for name, p in inspect.signature(HFLM.__init__).param
 DEFAULT_BATCH_SIZE = 64
 E2U_ARGS = ("pretrained", "method", "hparams", "seed", "cache_dir", "chat_template",
             "system_prompt", "top_m", *SPEC_KEYS)
+
+
+def _check_local_model(pretrained: str) -> None:
+    """A ``pretrained`` that names a local path must be a model folder (hub ids pass through)."""
+    path = Path(pretrained).expanduser()
+    looks_local = pretrained.startswith((".", "/", "~")) or path.exists()
+    if looks_local and not (path / "config.json").is_file():
+        raise E2UError(
+            f"pretrained={pretrained!r} is not a model folder (no config.json there); give a hub "
+            f"id, a saved model folder or {', '.join(EMBEDDED_MODELS)}"
+        )
 
 
 def _is_greedy(gen_kwargs: dict) -> bool:
@@ -100,6 +112,8 @@ class E2ULM(HFLM):
         if isinstance(pretrained, str) and pretrained.lower() in EMBEDDED_MODELS:
             pretrained, embedded = resolve_embedded(pretrained, cache_dir)
             self.model_source.update(embedded)
+        elif isinstance(pretrained, str):
+            _check_local_model(pretrained)
         super().__init__(pretrained=pretrained, **kwargs)
         self.prompt_format = PromptFormat.for_tokenizer(self.tokenizer, chat_template, system_prompt)
         self.method_report = self._apply_method()

