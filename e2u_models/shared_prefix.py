@@ -97,16 +97,22 @@ class SharedPrefixRunner:
         rows = first_logits.shape[0]
         logits = first_logits
         generated: list[list[int]] = [[] for _ in range(rows)]
-        finished = [False] * rows
+        active = list(range(rows))  # batch row -> original row; finished rows leave the batch
         for step in range(max_new_tokens):
             next_tokens = logits.argmax(-1)
-            for i, token in enumerate(next_tokens.tolist()):
-                if not finished[i]:
-                    generated[i].append(token)
-                    finished[i] = is_done(i, generated[i])
-            if all(finished) or step == max_new_tokens - 1:
+            keep = []
+            for position, (row, token) in enumerate(zip(active, next_tokens.tolist())):
+                generated[row].append(token)
+                if not is_done(row, generated[row]):
+                    keep.append(position)
+            if not keep or step == max_new_tokens - 1:
                 break
-            mask = torch.cat([mask, mask.new_ones((rows, 1))], dim=1)
+            if len(keep) < len(active):
+                index = torch.tensor(keep, device=next_tokens.device)
+                cache.batch_select_indices(index)
+                mask, next_tokens = mask[index], next_tokens[index]
+                active = [active[p] for p in keep]
+            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
             out = self.model(input_ids=next_tokens.unsqueeze(-1), attention_mask=mask,
                              position_ids=mask.sum(-1, keepdim=True) - 1, use_cache=True,
                              **{self._cache_arg: cache})

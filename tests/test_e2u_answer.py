@@ -114,3 +114,21 @@ def test_shared_prefix_scores_match_unshared_ones(tiny_lm):
     a, _, _ = shared.score_answers([r[prefix:] for r in rows], answers)
     b, _, _ = plain.score_answers(rows, answers)
     assert torch.allclose(a[0], b[0], atol=1e-4) and torch.allclose(a[1, :1], b[1, :1], atol=1e-4)
+
+
+def test_rows_that_finish_early_leave_the_batch_without_changing_the_others(tiny_lm):
+    from e2u_models.shared_prefix import SharedPrefixRunner, common_prefix_length
+
+    rows = [tiny_lm.tok_encode(tiny_lm.prompt_format.render(tiny_lm.tokenizer, q))
+            for q in ("Who wrote it?", "What is the capital of Italy, and when?", "Why?")]
+    prefix = common_prefix_length(rows)
+    runner = SharedPrefixRunner(tiny_lm.model, rows[0][:prefix], 0, "cpu")
+
+    def decode(limits):
+        logits, cache, mask = runner.score_answers([r[prefix:] for r in rows], [[5], [6], [7]])
+        return runner.greedy(logits[:, 0], cache, mask, 10, lambda row, toks: len(toks) >= limits[row])
+
+    full = decode([10, 10, 10])
+    early = decode([2, 10, 5])
+    assert [len(t) for t in early] == [2, 10, 5]
+    assert all(full[i][: len(early[i])] == early[i] for i in range(3))
