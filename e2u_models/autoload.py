@@ -10,7 +10,8 @@ meta-path finder in place: nothing happens until lm-eval itself is imported, and
   ``e2u_answer`` (the e2u tasks' request type) get a method that says in one line that e2u tasks need ``--model e2u``; and, in
   the ``lm_eval`` console script only, e2u's own errors print as one line instead of a traceback;
 - after ``lm_eval.tasks.manager`` runs, ``TaskManager`` gets e2u's task folder as its first
-  ``include_path`` entry (built-ins < e2u < the user's ``--include_path``).
+  ``include_path`` entry (built-ins < e2u < the user's ``--include_path``); when an ``lm_eval``
+  command's ``--tasks`` names only e2u tasks, lm-eval skips indexing its built-in tasks.
 
 It never prints or raises at start-up (also when lm-eval, torch or transformers are missing or
 broken): a failing callback prints one line to stderr and leaves lm-eval as it was. Set
@@ -113,7 +114,7 @@ def _after_models(module) -> None:
         model_registry.register(MODEL_ALIAS, target=MODEL_TARGET)
     if not hasattr(LM, "e2u_answer"):
         LM.e2u_answer = _e2u_answer_unsupported
-    if os.path.basename(sys.argv[0] if sys.argv else "") in ("lm_eval", "lm-eval"):
+    if os.path.basename(sys.argv[0] if sys.argv else "") in CLI_NAMES[:2]:
         install_one_line_errors()
 
 
@@ -165,10 +166,41 @@ def _after_task_manager(module) -> None:
         paths = [] if given is None else ([given] if isinstance(given, (str, os.PathLike)) else list(given))
         if not any(os.path.abspath(str(p)) == os.path.abspath(folder) for p in paths):
             bound.arguments["include_path"] = [folder, *paths]
+        if bound.arguments.get("include_defaults", True) is True and _cli_asks_only_e2u_tasks(folder):
+            # lm-eval indexes its ~10k built-in task files (~15-20 s) on every run; a command
+            # that names only e2u tasks does not need them.
+            bound.arguments["include_defaults"] = False
         original(*bound.args, **bound.kwargs)
 
     __init__._e2u_hooked = True
     manager_cls.__init__ = __init__
+
+
+CLI_NAMES = ("lm_eval", "lm-eval", "e2u-lm-eval")
+
+
+def e2u_task_names(folder) -> set:
+    """Task, group and tag names e2u defines: each YAML is named after what it defines."""
+    names = {n[:-5] for n in os.listdir(folder) if n.endswith(".yaml") and not n.startswith("_")}
+    return names | {"e2u_all"}
+
+
+def _cli_asks_only_e2u_tasks(folder) -> bool:
+    argv = sys.argv if sys.argv else [""]
+    if os.path.basename(argv[0]) not in CLI_NAMES:
+        return False
+    values = []  # --tasks takes comma- and/or space-separated names
+    args = argv[1:]
+    for i, arg in enumerate(args):
+        if arg.startswith("--tasks="):
+            values.append(arg.split("=", 1)[1])
+        elif arg in ("--tasks", "-t"):
+            for value in args[i + 1:]:
+                if value.startswith("-"):
+                    break
+                values.append(value)
+    names = {n.strip() for v in values for n in v.split(",") if n.strip()}
+    return bool(names) and names <= e2u_task_names(folder)
 
 
 _CALLBACKS = {

@@ -46,3 +46,37 @@ def test_task_manager_gets_e2u_tasks_first_and_user_paths_last(tmp_path):
     proc = python("from lm_eval.tasks import TaskManager; tm = TaskManager(include_path=%r); "
                   "print('tofu_forget' in tm.all_tasks, 'pistol' in tm.all_groups)" % str(tmp_path))
     assert proc.stdout.split() == ["True", "True"], proc.stderr
+
+
+def test_yaml_file_names_are_the_names_they_define():
+    """The start-up hook recognises e2u task names by file name: keep the two equal."""
+    from pathlib import Path
+
+    import yaml
+
+    from e2u_models.autoload import e2u_task_names, tasks_dir
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: None)
+    for path in Path(tasks_dir()).glob("[!_]*.yaml"):
+        config = yaml.load(path.read_text(), Loader=Loader)
+        assert path.stem == (config.get("group") or config.get("task"))
+    assert {"tofu_factual", "pistol", "tofu_forget", "e2u_custom"} <= e2u_task_names(tasks_dir())
+
+
+@pytest.mark.parametrize("argv,only_e2u", [
+    (["lm_eval", "--model", "e2u", "--tasks", "tofu_factual,pistol_forget"], True),
+    (["lm_eval", "--tasks=tofu_factual"], True),
+    (["lm_eval", "run", "-t", "tofu_forget", "pistol", "--limit", "2"], True),
+    (["lm_eval", "--tasks", "tofu_forget", "hellaswag"], False),
+    (["lm_eval", "--tasks", "tofu_forget,hellaswag"], False),
+    (["lm_eval", "ls", "tasks"], False),
+    (["python", "--tasks", "tofu_forget"], False),
+])
+def test_builtin_index_is_skipped_only_for_e2u_only_commands(monkeypatch, argv, only_e2u):
+    from e2u_models import autoload
+
+    monkeypatch.setattr(sys, "argv", argv)
+    assert autoload._cli_asks_only_e2u_tasks(autoload.tasks_dir()) is only_e2u
