@@ -32,6 +32,7 @@ from e2u_models.methods import get_method
 from e2u_models.methods.base import EditRequest, MethodReport, load_hparams
 from e2u_models.prompts import PromptFormat, parse_chat_template
 from e2u_models.shared_prefix import SharedPrefixRunner, common_prefix_length
+from e2u_models.targets import RefusalTargets
 from e2u_tasks.errors import E2UError
 from e2u_tasks.metrics import DEFAULT_TOP_M
 from e2u_tasks.splits import SPEC_KEYS, SplitSpec, parse_int
@@ -49,7 +50,7 @@ HFLM_ARGS = frozenset(name for name, p in inspect.signature(HFLM.__init__).param
 # the run time and batches well).
 DEFAULT_BATCH_SIZE = 64
 E2U_ARGS = ("pretrained", "method", "hparams", "seed", "cache_dir", "chat_template",
-            "system_prompt", "top_m", *SPEC_KEYS)
+            "system_prompt", "top_m", "target", "refusal_file", *SPEC_KEYS)
 
 
 def _check_local_model(pretrained: str) -> None:
@@ -88,7 +89,8 @@ class E2ULM(HFLM):
     def __init__(self, pretrained: Any = DEFAULT_MODEL, method: str | None = "none",
                  hparams: str | None = None, seed: Any = 0, cache_dir: str | None = None,
                  chat_template: Any = "auto", system_prompt: str | None = None,
-                 top_m: Any = DEFAULT_TOP_M, **kwargs: Any) -> None:
+                 top_m: Any = DEFAULT_TOP_M, target: str | None = None,
+                 refusal_file: str | None = None, **kwargs: Any) -> None:
         # Everything that can be wrong in the arguments is checked before any model is loaded.
         method_name = "none" if method in (None, "", "None") else str(method).strip().lower()
         self.method = get_method(method_name)
@@ -107,6 +109,7 @@ class E2ULM(HFLM):
         self.top_m = parse_int("top_m", top_m, 1)
         chat_template = parse_chat_template(chat_template)
         self.splits = SplitSpec.from_args(spec_args).load()
+        self.targets = RefusalTargets.from_args(target, refusal_file)
 
         self.model_source: dict[str, Any] = {"pretrained": str(pretrained)}
         if isinstance(pretrained, str) and pretrained.lower() in EMBEDDED_MODELS:
@@ -139,16 +142,29 @@ class E2ULM(HFLM):
 
     # ------------------------------------------------------------------ the method
 
-    def requests_for(self, indices) -> list[EditRequest]:
-        """Edit requests of dataset rows, prompts rendered exactly as the evaluation renders them."""
-        return [EditRequest(index=i, question=self.splits.rows[i]["question"],
-                            prompt=self.prompt_format.render(self.tokenizer, self.splits.rows[i]["question"]),
-                            answer=self.splits.rows[i]["answer"])
-                for i in indices]
+    def requests_for(self, indices, with_targets: bool = False) -> list[EditRequest]:
+        """Edit requests of dataset rows, prompts rendered exactly as the evaluation renders them;
+        forget requests carry their refusal target."""
+        requests = []
+        for i in indices:
+            question = self.splits.rows[i]["question"]
+            requests.append(EditRequest(
+                index=i, question=question, answer=self.splits.rows[i]["answer"],
+                prompt=self.prompt_format.render(self.tokenizer, question),
+                target=self.targets.for_row(i, self.seed) if with_targets else None))
+        return requests
+
+    def task_metadata(self) -> dict[str, Any]:
+        """Arguments that make tasks evaluate this model's split, for the Python API:
+        ``TaskManager(include_path=tasks_dir(), metadata=lm.task_metadata())``. (The CLI passes
+        ``--model_args`` to the tasks by itself.)"""
+        spec = self.splits.spec
+        args = {key: value for key, value in spec.as_dict().items() if value is not None}
+        return {**args, "data_dir": spec.data_dir, "method": self.method.NAME, "top_m": self.top_m}
 
     def _apply_method(self) -> MethodReport:
         name = self.method.NAME
-        forget = self.requests_for(self.splits.forget)
+        forget = self.requests_for(self.splits.forget, with_targets=True)
         retain = self.requests_for(self.splits.retain) if self.method.USES_RETAIN else None
         random.seed(self.seed)
         torch.manual_seed(self.seed)
@@ -290,6 +306,8 @@ class E2ULM(HFLM):
             "seed": self.seed,
             "top_m": self.top_m,
             "split": self.splits.describe(),
+            "targets": {**self.targets.describe(), "sha256": json_sha256(
+                [self.targets.for_row(i, self.seed) for i in self.splits.forget])},
             "prompt": self.prompt_format.describe(),
             "model_source": self.model_source,
             "method_report": self.method_report.as_dict(),
