@@ -14,6 +14,7 @@ import importlib.metadata
 import inspect
 import json
 import logging
+import os
 import random
 import sys
 import time
@@ -26,6 +27,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
+from e2u_models.autoload import CLI_NAMES
 from e2u_models.cache import json_sha256
 from e2u_models.embedded import DEFAULT_MODEL, EMBEDDED_MODELS, resolve_embedded
 from e2u_models.methods import get_method
@@ -68,8 +70,11 @@ def _is_greedy(gen_kwargs: dict) -> bool:
     return not gen_kwargs.get("do_sample") and not float(gen_kwargs.get("temperature") or 0.0)
 
 
-def _batch_size_on_command_line() -> bool:
-    return any(arg == "--batch_size" or arg.startswith("--batch_size=") for arg in sys.argv[1:])
+def _cli_default_batch_size() -> bool:
+    """True when lm-eval's CLI passed its default batch size 1 (no ``--batch_size`` flag)."""
+    if not sys.argv or os.path.basename(sys.argv[0]) not in CLI_NAMES:
+        return False
+    return not any(arg == "--batch_size" or arg.startswith("--batch_size=") for arg in sys.argv[1:])
 
 
 def _package_versions() -> dict[str, str]:
@@ -128,7 +133,7 @@ class E2ULM(HFLM):
         extra = {k: v for k, v in (additional_config or {}).items()
                  if v is not None and k not in arg_dict}
         if ("batch_size" not in arg_dict and str(extra.get("batch_size", "1")) == "1"
-                and not _batch_size_on_command_line()):
+                and _cli_default_batch_size()):
             # lm-eval passes batch_size=1 when the flag is absent; e2u's tasks are ~10x faster
             # batched, so an absent flag means e2u's default.
             extra["batch_size"] = DEFAULT_BATCH_SIZE

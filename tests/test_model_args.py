@@ -85,3 +85,17 @@ def test_registry_none_method_is_a_real_noop(tiny_lm):
     method = get_method("none")
     assert method.KIND == "none" and not method.USES_RETAIN
     assert tiny_lm.method_report.method == "none"
+
+
+@pytest.mark.parametrize("argv,given,expected", [
+    (["lm_eval", "--model", "e2u"], 1, 64),  # the CLI's default: e2u's default applies
+    (["lm_eval", "--model", "e2u", "--batch_size", "1"], 1, 1),
+    (["python"], 1, 1),  # Python API: what the caller gave
+])
+def test_batch_size_defaults(monkeypatch, tiny_model_dir, argv, given, expected):
+    import sys
+
+    monkeypatch.setattr(sys, "argv", argv)
+    lm = E2ULM.create_from_arg_obj({"pretrained": tiny_model_dir, "device": "cpu"},
+                                   {"batch_size": given, "device": "cuda:0"})
+    assert lm.batch_size == expected and str(lm.device) == "cpu"
