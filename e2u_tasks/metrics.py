@@ -21,11 +21,16 @@ DEFAULT_TOP_M = 100
 METRIC_NAMES = ("rouge1_recall", "prob", "mrr", "hit_rate")
 
 
-def rouge1_recall(reference: str, prediction: str) -> float:
-    """Share of the reference's unigrams (stemmed, clipped counts) found in the prediction."""
+def rouge1_scorer():
+    """The ROUGE-1 scorer (Porter stemming). Building one costs ~10 ms: reuse it across items."""
     from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
+    return rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
+
+
+def rouge1_recall(reference: str, prediction: str, scorer=None) -> float:
+    """Share of the reference's unigrams (stemmed, clipped counts) found in the prediction."""
+    scorer = scorer or rouge1_scorer()
     return float(scorer.score(target=reference, prediction=prediction)["rouge1"].recall)
 
 
@@ -55,11 +60,11 @@ def hit_rate(ranks: Sequence[int], top_m: int = DEFAULT_TOP_M) -> float:
 
 
 def item_metrics(answer: str, generation: str, logprobs: Sequence[float], ranks: Sequence[int],
-                 top_m: int = DEFAULT_TOP_M) -> dict[str, float]:
+                 top_m: int = DEFAULT_TOP_M, scorer=None) -> dict[str, float]:
     """All four metrics of one item."""
     _check_stats(logprobs, ranks)
     return {
-        "rouge1_recall": rouge1_recall(answer, generation),
+        "rouge1_recall": rouge1_recall(answer, generation, scorer),
         "prob": answer_probability(logprobs),
         "mrr": mean_reciprocal_rank(ranks),
         "hit_rate": hit_rate(ranks, top_m),

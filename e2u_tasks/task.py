@@ -21,7 +21,8 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.metrics import mean
 from lm_eval.api.task import ConfigurableTask
 
-from e2u_tasks.metrics import DEFAULT_TOP_M, METRIC_NAMES, composite_share, item_metrics
+from e2u_tasks.metrics import (DEFAULT_TOP_M, METRIC_NAMES, composite_share, item_metrics,
+                               rouge1_scorer)
 from e2u_tasks.requests import E2U_ANSWER
 from e2u_tasks.splits import SPLIT_NAMES, SplitSpec, parse_int
 
@@ -43,6 +44,7 @@ class UnlearningTask(ConfigurableTask):
         self.split = self.config.dataset_kwargs["e2u_split"]
         if self.split not in SPLIT_NAMES:
             raise ValueError(f"task {self.config.task}: e2u_split must be one of {SPLIT_NAMES}")
+        self.rouge = rouge1_scorer()
         self.top_m = parse_int("top_m", (self.config.metadata or {}).get("top_m", DEFAULT_TOP_M), 1)
         lower_is_better = self.split in ("forget", "rephrase")
         names = list(METRIC_NAMES) + (["composite"] if self.split != "rephrase" else [])
@@ -65,7 +67,7 @@ class UnlearningTask(ConfigurableTask):
     def process_results(self, doc: dict, results: list) -> dict[str, float]:
         (answer,) = results
         values = item_metrics(doc["answer"], answer["generation"], answer["logprobs"],
-                              answer["ranks"], self.top_m)
+                              answer["ranks"], self.top_m, self.rouge)
         share = composite_share(self.split, values["rouge1_recall"])
         if share is not None:
             values["composite"] = share
