@@ -196,9 +196,9 @@ def second_moments(model, tokenizer, corpus: TextCorpus, request: StatsRequest,
         except _StopForward:
             pass
 
+    was_training = model.training
+    model.eval()
     try:
-        was_training = model.training
-        model.eval()
         for text in corpus.texts():
             ids = tokenizer(text, add_special_tokens=False)["input_ids"][: request.max_length]
             ids = ids[: request.n_tokens - seen]
@@ -216,8 +216,8 @@ def second_moments(model, tokenizer, corpus: TextCorpus, request: StatsRequest,
         if batch:
             run(batch)
             count += sum(map(len, batch))
-        model.train(was_training)
     finally:
+        model.train(was_training)
         for handle in handles:
             handle.remove()
         progress.close()

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from e2u_tasks.errors import E2UError
+from e2u_tasks.splits import parse_int
 
 
 @dataclass(frozen=True)
@@ -89,20 +90,13 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
             return value.strip().lower() in ("true", "1", "yes")
         raise E2UError(f"hparam {name}={value!r} is not a boolean (true/false)")
     if annotation is int:
-        if isinstance(value, bool):
-            raise E2UError(f"hparam {name}={value!r} is not an integer")
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        try:
-            return int(value) if isinstance(value, (int, str)) else _fail()
-        except (ValueError, TypeError):
-            raise E2UError(f"hparam {name}={value!r} is not an integer") from None
+        return parse_int(f"hparam {name}", value)
     if annotation is float:
-        if isinstance(value, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise E2UError(f"hparam {name}={value!r} is not a number")
         try:
-            return float(value) if isinstance(value, (int, float, str)) else _fail()
-        except (ValueError, TypeError):
+            return float(value)
+        except ValueError:
             raise E2UError(f"hparam {name}={value!r} is not a number") from None
     if annotation is str:
         if isinstance(value, (dict, list)):
@@ -111,10 +105,6 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
     if isinstance(value, annotation):
         return value
     raise E2UError(f"hparam {name}={value!r} is not a {getattr(annotation, '__name__', annotation)}")
-
-
-def _fail():
-    raise TypeError
 
 
 def load_hparams(cls: type, method: str, path: str | None = None,
