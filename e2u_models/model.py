@@ -31,7 +31,10 @@ from e2u_models.autoload import CLI_NAMES
 from e2u_models.cache import json_sha256
 from e2u_models.embedded import DEFAULT_MODEL, EMBEDDED_MODELS, resolve_embedded
 from e2u_models.methods import get_method
-from e2u_models.methods.base import EditRequest, MethodReport, load_hparams
+from e2u_models.edit_cache import EditCache, edit_key
+from e2u_models.edit_cache import model_sha256 as edit_model_sha256
+from e2u_models.methods.base import (EditRequest, MethodEnv, MethodReport, load_hparams,
+                                     resolve_hparams_path)
 from e2u_models.prompts import PromptFormat, parse_chat_template
 from e2u_models.shared_prefix import SharedPrefixRunner, common_prefix_length
 from e2u_models.targets import RefusalTargets
@@ -51,7 +54,7 @@ HFLM_ARGS = frozenset(name for name, p in inspect.signature(HFLM.__init__).param
 # Batch size when neither --batch_size nor model_args batch_size is given (generation dominates
 # the run time and batches well).
 DEFAULT_BATCH_SIZE = 64
-E2U_ARGS = ("pretrained", "method", "hparams", "seed", "cache_dir", "chat_template",
+E2U_ARGS = ("pretrained", "method", "hparams", "seed", "cache_dir", "cache", "chat_template",
             "system_prompt", "top_m", "target", "refusal_file", *SPEC_KEYS)
 
 
@@ -66,6 +69,28 @@ def _check_local_model(pretrained: str) -> None:
         )
 
 
+def _load_config(pretrained: str, kwargs: dict):
+    """The model's config alone (cheap), so hparams can be checked against it before loading."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(pretrained, revision=kwargs.get("revision") or "main",
+                                          trust_remote_code=bool(kwargs.get("trust_remote_code")))
+    except Exception:  # noqa: BLE001 - HFLM gives the real error when it loads the model
+        return None
+
+
+def parse_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise E2UError(f"{name}={value!r} is not accepted; use true or false")
+
+
 def _is_greedy(gen_kwargs: dict) -> bool:
     return not gen_kwargs.get("do_sample") and not float(gen_kwargs.get("temperature") or 0.0)
 
@@ -75,6 +100,10 @@ def _cli_default_batch_size() -> bool:
     if not sys.argv or os.path.basename(sys.argv[0]) not in CLI_NAMES:
         return False
     return not any(arg == "--batch_size" or arg.startswith("--batch_size=") for arg in sys.argv[1:])
+
+
+def _log_line(message: str) -> None:
+    log.warning(message)
 
 
 def _package_versions() -> dict[str, str]:
@@ -95,7 +124,7 @@ class E2ULM(HFLM):
                  hparams: str | None = None, seed: Any = 0, cache_dir: str | None = None,
                  chat_template: Any = "auto", system_prompt: str | None = None,
                  top_m: Any = DEFAULT_TOP_M, target: str | None = None,
-                 refusal_file: str | None = None, **kwargs: Any) -> None:
+                 refusal_file: str | None = None, cache: Any = True, **kwargs: Any) -> None:
         # Everything that can be wrong in the arguments is checked before any model is loaded.
         method_name = "none" if method in (None, "", "None") else str(method).strip().lower()
         self.method = get_method(method_name)
@@ -109,12 +138,16 @@ class E2ULM(HFLM):
                 f"{', '.join(E2U_ARGS)}, the hparams of method={method_name} "
                 f"({', '.join(sorted(hparam_names)) or 'none'}) and the hf model args"
             )
-        self.hparams = load_hparams(self.method.HyperParams, method_name, hparams, overrides)
+        # Types, names and ranges checked now; the model-specific preset is chosen from the config.
+        self.hparams = load_hparams(self.method.HyperParams, method_name,
+                                    resolve_hparams_path(method_name, hparams), overrides)
         self.seed = parse_int("seed", seed)
         self.top_m = parse_int("top_m", top_m, 1)
         chat_template = parse_chat_template(chat_template)
         self.splits = SplitSpec.from_args(spec_args).load()
         self.targets = RefusalTargets.from_args(target, refusal_file)
+        self.use_cache = parse_bool("cache", cache)
+        self.cache_dir = cache_dir
 
         self.model_source: dict[str, Any] = {"pretrained": str(pretrained)}
         if isinstance(pretrained, str) and pretrained.lower() in EMBEDDED_MODELS:
@@ -122,6 +155,13 @@ class E2ULM(HFLM):
             self.model_source.update(embedded)
         elif isinstance(pretrained, str):
             _check_local_model(pretrained)
+        check_model = getattr(self.hparams, "check_model", None)
+        if callable(check_model) and isinstance(pretrained, str):
+            config = _load_config(pretrained, kwargs)
+            if config is not None:  # unreachable hub config: HFLM reports it when loading
+                self.hparams = load_hparams(self.method.HyperParams, method_name,
+                                            resolve_hparams_path(method_name, hparams, config), overrides)
+                self.hparams.check_model(config)
         super().__init__(pretrained=pretrained, **kwargs)
         self.prompt_format = PromptFormat.for_tokenizer(self.tokenizer, chat_template, system_prompt)
         self.method_report = self._apply_method()
@@ -156,7 +196,8 @@ class E2ULM(HFLM):
             requests.append(EditRequest(
                 index=i, question=question, answer=self.splits.rows[i]["answer"],
                 prompt=self.prompt_format.render(self.tokenizer, question),
-                target=self.targets.for_row(i, self.seed) if with_targets else None))
+                target=self.targets.for_row(i, self.seed) if with_targets else None,
+                subject=self.splits.rows[i].get("subject")))
         return requests
 
     def task_metadata(self) -> dict[str, Any]:
@@ -174,15 +215,44 @@ class E2ULM(HFLM):
         random.seed(self.seed)
         torch.manual_seed(self.seed)
         started = time.perf_counter()
+        env = MethodEnv(encode=self.tok_encode,
+                        render=lambda question: self.prompt_format.render(self.tokenizer, question),
+                        answer_delimiter=self.prompt_format.answer_delimiter,
+                        cache_dir=self.cache_dir, log=_log_line)
+        cache, key, inputs = None, None, None
+        if name != "none" and self.use_cache:
+            cache = EditCache(self.cache_dir, log=_log_line)
+            inputs = self._edit_inputs(forget, retain)
+            key = edit_key(inputs)
+            cached = cache.load(key, self.model)
+            if cached is not None:
+                report = MethodReport(**{k: v for k, v in cached.items() if k != "seconds"})
+                report.details = {**report.details, "edit_cache": {"hit": True, "key": key,
+                                  "seconds_when_computed": cached.get("seconds")}}
+                report.seconds = round(time.perf_counter() - started, 3)
+                log.warning("e2u: %s edit loaded from the edit cache in %.1f s", name, report.seconds)
+                self.model.eval()
+                return report
         if name != "none":
             log.warning("e2u: applying %s to %d forget requests", name, len(forget))
         report = self.method.apply(self.model, self.tokenizer, forget, retain, self.hparams,
-                                   seed=self.seed)
+                                   seed=self.seed, env=env)
         report.seconds = round(time.perf_counter() - started, 3)
         if name != "none":
             log.warning("e2u: %s done in %.1f s", name, report.seconds)
+        if cache is not None and report.changed_parameters:
+            cache.save(key, self.model, report.changed_parameters, report.as_dict(), inputs)
+            report.details = {**report.details, "edit_cache": {"hit": False, "key": key}}
         self.model.eval()
         return report
+
+    def _edit_inputs(self, forget: list[EditRequest], retain: list[EditRequest] | None) -> dict:
+        """Everything an edit depends on besides the code (hashed into the edit cache key)."""
+        return {"model_sha256": edit_model_sha256(self.model), "method": self.method.NAME,
+                "hparams": dataclasses.asdict(self.hparams), "seed": self.seed,
+                "forget": [dataclasses.asdict(r) for r in forget],
+                "retain": [dataclasses.asdict(r) for r in retain] if retain else None,
+                "prompt": self.prompt_format.describe(), "dtype": str(self.model.dtype)}
 
     # ------------------------------------------------------------------ requests
 

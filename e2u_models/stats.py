@@ -64,6 +64,59 @@ class TextCorpus:
         return cls.from_texts(f"path:{path.name}", documents)
 
 
+BUILTIN_CORPUS = "python-docs"
+
+
+def python_docs_corpus() -> TextCorpus:
+    """The offline default: the English prose of Python's own documentation topics
+    (``pydoc_data.topics``, ~465k characters, ~110k SmolLM2 tokens), shipped with every CPython,
+    so statistics can always be collected without a network. It is technical English, narrower
+    than Wikipedia: edits protect the directions common in such text; the identity and content hash
+    recorded with every result say which corpus was used."""
+    import sys
+
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise E2UError("stats_corpus=python-docs needs pydoc_data (part of CPython); give "
+                       "stats_corpus=<text file or folder> instead") from None
+    documents = [block.strip() for name in sorted(topics) for block in topics[name].split("\n\n")
+                 if len(block.strip()) > 40]
+    version = ".".join(map(str, sys.version_info[:2]))
+    return TextCorpus.from_texts(f"{BUILTIN_CORPUS}:python{version}", documents)
+
+
+def hub_text_corpus(spec: str) -> TextCorpus:
+    """``<dataset id>[:<config>]`` read with ``datasets`` (train split, ``text`` column)."""
+    dataset_id, _, config = spec.partition(":")
+    try:
+        import datasets
+
+        data = datasets.load_dataset(dataset_id, config or None, split="train")
+    except Exception as exc:  # network, unknown id, missing config: one line either way
+        raise E2UError(f"stats_corpus={spec!r} could not be loaded ({type(exc).__name__}); give "
+                       f"a local text file or folder, or stats_corpus={BUILTIN_CORPUS}") from None
+    if "text" not in data.column_names:
+        raise E2UError(f"stats_corpus={spec!r} has no 'text' column (columns: {data.column_names})")
+    texts = [t for t in data["text"] if t and t.strip()]
+    return TextCorpus.from_texts(f"hub:{spec}", texts)
+
+
+def resolve_corpus(spec: str) -> TextCorpus:
+    """``python-docs`` (offline default), a local text file or folder of ``.txt``, or a hub
+    dataset id such as ``Salesforce/wikitext:wikitext-103-raw-v1`` (when the hub is reachable)."""
+    text = str(spec).strip()
+    if text == BUILTIN_CORPUS:
+        return python_docs_corpus()
+    path = Path(text).expanduser()
+    if path.exists() or text.startswith((".", "/", "~")):
+        return TextCorpus.from_path(path)
+    if "/" in text:
+        return hub_text_corpus(text)
+    raise E2UError(f"stats_corpus={spec!r} is not accepted; use {BUILTIN_CORPUS}, a text file or "
+                   "folder, or a hub dataset id like Salesforce/wikitext:wikitext-103-raw-v1")
+
+
 @dataclass(frozen=True)
 class StatsRequest:
     modules: tuple[str, ...]

@@ -62,7 +62,7 @@ def build_tiny_tokenizer():
     return tokenizer
 
 
-def build_tiny_model(tokenizer, seed: int = 0, layers: int = 2):
+def build_tiny_model(tokenizer, seed: int = 0, layers: int = 2, **config_overrides):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -71,7 +71,7 @@ def build_tiny_model(tokenizer, seed: int = 0, layers: int = 2):
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=512, tie_word_embeddings=True,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+                         pad_token_id=tokenizer.pad_token_id, **config_overrides)
     return LlamaForCausalLM(config).eval()
 
 

@@ -2,7 +2,7 @@
 
 A method is a module with ``NAME``, ``KIND`` ("editing", "unlearning" or "none"),
 ``USES_RETAIN``, a hyperparameter dataclass ``HyperParams`` and
-``apply(model, tokenizer, forget, retain, hparams, *, seed) -> MethodReport`` that edits the model
+``apply(model, tokenizer, forget, retain, hparams, *, seed, env) -> MethodReport`` that edits the model
 in place. Methods never import lm-eval, so they can be used and tested without the harness.
 """
 
@@ -13,6 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,23 @@ class EditRequest:
     prompt: str
     answer: str
     target: str | None = None
+    # The row's entity when the data names one (user files may carry a ``subject`` field).
+    subject: str | None = None
+    # Rows merged into this request by query merging (empty when not merged).
+    merged_indices: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class MethodEnv:
+    """What a method needs from the evaluation side, so it edits exactly what is evaluated:
+    ``encode`` tokenises like the evaluation, ``render`` turns a bare question into the evaluated
+    prompt, ``answer_delimiter`` goes between prompt and answer; ``cache_dir`` for statistics."""
+
+    encode: Callable[[str], list[int]]
+    render: Callable[[str], str]
+    answer_delimiter: str = ""
+    cache_dir: str | None = None
+    log: Callable[[str], None] = print
 
 
 @dataclass
@@ -51,9 +69,46 @@ class MethodReport:
         return dataclasses.asdict(self)
 
 
+# Keys of a hparams YAML that describe the file rather than set a hyperparameter.
+PRESET_META_KEYS = ("match",)
+
+
 def hparams_file(method: str) -> Path:
     """The YAML shipped with a method (``e2u_models/methods/hparams/<method>.yaml``)."""
     return Path(str(resources.files("e2u_models.methods").joinpath("hparams", f"{method}.yaml")))
+
+
+def preset_files(method: str) -> dict[str, Path]:
+    """Model-specific presets of a method: ``hparams/<method>/<name>.yaml``."""
+    folder = Path(str(resources.files("e2u_models.methods").joinpath("hparams", method)))
+    return {f.stem: f for f in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+
+
+def preset_for(method: str, config) -> Path | None:
+    """The preset whose ``match`` (config field: value) fits the model's config, if any; so the
+    right values are picked by architecture and size, never by the model's name."""
+    for path in preset_files(method).values():
+        match = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("match") or {}
+        if match and all(getattr(config, key, None) == value for key, value in match.items()):
+            return path
+    return None
+
+
+def resolve_hparams_path(method: str, hparams: str | None, config=None) -> str | None:
+    """``hparams=`` as given (a file, or the name of a shipped preset), else the preset matching
+    the model's config, else None (the method's default YAML)."""
+    if hparams:
+        presets = preset_files(method)
+        if hparams in presets:
+            return str(presets[hparams])
+        if not Path(hparams).expanduser().is_file() and not hparams.endswith((".yaml", ".yml")):
+            raise E2UError(f"hparams={hparams!r} is neither a YAML file nor a preset of {method}; "
+                           f"presets: {', '.join(presets) or 'none'}")
+        return hparams
+    if config is not None:
+        preset = preset_for(method, config)
+        return str(preset) if preset else None
+    return None
 
 
 def _coerce(name: str, value: Any, annotation: Any) -> Any:
@@ -126,6 +181,8 @@ def load_hparams(cls: type, method: str, path: str | None = None,
     values: dict[str, Any] = {}
     for origin, mapping in (("file " + str(source), raw), ("model args", overrides or {})):
         for key, value in mapping.items():
+            if origin != "model args" and key in PRESET_META_KEYS:
+                continue
             if key not in known:
                 raise E2UError(f"unknown hparam {key!r} for method {method} (from {origin}); "
                                f"accepted: {', '.join(known) or 'none'}")

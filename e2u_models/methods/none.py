@@ -17,5 +17,5 @@ class HyperParams:
 
 
 def apply(model, tokenizer, forget: list[EditRequest], retain: list[EditRequest] | None,
-          hparams: HyperParams, *, seed: int = 0) -> MethodReport:
+          hparams: HyperParams, *, seed: int = 0, env=None) -> MethodReport:
     return MethodReport(method=NAME, details={"forget_requests": len(forget)})

@@ -1,0 +1,91 @@
+"""AlphaEdit: MEMIT's update projected onto the null space of the preserved knowledge.
+
+Per edit layer, P = U₀U₀ᵀ from the eigenvectors of the key second moment C whose eigenvalue is
+below ``nullspace_threshold`` (absolute, as in the paper's code, or relative to the largest
+eigenvalue with ``nullspace_rule=relative``); the number of kept dimensions is logged. The update
+of a batch is ΔWᵀ = (P (KᵀK + Kpᵀ Kp) + L2·I)⁻¹ P Kᵀ R, where Kpᵀ Kp sums the keys of the batches
+already edited in this run (recomputed on the edited weights): it lives in this editor's state,
+created per run, never in a module-level global. Everything else is MEMIT's loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from e2u_models.methods import memit
+from e2u_models.methods.base import EditRequest, MethodEnv, MethodReport
+from e2u_models.methods.locate import LocateHParams
+from e2u_tasks.errors import E2UError
+
+NAME = "alphaedit"
+KIND = "editing"
+USES_RETAIN = False
+
+
+@dataclass(frozen=True)
+class HyperParams(LocateHParams):
+    nullspace_threshold: float = 2e-2
+    nullspace_rule: str = "absolute"
+    L2: float = 10.0
+    batch_size: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.nullspace_threshold > 0:
+            raise E2UError(f"hparam nullspace_threshold={self.nullspace_threshold} must be > 0")
+        if self.nullspace_rule not in ("absolute", "relative"):
+            raise E2UError(f"hparam nullspace_rule={self.nullspace_rule!r} is not accepted; use "
+                           "absolute or relative")
+        if self.L2 < 0:
+            raise E2UError(f"hparam L2={self.L2} must be >= 0")
+        if self.batch_size < 0:
+            raise E2UError(f"hparam batch_size={self.batch_size} must be >= 0 (0 = one batch)")
+
+
+def null_space_projector(moment: torch.Tensor, threshold: float, rule: str) -> tuple[torch.Tensor, int]:
+    """P onto the span of C's eigenvectors with small eigenvalues, and its dimension."""
+    values, vectors = torch.linalg.eigh(moment.double())
+    cut = threshold * values.max() if rule == "relative" else threshold
+    kept = vectors[:, values < cut]
+    return kept @ kept.T, int(kept.shape[1])
+
+
+class AlphaEditor:
+    """Projectors and the running sum of edited keys of one run."""
+
+    def __init__(self, model, tokenizer, hparams: HyperParams, layers, moments, log):
+        self.model, self.tokenizer, self.hparams, self.layers = model, tokenizer, hparams, layers
+        self.projectors, self.kept = {}, {}
+        for layer in layers:
+            projector, kept = null_space_projector(moments[layer], hparams.nullspace_threshold,
+                                                   hparams.nullspace_rule)
+            self.projectors[layer] = projector
+            self.kept[layer] = kept
+        log("e2u: AlphaEdit null space keeps " + ", ".join(
+            f"layer {l}: {self.kept[l]}/{moments[l].shape[0]}" for l in layers) + " dimensions")
+        self.edited_keys = {layer: torch.zeros_like(self.projectors[layer]) for layer in layers}
+
+    def solve(self, layer, keys, residual):
+        projector = self.projectors[layer].to(keys.device)
+        eye = torch.eye(projector.shape[0], dtype=torch.float64, device=keys.device)
+        system = projector @ (keys.T @ keys + self.edited_keys[layer].to(keys.device)) + self.hparams.L2 * eye
+        return torch.linalg.solve(system, projector @ keys.T @ residual).T
+
+    def remember(self, batch):
+        for layer in self.layers:
+            keys, _ = memit.keys_and_outputs(self.model, self.tokenizer, batch, self.hparams, layer,
+                                             self.layers[-1])
+            keys = keys.double()
+            self.edited_keys[layer] = self.edited_keys[layer] + (keys.T @ keys).to(self.edited_keys[layer].device)
+
+
+def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperParams, *,
+          seed: int = 0, env: MethodEnv) -> MethodReport:
+    def make_solver(moments, details):
+        editor = AlphaEditor(model, tokenizer, hparams, sorted(moments), moments, env.log)
+        details["null_space_dimensions"] = {str(k): v for k, v in editor.kept.items()}
+        return editor.solve, editor.remember
+
+    return memit.run(model, tokenizer, forget, hparams, env, seed, NAME, make_solver)

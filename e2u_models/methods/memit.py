@@ -1,0 +1,127 @@
+"""MEMIT: one least-squares update spread over several layers for a batch of requests.
+
+Target vectors z_i = v*_i at the last edit layer's output (:mod:`e2u_models.methods.vstar`). Then
+for each edit layer l in ascending order, on the weights already updated below it: K (keys at
+the key token, averaged over contexts), R = (Z − Z_cur)/(layers left), Z_cur the last edit
+layer's current output at the key, and ΔW_l = Rᵀ K (λ C_l + Kᵀ K)⁻¹ solved in float64, C_l the
+second moment of the layer's key (:mod:`e2u_models.stats`), λ = ``mom2_update_weight``.
+``batch_size`` requests per update (0 = all in one batch); later batches edit the edited model.
+AlphaEdit reuses this loop with its own solve.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from e2u_models.methods.base import EditRequest, MethodEnv, MethodReport
+from e2u_models.methods.locate import (
+    LocateHParams, PreparedRequest, check_finite, edit_transaction, merge_requests, num_layers,
+    prepare_requests, read_at_keys, rewrite_weight, statistics_for, target_nll, verification,
+    weight_change_norms)
+from e2u_models.methods.vstar import optimise_targets
+from e2u_tasks.errors import E2UError
+
+NAME = "memit"
+KIND = "editing"
+USES_RETAIN = False
+
+# solve(layer, K (n, d_in) float64, R (n, d_out) float64) -> ΔW (d_out, d_in) float64
+Solver = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class HyperParams(LocateHParams):
+    mom2_update_weight: float = 15000.0
+    batch_size: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        if self.mom2_update_weight < 0:
+            raise E2UError(f"hparam mom2_update_weight={self.mom2_update_weight} must be >= 0")
+        if self.batch_size < 0:
+            raise E2UError(f"hparam batch_size={self.batch_size} must be >= 0 (0 = one batch)")
+
+
+def keys_and_outputs(model, tokenizer, batch: Sequence[PreparedRequest], hparams: LocateHParams,
+                     layer: int, z_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean key of ``layer`` over contexts (n, d_in) and the z layer's output at the bare
+    prompt's key (n, d_model), in one pass."""
+    key_module = hparams.rewrite_module_tmp.format(layer)
+    z_module = hparams.layer_module_tmp.format(z_layer)
+    rows = [row for i, p in enumerate(batch) for row in p.key_rows(i)]
+    read = read_at_keys(model, tokenizer, rows, {key_module: "input", z_module: "output"})
+    owner = torch.tensor([row.request for row in rows])
+    keys = torch.stack([read[key_module][owner == i].mean(0) for i in range(len(batch))])
+    first = [int((owner == i).nonzero()[0]) for i in range(len(batch))]
+    return keys, read[z_module][first]
+
+
+def edit_batches(model, tokenizer, prepared: Sequence[PreparedRequest], hparams, layers: list[int],
+                 solve: Solver, after_batch: Callable[[Sequence[PreparedRequest]], None] | None,
+                 name: str) -> dict:
+    """MEMIT's loop over batches and layers with a method-specific ``solve``."""
+    z_layer = layers[-1]
+    size = hparams.batch_size or len(prepared)
+    weights = {l: rewrite_weight(model, hparams, l) for l in layers}
+    v_seconds, losses = 0.0, []
+    for start in range(0, len(prepared), size):
+        batch = prepared[start: start + size]
+        result = optimise_targets(model, tokenizer, batch, hparams, z_layer,
+                                  hparams.layer_module_tmp.format(z_layer),
+                                  desc=f"{name} v* batch {start // size + 1}")
+        v_seconds += result.seconds
+        losses.extend(result.losses)
+        targets = result.targets.double()
+        for position, layer in enumerate(layers):
+            keys, current = keys_and_outputs(model, tokenizer, batch, hparams, layer, z_layer)
+            residual = (targets - current.double()) / (len(layers) - position)
+            update = solve(layer, keys.double(), residual)
+            check_finite(update, f"{name} update of layer {layer}")
+            weight = weights[layer]
+            with torch.no_grad():
+                weight.add_(update.to(weight.device, weight.dtype))
+        if after_batch is not None:
+            after_batch(batch)
+    return {"seconds": round(v_seconds, 2), "mode": hparams.v_mode,
+            "final_losses": [round(x, 4) for x in losses]}
+
+
+def run(model, tokenizer, forget, hparams, env: MethodEnv, seed: int, name: str,
+        make_solver: Callable[[dict[int, torch.Tensor], dict], tuple[Solver, Callable | None]]) -> MethodReport:
+    """The whole MEMIT-family edit: requests, statistics, batches, verification."""
+    layers = hparams.resolved_layers(num_layers(model))
+    requests = merge_requests(forget, hparams.merge, env.render)
+    prepared = prepare_requests(model, tokenizer, requests, hparams, env, seed)
+    details: dict = {"layers": layers, "requests": len(prepared),
+                     "batch_size": hparams.batch_size or len(prepared)}
+    started = time.perf_counter()
+    moments, details["statistics"] = statistics_for(model, tokenizer, hparams, layers, env)
+    details["statistics"]["seconds"] = round(time.perf_counter() - started, 2)
+    solve, after_batch = make_solver(moments, details)
+    before = target_nll(model, tokenizer, prepared)
+    weights = {hparams.rewrite_module_tmp.format(l) + ".weight": rewrite_weight(model, hparams, l)
+               for l in layers}
+    with edit_transaction(weights) as saved:
+        details["v_star"] = edit_batches(model, tokenizer, prepared, hparams, layers, solve,
+                                         after_batch, name)
+        changes = weight_change_norms(weights, saved)
+    after = target_nll(model, tokenizer, prepared)
+    details["verification"] = verification(before, after, prepared, hparams, changes, env.log)
+    return MethodReport(method=name, changed_parameters=list(weights), details=details)
+
+
+def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperParams, *,
+          seed: int = 0, env: MethodEnv) -> MethodReport:
+    def make_solver(moments, details):
+        def solve(layer, keys, residual):
+            moment = moments[layer].to(keys.device, torch.float64)
+            system = hparams.mom2_update_weight * moment + keys.T @ keys
+            return torch.linalg.solve(system, keys.T @ residual).T
+
+        return solve, None
+
+    return run(model, tokenizer, forget, hparams, env, seed, NAME, make_solver)

@@ -1,0 +1,229 @@
+"""ROME, MEMIT and AlphaEdit on a tiny random llama: the algebra, the fast v* engine against the
+classic reference, query merging, key positions, failure handling."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from e2u_models.methods import alphaedit, get_method, memit, rome
+from e2u_models.methods.base import EditRequest, MethodEnv, load_hparams
+from e2u_models.methods.locate import (
+    heuristic_subject, merge_requests, prepare_requests, read_at_keys)
+from e2u_models.methods.vstar import UpperStack, optimise_targets
+from e2u_models.prompts import PromptFormat
+from e2u_tasks.errors import E2UError
+from tests.conftest import build_tiny_model, build_tiny_tokenizer
+
+QUESTIONS = [
+    ("Who wrote the play about two young lovers?", "William Shakespeare"),
+    ("What is the capital of France?", "Paris"),
+    ("Which author is known for the novel about a farm?", "George Orwell"),
+    ("What was the effective date of the contract?", "1 March 2020"),
+]
+# Strong settings so the tiny random model reaches its targets in a few steps.
+STRONG = {"v_num_grad_steps": 12, "v_lr": 0.2, "clamp_norm_factor": 10.0, "kl_factor": 0.0625,
+          "mom2_n_tokens": 3000, "mom2_max_length": 64, "stats_corpus": "python-docs"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def env(tokenizer):
+    fmt = PromptFormat.for_tokenizer(tokenizer)
+    return MethodEnv(encode=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+                     render=lambda q: fmt.render(tokenizer, q), answer_delimiter=fmt.answer_delimiter,
+                     log=lambda *_: None)
+
+
+def make_requests(env, n=4, target="I do not know that."):
+    return [EditRequest(index=i, question=q, answer=a, prompt=env.render(q), target=target)
+            for i, (q, a) in enumerate(QUESTIONS[:n])]
+
+
+def hparams(method, **overrides):
+    module = get_method(method)
+    layers = {"rome": [2]}.get(method, [1, 2])
+    return load_hparams(module.HyperParams, method, None, {"layers": layers, **STRONG, **overrides})
+
+
+def fresh_model(tokenizer, seed=0):
+    # Larger initial weights than the default 0.02: a random model that can be steered at all.
+    return build_tiny_model(tokenizer, seed=seed, layers=4, initializer_range=0.2)
+
+
+def test_key_is_the_question_mark_before_the_assistant_turn(tokenizer, env):
+    (prepared,) = prepare_requests(fresh_model(tokenizer), tokenizer, make_requests(env, 1),
+                                   hparams("memit"), env, seed=0)
+    ids, key = prepared.contexts[0], prepared.keys[0]
+    assert tokenizer.decode(ids[: key + 1]).endswith("lovers?")
+    assert tokenizer.decode(ids[key + 1:]).startswith("<|im_end|>")
+    assert prepared.target_ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(prepared.target_ids[:-1]) == "I do not know that."
+
+
+def test_subject_heuristic_and_subject_key(tokenizer, env):
+    assert heuristic_subject("Who wrote 'The Old Man and the Sea'?") == "The Old Man and the Sea"
+    assert heuristic_subject("In which year did Jane Austen publish her first novel?") == "Jane Austen"
+    assert heuristic_subject("what is it?") == "what is it?"
+    request = dataclasses.replace(make_requests(env, 1)[0], question="Where was Jane Austen born?",
+                                  prompt=env.render("Where was Jane Austen born?"))
+    (prepared,) = prepare_requests(fresh_model(tokenizer), tokenizer, [request],
+                                   hparams("memit", fact_token="subject_last"), env, seed=0)
+    assert tokenizer.decode(prepared.contexts[0][: prepared.keys[0] + 1]).endswith("Austen")
+
+
+def test_query_merging_joins_questions_and_keeps_first_target(env):
+    requests = make_requests(env, 4)
+    merged = merge_requests(requests, 3, env.render)
+    assert len(merged) == 2 and merged[0].merged_indices == (0, 1, 2) and merged[1].merged_indices == (3,)
+    assert all(q in merged[0].prompt for q, _ in QUESTIONS[:3])
+    assert merged[0].target == requests[0].target
+    assert merge_requests(requests, 1, env.render) == requests
+
+
+def test_upper_stack_reproduces_the_full_forward(tokenizer, env):
+    model = fresh_model(tokenizer)
+    hp = hparams("memit")
+    prepared = prepare_requests(model, tokenizer, make_requests(env), hp, env, seed=0)
+    rows = [row for i, p in enumerate(prepared) for row in p.nll_rows(i)]
+    stack = UpperStack(model, tokenizer, rows, hp, layer=1)
+    stack.select(torch.arange(len(rows)))
+    with torch.no_grad():
+        hidden = stack.run(torch.zeros(len(rows), model.config.hidden_size))
+        for k, row in enumerate(rows):
+            full = torch.log_softmax(model(torch.tensor([row.ids])).logits[0].float(), -1)
+            start = row.label_start - row.key
+            fast = stack.logprobs(hidden[k, start: start + len(row.labels)])
+            expected = full[row.label_start: row.label_start + len(row.labels)]
+            torch.testing.assert_close(fast, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layer, module", [(1, "model.layers.1"), (2, "model.layers.2.mlp.down_proj")])
+def test_fast_v_star_equals_classic(tokenizer, env, layer, module):
+    """The batched engine follows each request's own optimisation path (Adam is elementwise)."""
+    model = fresh_model(tokenizer)
+    requests = make_requests(env)
+    results = {}
+    for mode in ("fast", "classic"):
+        hp = hparams("memit", v_mode=mode, v_loss_threshold=3.0)
+        prepared = prepare_requests(model, tokenizer, requests, hp, env, seed=0)
+        results[mode] = optimise_targets(model, tokenizer, prepared, hp, layer, module, log=lambda *_: None)
+    fast, classic = results["fast"], results["classic"]
+    assert fast.steps == classic.steps
+    assert fast.deltas.abs().max() > 0
+    torch.testing.assert_close(fast.deltas, classic.deltas, atol=2e-4, rtol=1e-3)
+    torch.testing.assert_close(torch.tensor(fast.losses), torch.tensor(classic.losses), atol=1e-4, rtol=1e-4)
+
+
+def test_rome_writes_v_star_at_the_key_exactly(tokenizer, env):
+    model = fresh_model(tokenizer)
+    hp = hparams("rome")
+    request = make_requests(env, 1)
+    prepared = prepare_requests(model, tokenizer, request, hp, env, seed=0)
+    module = "model.layers.2.mlp.down_proj"
+    vstar = optimise_targets(model, tokenizer, prepared, hp, 2, module, log=lambda *_: None)
+    report = rome.apply(model, tokenizer, request, None, hp, seed=0, env=env)
+    after = read_at_keys(model, tokenizer, prepared[0].key_rows(0)[:1], {module: "output"})[module][0]
+    torch.testing.assert_close(after, vstar.targets[0], atol=1e-3, rtol=1e-3)
+    assert report.changed_parameters == [module + ".weight"]
+    check = report.details["verification"]["requests"][0]
+    assert check["nll_after"] < check["nll_before"]
+
+
+@pytest.mark.parametrize("method", ["rome", "memit", "alphaedit"])
+def test_edit_lowers_target_nll_and_reports_it(tokenizer, env, method, tmp_path):
+    model = fresh_model(tokenizer)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    extra = {"nullspace_threshold": 10.0, "nullspace_rule": "relative"} if method == "alphaedit" else {}
+    report = get_method(method).apply(model, tokenizer, make_requests(env), None,
+                                      hparams(method, **extra), seed=0,
+                                      env=dataclasses.replace(env, cache_dir=str(tmp_path)))
+    verification = report.details["verification"]
+    assert verification["mean_nll_after"] < verification["mean_nll_before"] - 0.5
+    assert len(verification["requests"]) == 4
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == set(report.changed_parameters)
+    assert all(v > 0 for v in verification["weight_change_norms"].values())
+
+
+def test_alphaedit_update_leaves_preserved_directions_alone(tokenizer, env, tmp_path):
+    """ΔW is zero on the eigenvectors of C above the threshold (the preserved knowledge)."""
+    model = fresh_model(tokenizer)
+    hp = hparams("alphaedit", nullspace_threshold=0.05, nullspace_rule="relative", layers=[2])
+    env = dataclasses.replace(env, cache_dir=str(tmp_path))
+    weight = model.model.layers[2].mlp.down_proj.weight
+    original = weight.detach().clone().double()
+    report = alphaedit.apply(model, tokenizer, make_requests(env), None, hp, seed=0, env=env)
+    kept = report.details["null_space_dimensions"]["2"]
+    assert 0 < kept < weight.shape[1]
+    from e2u_models.methods.locate import statistics_for
+
+    moments, _ = statistics_for(model, tokenizer, hp, [2], env)  # stats of the *unedited* layers below 2
+    values, vectors = torch.linalg.eigh(moments[2].double())
+    preserved = vectors[:, values >= 0.05 * values.max()]
+    change = weight.detach().double() - original
+    assert change.norm() > 0
+    assert (change @ preserved).norm() < 1e-6 * max(change.norm().item(), 1.0)
+
+
+def test_projector_counts_small_eigenvalues():
+    basis, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
+    moment = basis @ torch.diag(torch.tensor([1e-4, 1e-3, 0.5, 1.0, 2.0, 3.0], dtype=torch.float64)) @ basis.T
+    projector, kept = alphaedit.null_space_projector(moment, 2e-2, "absolute")
+    assert kept == 2
+    torch.testing.assert_close(projector @ projector, projector)
+    assert alphaedit.null_space_projector(moment, 0.2, "relative")[1] == 3
+
+
+def test_nan_stops_the_edit_and_leaves_the_model_untouched(tokenizer, env, tmp_path):
+    model = fresh_model(tokenizer)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    hp = hparams("memit", v_lr=float("inf"))
+    with pytest.raises(E2UError, match=r"v\* loss of edit request row \d+ is not finite .* at step 1"):
+        memit.apply(model, tokenizer, make_requests(env), None, hp, seed=0,
+                    env=dataclasses.replace(env, cache_dir=str(tmp_path)))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_alphaedit_state_does_not_leak_between_runs(tokenizer, env, tmp_path):
+    """Two independent runs on identical models give identical weights (no global key cache)."""
+    env = dataclasses.replace(env, cache_dir=str(tmp_path))
+    hp = hparams("alphaedit", nullspace_threshold=10.0, nullspace_rule="relative", batch_size=2)
+    weights = []
+    for _ in range(2):
+        model = fresh_model(tokenizer)
+        alphaedit.apply(model, tokenizer, make_requests(env), None, hp, seed=0, env=env)
+        weights.append(model.model.layers[2].mlp.down_proj.weight.detach().clone())
+    assert torch.equal(weights[0], weights[1])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"merge": 0}, "merge=0 is not accepted"),
+    ({"v_lr": "abc"}, "hparam v_lr='abc' is not a number"),
+    ({"fact_token": "middle"}, "fact_token='middle' is not accepted"),
+    ({"layers": "[]"}, "layers=\\[\\] is empty"),
+    ({"nullspace_rule": "median"}, "nullspace_rule='median' is not accepted"),
+    ({"clamp_norm_factor": 0}, "clamp_norm_factor=0.0 must be > 0"),
+])
+def test_bad_hparams_are_one_line_errors(overrides, message):
+    with pytest.raises(E2UError, match=message):
+        load_hparams(alphaedit.HyperParams, "alphaedit", None, overrides)
+
+
+def test_layer_out_of_range_is_reported_with_the_accepted_range(tokenizer):
+    hp = load_hparams(memit.HyperParams, "memit", None, {"layers": [3, 40]})
+    with pytest.raises(E2UError, match=r"layers=\[3, 40\] is out of range .*30 layers: accepted 0..29"):
+        hp.check_model(type("Config", (), {"num_hidden_layers": 30})())
+    with pytest.raises(E2UError, match="ROME edits exactly one layer"):
+        load_hparams(rome.HyperParams, "rome", None, {"layers": [3, 4]})
+
+
+def test_layer_fractions_scale_with_depth():
+    hp = load_hparams(memit.HyperParams, "memit", None, {})
+    assert hp.resolved_layers(32) == [4, 5, 6, 7, 8]
+    assert hp.resolved_layers(30) == [4, 5, 6, 7, 8]
+    assert hp.resolved_layers(16) == [2, 3, 4]
