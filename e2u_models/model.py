@@ -33,8 +33,8 @@ from e2u_models.embedded import DEFAULT_MODEL, EMBEDDED_MODELS, resolve_embedded
 from e2u_models.methods import get_method
 from e2u_models.edit_cache import EditCache, edit_key
 from e2u_models.edit_cache import model_sha256 as edit_model_sha256
-from e2u_models.methods.base import (EditRequest, MethodEnv, MethodReport, load_hparams,
-                                     resolve_hparams_path)
+from e2u_models.methods.base import (EditRequest, MethodEnv, MethodReport, hparams_file,
+                                     load_hparams, resolve_hparams_path)
 from e2u_models.prompts import PromptFormat, parse_chat_template
 from e2u_models.shared_prefix import SharedPrefixRunner, common_prefix_length
 from e2u_models.targets import RefusalTargets
@@ -139,8 +139,8 @@ class E2ULM(HFLM):
                 f"({', '.join(sorted(hparam_names)) or 'none'}) and the hf model args"
             )
         # Types, names and ranges checked now; the model-specific preset is chosen from the config.
-        self.hparams = load_hparams(self.method.HyperParams, method_name,
-                                    resolve_hparams_path(method_name, hparams), overrides)
+        self.hparams_source = resolve_hparams_path(method_name, hparams)
+        self.hparams = load_hparams(self.method.HyperParams, method_name, self.hparams_source, overrides)
         self.seed = parse_int("seed", seed)
         self.top_m = parse_int("top_m", top_m, 1)
         chat_template = parse_chat_template(chat_template)
@@ -159,8 +159,9 @@ class E2ULM(HFLM):
         if callable(check_model) and isinstance(pretrained, str):
             config = _load_config(pretrained, kwargs)
             if config is not None:  # unreachable hub config: HFLM reports it when loading
+                self.hparams_source = resolve_hparams_path(method_name, hparams, config)
                 self.hparams = load_hparams(self.method.HyperParams, method_name,
-                                            resolve_hparams_path(method_name, hparams, config), overrides)
+                                            self.hparams_source, overrides)
                 self.hparams.check_model(config)
         super().__init__(pretrained=pretrained, **kwargs)
         self.prompt_format = PromptFormat.for_tokenizer(self.tokenizer, chat_template, system_prompt)
@@ -370,6 +371,12 @@ class E2ULM(HFLM):
 
     # ------------------------------------------------------------------ provenance
 
+    def _hparams_source_name(self) -> str:
+        """The hparams file used: a shipped file as its package path, a user file as given."""
+        source = self.hparams_source or str(hparams_file(self.method.NAME))
+        marker = "e2u_models/methods/hparams/"
+        return source[source.index(marker):] if marker in source.replace("\\", "/") else source
+
     def get_model_info(self) -> dict:
         info = super().get_model_info()
         info["e2u"] = {
@@ -378,6 +385,7 @@ class E2ULM(HFLM):
             "uses_retain_split": bool(self.method.USES_RETAIN),
             "hparams": dataclasses.asdict(self.hparams),
             "hparams_sha256": json_sha256(dataclasses.asdict(self.hparams)),
+            "hparams_source": self._hparams_source_name(),
             "seed": self.seed,
             "top_m": self.top_m,
             "split": self.splits.describe(),

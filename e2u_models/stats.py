@@ -65,6 +65,7 @@ class TextCorpus:
 
 
 BUILTIN_CORPUS = "python-docs"
+DEFAULT_CORPUS = "e2u"
 
 
 def python_docs_corpus() -> TextCorpus:
@@ -102,10 +103,32 @@ def hub_text_corpus(spec: str) -> TextCorpus:
     return TextCorpus.from_texts(f"hub:{spec}", texts)
 
 
-def resolve_corpus(spec: str) -> TextCorpus:
-    """``python-docs`` (offline default), a local text file or folder of ``.txt``, or a hub
-    dataset id such as ``Salesforce/wikitext:wikitext-103-raw-v1`` (when the hub is reachable)."""
+def e2u_corpus(render: Callable[[str], str]) -> TextCorpus:
+    """The default: e2u's 600 generic questions (package data, no benchmark topics: no authors,
+    books, geography, history, companies or named people), each rendered in the evaluated prompt
+    format (chat template included), followed by the Python documentation prose. Edits are made
+    at positions inside such prompts; statistics that contain the prompt format let MEMIT and
+    AlphaEdit protect what all questions share and edit only what is specific to a forget
+    question. Fully offline; the rendered text is part of the content hash."""
+    from importlib import resources
+
+    questions = [line.strip() for line in resources.files("e2u_models").joinpath(
+        "data", "generic_questions.txt").read_text("utf-8").splitlines() if line.strip()]
+    docs = python_docs_corpus()
+    rendered = [render(q) for q in questions]
+    return TextCorpus.from_texts(f"{DEFAULT_CORPUS}:generic-questions+{docs.identity}",
+                                 rendered + list(docs.texts()))
+
+
+def resolve_corpus(spec: str, render: Callable[[str], str] | None = None) -> TextCorpus:
+    """``e2u`` (offline default, needs the prompt renderer), ``python-docs``, a local text file or
+    folder of ``.txt``, or a hub dataset id such as ``Salesforce/wikitext:wikitext-103-raw-v1``
+    (when the hub is reachable)."""
     text = str(spec).strip()
+    if text == DEFAULT_CORPUS:
+        if render is None:
+            raise E2UError("stats_corpus=e2u needs the prompt format; give stats_corpus=python-docs")
+        return e2u_corpus(render)
     if text == BUILTIN_CORPUS:
         return python_docs_corpus()
     path = Path(text).expanduser()
@@ -113,7 +136,7 @@ def resolve_corpus(spec: str) -> TextCorpus:
         return TextCorpus.from_path(path)
     if "/" in text:
         return hub_text_corpus(text)
-    raise E2UError(f"stats_corpus={spec!r} is not accepted; use {BUILTIN_CORPUS}, a text file or "
+    raise E2UError(f"stats_corpus={spec!r} is not accepted; use {DEFAULT_CORPUS}, {BUILTIN_CORPUS}, a text file or "
                    "folder, or a hub dataset id like Salesforce/wikitext:wikitext-103-raw-v1")
 
 

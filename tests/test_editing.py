@@ -22,8 +22,10 @@ QUESTIONS = [
     ("What was the effective date of the contract?", "1 March 2020"),
 ]
 # Strong settings so the tiny random model reaches its targets in a few steps.
-STRONG = {"v_num_grad_steps": 12, "v_lr": 0.2, "clamp_norm_factor": 10.0, "kl_factor": 0.0625,
-          "mom2_n_tokens": 3000, "mom2_max_length": 64, "stats_corpus": "python-docs"}
+STRONG = {"v_num_grad_steps": 12, "v_lr": 2.0, "clamp_norm_factor": 10.0, "kl_factor": 0.0625,
+          "mom2_n_tokens": 3000, "mom2_max_length": 64, "stats_corpus": "python-docs",
+          "context_template_length_params": "[]"}
+LAYERS = {"rome": [1]}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,7 @@ def make_requests(env, n=4, target="I do not know that."):
 
 def hparams(method, **overrides):
     module = get_method(method)
-    layers = {"rome": [2]}.get(method, [1, 2])
+    layers = LAYERS.get(method, [0, 1])
     return load_hparams(module.HyperParams, method, None, {"layers": layers, **STRONG, **overrides})
 
 
@@ -102,7 +104,7 @@ def test_upper_stack_reproduces_the_full_forward(tokenizer, env):
             torch.testing.assert_close(fast, expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("layer, module", [(1, "model.layers.1"), (2, "model.layers.2.mlp.down_proj")])
+@pytest.mark.parametrize("layer, module", [(1, "model.layers.1"), (0, "model.layers.0.mlp.down_proj")])
 def test_fast_v_star_equals_classic(tokenizer, env, layer, module):
     """The batched engine follows each request's own optimisation path (Adam is elementwise)."""
     model = fresh_model(tokenizer)
@@ -124,46 +126,68 @@ def test_rome_writes_v_star_at_the_key_exactly(tokenizer, env):
     hp = hparams("rome")
     request = make_requests(env, 1)
     prepared = prepare_requests(model, tokenizer, request, hp, env, seed=0)
-    module = "model.layers.2.mlp.down_proj"
-    vstar = optimise_targets(model, tokenizer, prepared, hp, 2, module, log=lambda *_: None)
+    module = "model.layers.1.mlp.down_proj"
+    vstar = optimise_targets(model, tokenizer, prepared, hp, 1, module, log=lambda *_: None)
     report = rome.apply(model, tokenizer, request, None, hp, seed=0, env=env)
     after = read_at_keys(model, tokenizer, prepared[0].key_rows(0)[:1], {module: "output"})[module][0]
     torch.testing.assert_close(after, vstar.targets[0], atol=1e-3, rtol=1e-3)
     assert report.changed_parameters == [module + ".weight"]
-    check = report.details["verification"]["requests"][0]
-    assert check["nll_after"] < check["nll_before"]
+    assert vstar.losses[0] < report.details["verification"]["requests"][0]["nll_before"]
 
 
 @pytest.mark.parametrize("method", ["rome", "memit", "alphaedit"])
-def test_edit_lowers_target_nll_and_reports_it(tokenizer, env, method, tmp_path):
+def test_edit_changes_exactly_the_reported_weights(tokenizer, env, method, tmp_path):
     model = fresh_model(tokenizer)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    extra = {"nullspace_threshold": 10.0, "nullspace_rule": "relative"} if method == "alphaedit" else {}
-    report = get_method(method).apply(model, tokenizer, make_requests(env), None,
-                                      hparams(method, **extra), seed=0,
-                                      env=dataclasses.replace(env, cache_dir=str(tmp_path)))
+    extra = {"nullspace_threshold": 0.05, "nullspace_rule": "relative"} if method == "alphaedit" else {}
+    report = get_method(method).apply(model, tokenizer, make_requests(env), None, hparams(method, **extra),
+                                      seed=0, env=dataclasses.replace(env, cache_dir=str(tmp_path)))
     verification = report.details["verification"]
-    assert verification["mean_nll_after"] < verification["mean_nll_before"] - 0.5
-    assert len(verification["requests"]) == 4
+    assert [r["index"] for r in verification["requests"]] == [0, 1, 2, 3]
+    assert all({"nll_before", "nll_after", "reached", "target"} <= set(r) for r in verification["requests"])
+    assert verification["unreached"] == [r["index"] for r in verification["requests"] if not r["reached"]]
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == set(report.changed_parameters)
     assert all(v > 0 for v in verification["weight_change_norms"].values())
+    assert report.details["v_star"]["final_losses"]
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("memit", {"mom2_update_weight": 1e-4}),
+    ("alphaedit", {"L2": 1e-4, "nullspace_threshold": 10.0, "nullspace_rule": "relative"}),
+])
+def test_memit_family_writes_the_target_vectors(tokenizer, env, method, extra, tmp_path):
+    """With little regularisation (and the whole key space free, for AlphaEdit) the last edit
+    layer's output at every key moves onto its optimised target z."""
+    model = fresh_model(tokenizer)
+    hp = hparams(method, fact_token="subject_last", **extra)
+    # Keys on different tokens: in a random network keys of the same token are nearly parallel.
+    requests = [dataclasses.replace(r, subject=subject) for r, subject in
+                zip(make_requests(env), ["young lovers", "France", "farm", "contract"])]
+    prepared = prepare_requests(model, tokenizer, requests, hp, env, seed=0)
+    z = optimise_targets(model, tokenizer, prepared, hp, 1, "model.layers.1", log=lambda *_: None).targets
+    rows = [p.key_rows(i)[0] for i, p in enumerate(prepared)]
+    before = read_at_keys(model, tokenizer, rows, {"model.layers.1": "output"})["model.layers.1"]
+    get_method(method).apply(model, tokenizer, requests, None, hp, seed=0,
+                             env=dataclasses.replace(env, cache_dir=str(tmp_path)))
+    after = read_at_keys(model, tokenizer, rows, {"model.layers.1": "output"})["model.layers.1"]
+    assert (after - z).norm() < 0.02 * (before - z).norm()
 
 
 def test_alphaedit_update_leaves_preserved_directions_alone(tokenizer, env, tmp_path):
     """ΔW is zero on the eigenvectors of C above the threshold (the preserved knowledge)."""
     model = fresh_model(tokenizer)
-    hp = hparams("alphaedit", nullspace_threshold=0.05, nullspace_rule="relative", layers=[2])
+    hp = hparams("alphaedit", nullspace_threshold=0.05, nullspace_rule="relative", layers=[1])
     env = dataclasses.replace(env, cache_dir=str(tmp_path))
-    weight = model.model.layers[2].mlp.down_proj.weight
+    weight = model.model.layers[1].mlp.down_proj.weight
     original = weight.detach().clone().double()
     report = alphaedit.apply(model, tokenizer, make_requests(env), None, hp, seed=0, env=env)
-    kept = report.details["null_space_dimensions"]["2"]
+    kept = report.details["null_space_dimensions"]["1"]
     assert 0 < kept < weight.shape[1]
     from e2u_models.methods.locate import statistics_for
 
-    moments, _ = statistics_for(model, tokenizer, hp, [2], env)  # stats of the *unedited* layers below 2
-    values, vectors = torch.linalg.eigh(moments[2].double())
+    moments, _ = statistics_for(model, tokenizer, hp, [1], env)  # layer 1's input is unedited
+    values, vectors = torch.linalg.eigh(moments[1].double())
     preserved = vectors[:, values >= 0.05 * values.max()]
     change = weight.detach().double() - original
     assert change.norm() > 0
@@ -177,6 +201,14 @@ def test_projector_counts_small_eigenvalues():
     assert kept == 2
     torch.testing.assert_close(projector @ projector, projector)
     assert alphaedit.null_space_projector(moment, 0.2, "relative")[1] == 3
+
+
+def test_empty_null_space_is_an_error_not_a_silent_no_op(tokenizer, env, tmp_path):
+    model = fresh_model(tokenizer)
+    hp = hparams("alphaedit", nullspace_threshold=1e-12)
+    with pytest.raises(E2UError, match="null space .* is empty at nullspace_threshold=1e-12"):
+        alphaedit.apply(model, tokenizer, make_requests(env), None, hp, seed=0,
+                        env=dataclasses.replace(env, cache_dir=str(tmp_path)))
 
 
 def test_nan_stops_the_edit_and_leaves_the_model_untouched(tokenizer, env, tmp_path):
@@ -197,7 +229,7 @@ def test_alphaedit_state_does_not_leak_between_runs(tokenizer, env, tmp_path):
     for _ in range(2):
         model = fresh_model(tokenizer)
         alphaedit.apply(model, tokenizer, make_requests(env), None, hp, seed=0, env=env)
-        weights.append(model.model.layers[2].mlp.down_proj.weight.detach().clone())
+        weights.append(model.model.layers[1].mlp.down_proj.weight.detach().clone())
     assert torch.equal(weights[0], weights[1])
 
 
@@ -227,3 +259,14 @@ def test_layer_fractions_scale_with_depth():
     assert hp.resolved_layers(32) == [4, 5, 6, 7, 8]
     assert hp.resolved_layers(30) == [4, 5, 6, 7, 8]
     assert hp.resolved_layers(16) == [2, 3, 4]
+
+
+def test_context_prefixes_are_sampled_seeded_and_keep_the_key(tokenizer, env):
+    model = fresh_model(tokenizer)
+    hp = hparams("memit", context_template_length_params="[[3, 2]]")
+    first = prepare_requests(model, tokenizer, make_requests(env, 1), hp, env, seed=0)[0]
+    again = prepare_requests(model, tokenizer, make_requests(env, 1), hp, env, seed=0)[0]
+    assert len(first.contexts) == 3 and first.contexts == again.contexts
+    for ids, key in zip(first.contexts, first.keys):
+        assert tokenizer.decode(ids[: key + 1]).endswith("lovers?")
+        assert tokenizer.decode(ids).endswith(tokenizer.decode(first.contexts[0][first.keys[0] + 1:]))

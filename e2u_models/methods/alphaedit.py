@@ -61,6 +61,13 @@ class AlphaEditor:
         for layer in layers:
             projector, kept = null_space_projector(moments[layer], hparams.nullspace_threshold,
                                                    hparams.nullspace_rule)
+            if kept == 0:
+                values = torch.linalg.eigvalsh(moments[layer].double())
+                raise E2UError(
+                    f"AlphaEdit's null space at layer {layer} is empty at nullspace_threshold="
+                    f"{hparams.nullspace_threshold} ({hparams.nullspace_rule}; eigenvalues of C range "
+                    f"{values.min().item():.3g}..{values.max().item():.3g}): the edit would change "
+                    "nothing; raise nullspace_threshold or use nullspace_rule=relative")
             self.projectors[layer] = projector
             self.kept[layer] = kept
         log("e2u: AlphaEdit null space keeps " + ", ".join(

@@ -58,7 +58,7 @@ class LocateHParams:
     target_eos: bool = True
     # Merge this many forget questions (dataset order) into one edit prompt with one target.
     merge: int = 1
-    stats_corpus: str = "python-docs"
+    stats_corpus: str = "e2u"
     mom2_n_tokens: int = 100_000
     mom2_max_length: int = 512
     mom2_dtype: str = "float32"
@@ -454,7 +454,7 @@ def statistics_for(model, tokenizer, hparams: LocateHParams, layers: Sequence[in
     """Second moments of the rewrite module's input at each edit layer, with their provenance."""
     from e2u_models.stats import StatsRequest, resolve_corpus, second_moments
 
-    corpus = resolve_corpus(hparams.stats_corpus)
+    corpus = resolve_corpus(hparams.stats_corpus, env.render)
     modules = tuple(hparams.rewrite_module_tmp.format(layer) for layer in layers)
     request = StatsRequest(modules=modules, n_tokens=hparams.mom2_n_tokens,
                            max_length=hparams.mom2_max_length, dtype=hparams.mom2_dtype)

@@ -94,6 +94,8 @@ def run(model, tokenizer, forget, hparams, env: MethodEnv, seed: int, name: str,
         make_solver: Callable[[dict[int, torch.Tensor], dict], tuple[Solver, Callable | None]]) -> MethodReport:
     """The whole MEMIT-family edit: requests, statistics, batches, verification."""
     layers = hparams.resolved_layers(num_layers(model))
+    weights = {hparams.rewrite_module_tmp.format(l) + ".weight": rewrite_weight(model, hparams, l)
+               for l in layers}  # checks the module names before any work
     requests = merge_requests(forget, hparams.merge, env.render)
     prepared = prepare_requests(model, tokenizer, requests, hparams, env, seed)
     details: dict = {"layers": layers, "requests": len(prepared),
@@ -103,8 +105,6 @@ def run(model, tokenizer, forget, hparams, env: MethodEnv, seed: int, name: str,
     details["statistics"]["seconds"] = round(time.perf_counter() - started, 2)
     solve, after_batch = make_solver(moments, details)
     before = target_nll(model, tokenizer, prepared)
-    weights = {hparams.rewrite_module_tmp.format(l) + ".weight": rewrite_weight(model, hparams, l)
-               for l in layers}
     with edit_transaction(weights) as saved:
         details["v_star"] = edit_batches(model, tokenizer, prepared, hparams, layers, solve,
                                          after_batch, name)

@@ -1,0 +1,102 @@
+"""The editors through the ``e2u`` model: presets, the edit cache, provenance, bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from e2u_models.model import E2ULM
+from e2u_tasks.errors import E2UError
+
+FAST = {"forget_size": 3, "v_num_grad_steps": 3, "mom2_n_tokens": 2000, "mom2_max_length": 64,
+        "layers": "[0]", "device": "cpu", "batch_size": 4}
+
+
+def edited(tiny_model_dir, cache_dir, **args):
+    return E2ULM(pretrained=tiny_model_dir, method=args.pop("method", "memit"),
+                 cache_dir=str(cache_dir), **{**FAST, **args})
+
+
+def weights_of(lm):
+    return {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+
+
+def test_second_run_reuses_the_edit_and_matches_bit_for_bit(tiny_model_dir, tmp_path):
+    first = edited(tiny_model_dir, tmp_path)
+    assert first.method_report.details["edit_cache"]["hit"] is False
+    entries = list((tmp_path / "edits").iterdir())
+    assert len(entries) == 1 and (entries[0] / "weights.safetensors").is_file()
+    second = edited(tiny_model_dir, tmp_path)
+    assert second.method_report.details["edit_cache"]["hit"] is True
+    a, b = weights_of(first), weights_of(second)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    # The report (verification included) travels with the cached edit.
+    assert second.method_report.details["verification"] == first.method_report.details["verification"]
+
+
+def test_cache_false_edits_again_and_writes_nothing(tiny_model_dir, tmp_path):
+    lm = edited(tiny_model_dir, tmp_path, cache="false")
+    assert "edit_cache" not in lm.method_report.details
+    assert not (tmp_path / "edits").exists()
+
+
+def test_corrupted_edit_cache_entry_is_detected_and_recomputed(tiny_model_dir, tmp_path):
+    first = edited(tiny_model_dir, tmp_path, method="rome")
+    (entry,) = (tmp_path / "edits").iterdir()
+    weights = entry / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-16] + b"\x00" * 16)
+    again = edited(tiny_model_dir, tmp_path, method="rome")
+    assert again.method_report.details["edit_cache"]["hit"] is False
+    a, b = weights_of(first), weights_of(again)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_different_seed_or_hparams_is_a_different_edit(tiny_model_dir, tmp_path):
+    keys = {edited(tiny_model_dir, tmp_path, **extra).method_report.details["edit_cache"]["key"]
+            for extra in ({}, {"seed": 1}, {"v_lr": 0.1})}
+    assert len(keys) == 3
+
+
+def test_results_record_the_edit(tiny_model_dir, tmp_path):
+    lm = edited(tiny_model_dir, tmp_path, method="alphaedit", merge=2)
+    info = lm.get_model_info()["e2u"]
+    assert info["method"] == "alphaedit" and info["hparams"]["merge"] == 2
+    details = info["method_report"]["details"]
+    assert details["requests"] == 2  # 3 forget rows merged in pairs
+    assert details["statistics"]["corpus"].startswith("python-docs")
+    assert set(details["null_space_dimensions"]) == {"0"}
+    assert {r["index"] for r in details["verification"]["requests"]} <= set(lm.splits.forget)
+    assert info["hparams_source"].endswith("alphaedit.yaml")
+    json.dumps(info)
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"layers": "[7]"}, r"layers=\[7\] is out of range for this model \(2 layers: accepted 0..1\)"),
+    ({"merge": "0"}, "merge=0 is not accepted"),
+    ({"v_lr": "fast"}, "hparam v_lr='fast' is not a number"),
+    ({"hparams": "no-such-preset"}, "hparams='no-such-preset' is neither a YAML file nor a preset"),
+    ({"rewrite_module_tmp": "model.layers.{}.mlp.nope"}, "model.layers.0.mlp.nope' does not exist"),
+    ({"cache": "maybe"}, "cache='maybe' is not accepted; use true or false"),
+])
+def test_bad_editing_args_are_one_line_errors(tiny_model_dir, tmp_path, args, message):
+    with pytest.raises(E2UError, match=message) as info:
+        edited(tiny_model_dir, tmp_path, **args)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "edits").exists()
+
+
+def test_presets_are_chosen_by_config_not_name():
+    from e2u_models.methods.base import resolve_hparams_path
+
+    smol = type("Config", (), {"model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576})()
+    llama3 = type("Config", (), {"model_type": "llama", "num_hidden_layers": 32, "hidden_size": 4096,
+                                 "vocab_size": 128256})()
+    mistral = type("Config", (), {"model_type": "mistral", "num_hidden_layers": 32, "hidden_size": 4096})()
+    other = type("Config", (), {"model_type": "llama", "num_hidden_layers": 12, "hidden_size": 768})()
+    for method in ("rome", "memit", "alphaedit"):
+        assert Path(resolve_hparams_path(method, None, smol)).stem == "smollm2-135m"
+        assert Path(resolve_hparams_path(method, None, llama3)).stem == "llama3.1-8b-instruct"
+        assert Path(resolve_hparams_path(method, None, mistral)).stem == "mistral-7b-instruct"
+        assert resolve_hparams_path(method, None, other) is None
+        assert Path(resolve_hparams_path(method, "llama2-7b-chat")).stem == "llama2-7b-chat"
