@@ -64,7 +64,7 @@ def test_results_record_the_edit(tiny_model_dir, tmp_path):
     assert info["method"] == "alphaedit" and info["hparams"]["merge"] == 2
     details = info["method_report"]["details"]
     assert details["requests"] == 2  # 3 forget rows merged in pairs
-    assert details["statistics"]["corpus"].startswith("python-docs")
+    assert details["statistics"]["corpus"].startswith("e2u:generic-questions+python-docs")
     assert set(details["null_space_dimensions"]) == {"0"}
     assert {r["index"] for r in details["verification"]["requests"]} <= set(lm.splits.forget)
     assert info["hparams_source"].endswith("alphaedit.yaml")
