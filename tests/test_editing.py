@@ -224,7 +224,7 @@ def test_nan_stops_the_edit_and_leaves_the_model_untouched(tokenizer, env, tmp_p
 def test_alphaedit_state_does_not_leak_between_runs(tokenizer, env, tmp_path):
     """Two independent runs on identical models give identical weights (no global key cache)."""
     env = dataclasses.replace(env, cache_dir=str(tmp_path))
-    hp = hparams("alphaedit", nullspace_threshold=10.0, nullspace_rule="relative", batch_size=2)
+    hp = hparams("alphaedit", nullspace_threshold=10.0, nullspace_rule="relative", edit_batch_size=2)
     weights = []
     for _ in range(2):
         model = fresh_model(tokenizer)

@@ -101,3 +101,14 @@ def test_batch_size_defaults(monkeypatch, tiny_model_dir, argv, given, expected)
     lm = E2ULM.create_from_arg_obj({"pretrained": tiny_model_dir, "device": "cpu"},
                                    {"batch_size": given, "device": "cuda:0"})
     assert lm.batch_size == expected and str(lm.device) == "cpu"
+
+
+def test_no_hparam_shadows_a_model_arg():
+    """A hparam named like an hf/e2u model arg (e.g. batch_size) would silently take that arg."""
+    from e2u_models.methods import METHODS
+    from e2u_models.model import E2U_ARGS, FROM_PRETRAINED_ARGS, HFLM_ARGS
+
+    reserved = set(HFLM_ARGS) | set(FROM_PRETRAINED_ARGS) | set(E2U_ARGS)
+    for name in METHODS:
+        fields = {f.name for f in dataclasses.fields(get_method(name).HyperParams)}
+        assert not fields & reserved, (name, fields & reserved)

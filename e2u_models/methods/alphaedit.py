@@ -29,7 +29,7 @@ class HyperParams(LocateHParams):
     nullspace_threshold: float = 2e-2
     nullspace_rule: str = "absolute"
     L2: float = 10.0
-    batch_size: int = 0
+    edit_batch_size: int = 0
 
     def validate(self) -> None:
         super().validate()
@@ -40,8 +40,8 @@ class HyperParams(LocateHParams):
                            "absolute or relative")
         if self.L2 < 0:
             raise E2UError(f"hparam L2={self.L2} must be >= 0")
-        if self.batch_size < 0:
-            raise E2UError(f"hparam batch_size={self.batch_size} must be >= 0 (0 = one batch)")
+        if self.edit_batch_size < 0:
+            raise E2UError(f"hparam edit_batch_size={self.edit_batch_size} must be >= 0 (0 = one batch)")
 
 
 def null_space_projector(moment: torch.Tensor, threshold: float, rule: str) -> tuple[torch.Tensor, int]:

@@ -5,7 +5,7 @@ for each edit layer l in ascending order, on the weights already updated below i
 the key token, averaged over contexts), R = (Z − Z_cur)/(layers left), Z_cur the last edit
 layer's current output at the key, and ΔW_l = Rᵀ K (λ C_l + Kᵀ K)⁻¹ solved in float64, C_l the
 second moment of the layer's key (:mod:`e2u_models.stats`), λ = ``mom2_update_weight``.
-``batch_size`` requests per update (0 = all in one batch); later batches edit the edited model.
+``edit_batch_size`` requests per update (0 = all in one batch); later batches edit the edited model.
 AlphaEdit reuses this loop with its own solve.
 """
 
@@ -36,14 +36,14 @@ Solver = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 @dataclass(frozen=True)
 class HyperParams(LocateHParams):
     mom2_update_weight: float = 15000.0
-    batch_size: int = 0
+    edit_batch_size: int = 0
 
     def validate(self) -> None:
         super().validate()
         if self.mom2_update_weight < 0:
             raise E2UError(f"hparam mom2_update_weight={self.mom2_update_weight} must be >= 0")
-        if self.batch_size < 0:
-            raise E2UError(f"hparam batch_size={self.batch_size} must be >= 0 (0 = one batch)")
+        if self.edit_batch_size < 0:
+            raise E2UError(f"hparam edit_batch_size={self.edit_batch_size} must be >= 0 (0 = one batch)")
 
 
 def keys_and_outputs(model, tokenizer, batch: Sequence[PreparedRequest], hparams: LocateHParams,
@@ -65,7 +65,7 @@ def edit_batches(model, tokenizer, prepared: Sequence[PreparedRequest], hparams,
                  name: str) -> dict:
     """MEMIT's loop over batches and layers with a method-specific ``solve``."""
     z_layer = layers[-1]
-    size = hparams.batch_size or len(prepared)
+    size = hparams.edit_batch_size or len(prepared)
     weights = {l: rewrite_weight(model, hparams, l) for l in layers}
     v_seconds, losses = 0.0, []
     for start in range(0, len(prepared), size):
@@ -99,7 +99,7 @@ def run(model, tokenizer, forget, hparams, env: MethodEnv, seed: int, name: str,
     requests = merge_requests(forget, hparams.merge, env.render)
     prepared = prepare_requests(model, tokenizer, requests, hparams, env, seed)
     details: dict = {"layers": layers, "requests": len(prepared),
-                     "batch_size": hparams.batch_size or len(prepared)}
+                     "edit_batch_size": hparams.edit_batch_size or len(prepared)}
     started = time.perf_counter()
     moments, details["statistics"] = statistics_for(model, tokenizer, hparams, layers, env)
     details["statistics"]["seconds"] = round(time.perf_counter() - started, 2)
