@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 

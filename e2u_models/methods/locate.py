@@ -377,14 +377,18 @@ def read_at_keys(model, tokenizer, rows: Sequence[EditRow], probes: dict[str, st
     return {name: torch.cat(chunks) for name, chunks in out.items()}
 
 
+def mean_per_request(values: torch.Tensor, rows: Sequence[EditRow], n: int) -> torch.Tensor:
+    """Row values averaged over each request's rows (its contexts): (n, dim)."""
+    owner = torch.tensor([row.request for row in rows], device=values.device)
+    total = torch.zeros(n, values.shape[1], device=values.device).index_add_(0, owner, values)
+    return total / torch.bincount(owner, minlength=n).clamp(min=1).unsqueeze(1)
+
+
 def mean_key_per_request(model, tokenizer, prepared: Sequence[PreparedRequest], module: str) -> torch.Tensor:
     """Input of ``module`` at the key token, averaged over each request's contexts: (n, d_in)."""
     rows = [row for i, p in enumerate(prepared) for row in p.key_rows(i)]
     keys = read_at_keys(model, tokenizer, rows, {module: "input"})[module]
-    owner = torch.tensor([row.request for row in rows], device=keys.device)
-    total = torch.zeros(len(prepared), keys.shape[1], device=keys.device).index_add_(0, owner, keys)
-    counts = torch.bincount(owner, minlength=len(prepared)).clamp(min=1).unsqueeze(1)
-    return total / counts
+    return mean_per_request(keys, rows, len(prepared))
 
 
 @torch.no_grad()

@@ -19,9 +19,9 @@ import torch
 
 from e2u_models.methods.base import EditRequest, MethodEnv, MethodReport
 from e2u_models.methods.locate import (
-    LocateHParams, PreparedRequest, check_finite, edit_transaction, merge_requests, num_layers,
-    prepare_requests, read_at_keys, rewrite_weight, statistics_for, target_nll, verification,
-    weight_change_norms)
+    LocateHParams, PreparedRequest, check_finite, edit_transaction, mean_per_request, merge_requests,
+    num_layers, prepare_requests, read_at_keys, rewrite_weight, statistics_for, target_nll,
+    verification, weight_change_norms)
 from e2u_models.methods.vstar import optimise_targets
 from e2u_tasks.errors import E2UError
 
@@ -54,10 +54,8 @@ def keys_and_outputs(model, tokenizer, batch: Sequence[PreparedRequest], hparams
     z_module = hparams.layer_module_tmp.format(z_layer)
     rows = [row for i, p in enumerate(batch) for row in p.key_rows(i)]
     read = read_at_keys(model, tokenizer, rows, {key_module: "input", z_module: "output"})
-    owner = torch.tensor([row.request for row in rows])
-    keys = torch.stack([read[key_module][owner == i].mean(0) for i in range(len(batch))])
-    first = [int((owner == i).nonzero()[0]) for i in range(len(batch))]
-    return keys, read[z_module][first]
+    bare = [k for k, row in enumerate(rows) if k == 0 or rows[k - 1].request != row.request]
+    return mean_per_request(read[key_module], rows, len(batch)), read[z_module][bare]
 
 
 def edit_batches(model, tokenizer, prepared: Sequence[PreparedRequest], hparams, layers: list[int],

@@ -242,7 +242,8 @@ def _fast(model, tokenizer, prepared, nll_rows, kl_rows, hparams, layer, deltas,
 
     def compute(active):
         index = torch.tensor(active, device=device)
-        chosen = [j for j, row in enumerate(nll_rows) if row.request in set(active)]
+        active_set = set(active)
+        chosen = [j for j, row in enumerate(nll_rows) if row.request in active_set]
         nll_stack.select(torch.tensor(chosen, device=device))
         hidden = nll_stack.run(deltas[nll_owner[chosen]])
         picks, label_ids, spans = [], [], []
