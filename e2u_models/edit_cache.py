@@ -10,18 +10,19 @@ reported, removed and recomputed.
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib.util
 import json
 import shutil
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from e2u_models.cache import atomic_directory, cache_root, file_sha256, json_sha256
+from e2u_models.cache import atomic_directory, cache_root, json_sha256, verified_entry
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def model_sha256(model) -> str:
@@ -33,19 +34,50 @@ def model_sha256(model) -> str:
     return digest.hexdigest()
 
 
-def code_sha256() -> str:
-    """Hash of the code an edit depends on (the methods package and the statistics)."""
+def source_closure(module: str, package: str = "e2u_models") -> list[str]:
+    """``module`` and every module of ``package`` it imports, directly or not (sorted names).
+    Package ``__init__`` files are left out: they hold registries, not algorithms.
+
+    Read from the source (``ast``), so the answer does not depend on what happens to be imported.
+    """
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        try:
+            spec = None if name in seen else importlib.util.find_spec(name)
+        except (ImportError, ValueError):  # ``from module import Name``: Name is no module
+            spec = None
+        if (spec is None or not spec.origin or not spec.origin.endswith(".py")
+                or spec.submodule_search_locations is not None):  # packages: registries only
+            continue
+        seen.add(name)
+        tree = ast.parse(Path(spec.origin).read_bytes())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                todo += [alias.name for alias in node.names if alias.name.startswith(package)]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
+                    and node.module.startswith(package):
+                todo.append(node.module)
+                todo += [f"{node.module}.{alias.name}" for alias in node.names]
+    return sorted(seen)
+
+
+def code_sha256(method_module: str) -> str:
+    """Hash of the code an edit depends on: the method's module and the e2u modules it uses.
+
+    Adding or changing another method does not invalidate this method's cached edits."""
     digest = hashlib.sha256()
-    root = resources.files("e2u_models")
-    files = sorted(p.name for p in root.joinpath("methods").iterdir() if p.name.endswith(".py"))
-    for name in files:
-        digest.update(root.joinpath("methods", name).read_bytes())
-    digest.update(root.joinpath("stats.py").read_bytes())
+    for name in source_closure(method_module):
+        digest.update(name.encode() + b"\0" + Path(importlib.util.find_spec(name).origin).read_bytes())
     return digest.hexdigest()
 
 
 def edit_key(inputs: dict[str, Any]) -> str:
-    return json_sha256({**inputs, "format": FORMAT_VERSION, "code": code_sha256()})
+    from e2u_models.methods import METHODS
+
+    code = code_sha256(METHODS[inputs["method"]])
+    return json_sha256({**inputs, "format": FORMAT_VERSION, "code": code})
 
 
 class EditCache:
@@ -58,25 +90,24 @@ class EditCache:
         from safetensors.torch import load_file
 
         folder = self.root / key
-        entry_file, weights_file = folder / "entry.json", folder / "weights.safetensors"
-        if not folder.is_dir():
+        if not verified_entry(folder, self.log, "edit cache entry"):
             return None
         try:
-            entry = json.loads(entry_file.read_text(encoding="utf-8"))
-            if file_sha256(weights_file) != entry["weights_sha256"]:
-                raise ValueError("weights hash mismatch")
-            tensors = load_file(str(weights_file))
+            entry = json.loads((folder / "entry.json").read_text(encoding="utf-8"))
+            tensors = load_file(str(folder / "weights.safetensors"))
             params = dict(model.named_parameters())
             if set(tensors) - set(params):
                 raise ValueError("unknown parameter names")
+            report = entry["report"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            self.log(f"e2u: edit cache entry {key[:12]} is corrupted ({exc}); removing it and editing again")
+            self.log(f"e2u: edit cache entry {key[:12]} does not fit this model ({exc}); "
+                     "removing it and editing again")
             shutil.rmtree(folder, ignore_errors=True)
             return None
         with torch.no_grad():
             for name, value in tensors.items():
                 params[name].copy_(value.to(params[name].device, params[name].dtype))
-        return entry["report"]
+        return report
 
     def save(self, key: str, model, names: list[str], report: dict, inputs: dict) -> Path:
         from safetensors.torch import save_file
@@ -86,7 +117,6 @@ class EditCache:
         final = self.root / key
         with atomic_directory(final) as tmp:
             save_file(tensors, str(tmp / "weights.safetensors"))
-            entry = {"report": report, "inputs": inputs,
-                     "weights_sha256": file_sha256(tmp / "weights.safetensors")}
+            entry = {"report": report, "inputs": inputs}
             (tmp / "entry.json").write_text(json.dumps(entry, indent=1, default=str), encoding="utf-8")
         return final

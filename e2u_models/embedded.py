@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from e2u_models.cache import atomic_directory, cache_root, file_sha256
+from e2u_models.cache import atomic_directory, cache_root, file_sha256, verified_entry
 from e2u_tasks.errors import E2UError
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def resolve_embedded(alias: str, cache_dir: str | None = None) -> tuple[str, dic
     folder = cache_root(cache_dir) / "models" / f"{model.alias}-{sha[:16]}"
     provenance = {"alias": model.alias, "wheel": model.pip_name, "gguf": model.gguf_name,
                   "gguf_sha256": sha, "dtype": "float32 (de-quantised from GGUF)"}
-    if (folder / SOURCE_FILE).is_file():
+    if verified_entry(folder, log.warning, "cached model copy"):
         return str(folder), provenance
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from e2u_models.cache import atomic_directory, cache_root, json_sha256
+from e2u_models.cache import atomic_directory, cache_root, json_sha256, verified_entry
 from e2u_tasks.errors import E2UError
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
@@ -225,9 +225,8 @@ def second_moments(model, tokenizer, corpus: TextCorpus, request: StatsRequest,
     keys = _cache_keys(model, corpus, request)
     result: dict[str, torch.Tensor] = {}
     for module, key in keys.items():
-        file = root / key / "second_moment.safetensors"
-        if file.is_file():
-            result[module] = load_file(str(file))["second_moment"]
+        if verified_entry(root / key, log, "statistics cache entry"):
+            result[module] = load_file(str(root / key / "second_moment.safetensors"))["second_moment"]
     todo = [m for m in request.modules if m not in result]
     if not todo:
         return result

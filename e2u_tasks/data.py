@@ -83,25 +83,42 @@ def mirror_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
     return path
 
 
+def hub_offline() -> bool:
+    """True when the user asked the Hugging Face libraries to stay offline."""
+    return any(os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
+               for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
 def resolve_hub_file(file: HubFile, data_dir: str | os.PathLike | None = None) -> Path:
-    """Local path of a hub dataset file: the mirror copy if present, else a hub download."""
+    """Local path of a hub dataset file.
+
+    With a mirror configured the mirror is the only source (no network access is attempted, so a
+    CI job never silently measures a different file than the one it pinned). Without one the
+    file is downloaded from the hub, or, in offline mode, taken from the local hub cache only.
+    """
     mirror = mirror_dir(data_dir)
     if mirror is not None:
         candidate = mirror / file.dataset_id / file.filename
         if candidate.is_file():
             return candidate
+        raise E2UError(
+            f"cannot load dataset {file.dataset_id!r} file {file.filename!r}: not in the data "
+            f"mirror {str(mirror)!r} (expected {str(candidate)!r}); with a mirror set e2u does not "
+            f"go to the hub: add the file there, or unset {DATA_DIR_ENV}/data_dir to download it"
+        )
+    offline = hub_offline()
     try:
         from huggingface_hub import hf_hub_download
 
-        return Path(
-            hf_hub_download(repo_id=file.dataset_id, filename=file.filename, repo_type="dataset")
-        )
+        return Path(hf_hub_download(repo_id=file.dataset_id, filename=file.filename,
+                                    repo_type="dataset", local_files_only=offline))
     except Exception as exc:  # offline, unknown id, missing file: all the same to the user
-        where = f"not in the mirror {str(mirror)!r} and " if mirror is not None else ""
+        where = "offline mode and not in the local hub cache" if offline else (
+            f"the hub failed ({type(exc).__name__})")
         raise E2UError(
-            f"cannot load dataset {file.dataset_id!r} file {file.filename!r}: {where}the hub "
-            f"failed ({type(exc).__name__}); set {DATA_DIR_ENV}=<dir> (or data_dir=<dir>) to a "
-            f"mirror that holds <dir>/{file.dataset_id}/{file.filename}"
+            f"cannot load dataset {file.dataset_id!r} file {file.filename!r}: {where}; set "
+            f"{DATA_DIR_ENV}=<dir> (or data_dir=<dir>) to a mirror that holds "
+            f"<dir>/{file.dataset_id}/{file.filename}"
         ) from None
 
 
