@@ -29,14 +29,21 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     """``cache_dir`` argument, else ``$E2U_CACHE_DIR``, else ``~/.cache/e2u``; must be writable."""
     chosen = cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "e2u"
     root = Path(chosen).expanduser()
+    if root.exists() and not root.is_dir():
+        raise E2UError(f"cache_dir {str(root)!r} is a file, not a folder; set cache_dir=<writable dir> "
+                       f"or {CACHE_ENV}")
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise E2UError(f"cache_dir {str(root)!r} cannot be created ({exc.strerror}); set "
                        f"cache_dir=<writable dir> or {CACHE_ENV}") from None
-    if not os.access(root, os.W_OK):
+    try:  # a real write: os.access says yes to root on a read-only mount
+        handle, probe = tempfile.mkstemp(prefix=".write-probe.", dir=root)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError:
         raise E2UError(f"cache_dir {str(root)!r} is not writable; set cache_dir=<writable dir> "
-                       f"or {CACHE_ENV}")
+                       f"or {CACHE_ENV}") from None
     return root
 
 

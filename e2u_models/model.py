@@ -28,7 +28,7 @@ from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
 from e2u_models.autoload import CLI_NAMES
-from e2u_models.cache import json_sha256
+from e2u_models.cache import cache_root, json_sha256
 from e2u_models.embedded import DEFAULT_MODEL, EMBEDDED_MODELS, resolve_embedded
 from e2u_models.methods import get_method
 from e2u_models.edit_cache import EditCache, edit_key
@@ -148,6 +148,8 @@ class E2ULM(HFLM):
         self.targets = RefusalTargets.from_args(target, refusal_file)
         self.use_cache = parse_bool("cache", cache)
         self.cache_dir = cache_dir
+        if method_name != "none" and self.use_cache:
+            cache_root(cache_dir)  # a cache that cannot be written fails now, not after the edit
 
         self.model_source: dict[str, Any] = {"pretrained": str(pretrained)}
         if isinstance(pretrained, str) and pretrained.lower() in EMBEDDED_MODELS:

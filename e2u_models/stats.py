@@ -120,24 +120,39 @@ def e2u_corpus(render: Callable[[str], str]) -> TextCorpus:
                                  rendered + list(docs.texts()))
 
 
+def corpus_kind(spec: str) -> str:
+    """What ``stats_corpus`` names — ``e2u``, ``python-docs``, ``path`` or ``hub`` — checked
+    cheaply (a local path must exist), so a typo fails before the model loads."""
+    text = str(spec).strip()
+    if text in (DEFAULT_CORPUS, BUILTIN_CORPUS):
+        return text
+    path = Path(text).expanduser()
+    if path.exists():
+        return "path"
+    if text.startswith((".", "/", "~")):
+        raise E2UError(f"stats_corpus={spec!r} does not exist; give an existing text file or folder "
+                       f"of .txt files, {DEFAULT_CORPUS} or {BUILTIN_CORPUS}")
+    if "/" in text:
+        return "hub"
+    raise E2UError(f"stats_corpus={spec!r} is not accepted; use {DEFAULT_CORPUS}, {BUILTIN_CORPUS}, a text file or "
+                   "folder, or a hub dataset id like Salesforce/wikitext:wikitext-103-raw-v1")
+
+
 def resolve_corpus(spec: str, render: Callable[[str], str] | None = None) -> TextCorpus:
     """``e2u`` (offline default, needs the prompt renderer), ``python-docs``, a local text file or
     folder of ``.txt``, or a hub dataset id such as ``Salesforce/wikitext:wikitext-103-raw-v1``
     (when the hub is reachable)."""
     text = str(spec).strip()
-    if text == DEFAULT_CORPUS:
+    kind = corpus_kind(text)
+    if kind == DEFAULT_CORPUS:
         if render is None:
             raise E2UError("stats_corpus=e2u needs the prompt format; give stats_corpus=python-docs")
         return e2u_corpus(render)
-    if text == BUILTIN_CORPUS:
+    if kind == BUILTIN_CORPUS:
         return python_docs_corpus()
-    path = Path(text).expanduser()
-    if path.exists() or text.startswith((".", "/", "~")):
-        return TextCorpus.from_path(path)
-    if "/" in text:
-        return hub_text_corpus(text)
-    raise E2UError(f"stats_corpus={spec!r} is not accepted; use {DEFAULT_CORPUS}, {BUILTIN_CORPUS}, a text file or "
-                   "folder, or a hub dataset id like Salesforce/wikitext:wikitext-103-raw-v1")
+    if kind == "path":
+        return TextCorpus.from_path(Path(text).expanduser())
+    return hub_text_corpus(text)
 
 
 @dataclass(frozen=True)

@@ -211,6 +211,10 @@ def load_user_dataset(spec: str, data_dir: str | os.PathLike | None = None) -> l
     path = Path(spec).expanduser()
     if path.exists():
         return read_qa_file(path)
+    if spec.startswith((".", "/", "~")):
+        raise E2UError(f"dataset file {spec!r} does not exist; give an existing .json/.jsonl file "
+                       "(objects with 'question' and 'answer'), a built-in benchmark "
+                       f"({', '.join(sorted(BENCHMARKS))}) or a hub file id '<owner>/<name>/<file>.json[l]'")
     parts = spec.split("/")
     if len(parts) >= 3 and spec.endswith((".json", ".jsonl")):
         file = HubFile("/".join(parts[:2]), "/".join(parts[2:]))

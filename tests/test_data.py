@@ -61,22 +61,6 @@ def test_json_lines_and_arrays_are_both_read(tmp_path):
     assert read_qa_file(tmp_path / "a.json") == read_qa_file(tmp_path / "b.json") == rows
 
 
-@pytest.mark.parametrize("content,message", [
-    (b"", "is empty"),
-    (b'[{"question": "Q?", "answer": "A"}', "not valid JSON"),
-    (b'{"question": "Q?", "answer": "A"}\n{"question": "Q2?"', "line 2 is not valid JSON"),
-    (b'[{"question": "Q?"}]', "no non-empty string 'answer'"),
-    (b'["just a string"]', "row 0 is a str"),
-    (b'\xff\xfe not utf8', "not UTF-8"),
-])
-def test_malformed_files_are_one_line_errors(tmp_path, content, message):
-    path = tmp_path / "bad.json"
-    path.write_bytes(content)
-    with pytest.raises(E2UError, match=message) as info:
-        read_qa_file(path)
-    assert "\n" not in str(info.value)
-
-
 def test_missing_file_offline_names_id_file_and_mirror(tmp_path, monkeypatch):
     monkeypatch.setenv("E2U_DATA_DIR", str(tmp_path))
     with pytest.raises(E2UError) as info:

@@ -10,30 +10,6 @@ from e2u_models.model import E2ULM
 from e2u_tasks.errors import E2UError
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"method": "nope"}, "unknown method 'nope'; available methods: none, rome, memit, alphaedit"),
-    ({"method": "grace"}, "method=grace is planned but not implemented"),
-    ({"method": "memit", "merge": "0"}, "merge=0 is not accepted"),
-    ({"method": "alphaedit", "L2": "big"}, "hparam L2=.big. is not a number"),
-    ({"lr": 0.1}, "unknown model arg\\(s\\) lr for --model e2u"),
-    ({"seed": "x"}, "seed='x' is not an integer"),
-    ({"top_m": 0}, "top_m=0 is out of range"),
-    ({"chat_template": "maybe"}, "chat_template='maybe' is not accepted"),
-    ({"forget_size": "abc"}, "forget_size='abc' is not an integer"),
-    ({"hparams": "/no/such.yaml"}, "hparams file '/no/such.yaml' does not exist"),
-])
-def test_bad_model_args_fail_before_loading(kwargs, message):
-    # "pretrained" points nowhere: the error must come before any attempt to load it.
-    with pytest.raises(E2UError, match=message) as info:
-        E2ULM(pretrained="/definitely/not/a/model", device="cpu", **kwargs)
-    assert "\n" not in str(info.value)
-
-
-def test_pretrained_path_that_is_not_a_model(tmp_path):
-    with pytest.raises(E2UError, match="is not a model folder"):
-        E2ULM(pretrained=str(tmp_path), device="cpu")
-
-
 def test_missing_embedded_wheel_names_the_pip_command(monkeypatch):
     import importlib.util
 

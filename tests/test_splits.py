@@ -55,24 +55,6 @@ def test_own_data_with_indices_and_size(tmp_path):
     assert by_size.docs("rephrase")[0]["question"].startswith("Which")
 
 
-@pytest.mark.parametrize("args,message", [
-    ({"forget_size": "abc"}, "forget_size='abc' is not an integer"),
-    ({"forget_size": 0}, "forget_size=0 is out of range"),
-    ({"forget_size": 217}, "forget_size=217 is out of range"),
-    ({"dataset": "pistol", "forget_edge": "Z_Z"}, "forget_edge \\['Z_Z'\\] does not exist"),
-    ({"dataset": "pistol", "forget_size": 5}, "forgets whole contracts"),
-    ({"forget_edge": "A_B"}, "forget_edge is for datasets with contract edges"),
-    ({"forget_indices": [1, 1]}, "duplicates"),
-    ({"forget_indices": [500]}, "out of range"),
-    ({"dataset": "no/such/file.json"}, "cannot load dataset 'no/such'"),
-    ({"dataset": "nonsense"}, "neither a built-in benchmark"),
-])
-def test_bad_split_args_are_one_line_errors(args, message):
-    with pytest.raises(E2UError, match=message) as info:
-        SplitSpec.from_args(args).load()
-    assert "\n" not in str(info.value)
-
-
 def test_task_refuses_a_dataset_the_model_did_not_forget():
     with pytest.raises(E2UError, match="task evaluates 'pistol' but the model args say"):
         SplitSpec.for_task("pistol", {"dataset": "tofu_factual", "method": "none"})

@@ -89,6 +89,9 @@ class LocateHParams:
                            "(1 = no merging, e.g. merge=5)")
         if self.mom2_n_tokens < 1:
             raise E2UError(f"hparam mom2_n_tokens={self.mom2_n_tokens} must be >= 1")
+        from e2u_models.stats import corpus_kind
+
+        corpus_kind(self.stats_corpus)
         if self.mom2_dtype not in ("float32", "float64"):
             raise E2UError(f"hparam mom2_dtype={self.mom2_dtype!r} is not accepted; use float32 or float64")
         for pair in self.context_template_length_params:
