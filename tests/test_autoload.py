@@ -24,10 +24,13 @@ def test_plain_interpreter_start_prints_nothing_and_imports_nothing_heavy():
     assert proc.stdout.strip() == "[]" and proc.stderr == ""
 
 
+@pytest.mark.parametrize("how", ["raises", "absent"])
 @pytest.mark.parametrize("broken", ["lm_eval", "torch", "transformers"])
-def test_silent_when_a_dependency_is_missing_or_raises(tmp_path, broken):
+def test_silent_when_a_dependency_is_missing_or_raises(tmp_path, broken, how):
+    error = ("RuntimeError('broken on purpose')" if how == "raises"
+             else f"ModuleNotFoundError(\"No module named '{broken}'\", name='{broken}')")
     (tmp_path / broken).mkdir()
-    (tmp_path / broken / "__init__.py").write_text("raise RuntimeError('broken on purpose')\n")
+    (tmp_path / broken / "__init__.py").write_text(f"raise {error}\n")
     proc = python("pass", pythonpath=tmp_path)
     assert proc.stdout == "" and proc.stderr == ""
 
