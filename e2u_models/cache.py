@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -75,6 +76,7 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     ``final``; on any failure it is removed. A full disk becomes one error line."""
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(final)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     except OSError as exc:
         raise _cache_write_error(final, exc) from None
@@ -91,6 +93,19 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+STALE_SECONDS = 3600
+
+
+def _remove_stale_temporaries(final: Path) -> None:
+    """Temporary folders of ``final`` left by a killed run (older than an hour, so a concurrent
+    writer of the same entry — another data-parallel rank — is never disturbed)."""
+    now = time.time()
+    for stale in final.parent.glob(f".{final.name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if now - stale.stat().st_mtime > STALE_SECONDS:
+                shutil.rmtree(stale, ignore_errors=True)
 
 
 def _cache_write_error(final: Path, exc: OSError) -> E2UError:
