@@ -23,6 +23,7 @@ from lm_eval.api.task import ConfigurableTask
 
 from e2u_tasks.metrics import (DEFAULT_TOP_M, METRIC_NAMES, composite_share, item_metrics,
                                rouge1_scorer)
+from e2u_tasks.refusal import REFUSAL_METRIC_NAMES, refusal_metrics
 from e2u_tasks.requests import E2U_ANSWER
 from e2u_tasks.splits import SPLIT_NAMES, SplitSpec, parse_int
 
@@ -47,11 +48,16 @@ class UnlearningTask(ConfigurableTask):
         self.rouge = rouge1_scorer()
         self.top_m = parse_int("top_m", (self.config.metadata or {}).get("top_m", DEFAULT_TOP_M), 1)
         lower_is_better = self.split in ("forget", "rephrase")
-        names = list(METRIC_NAMES) + (["composite"] if self.split != "rephrase" else [])
+        names = (list(METRIC_NAMES) + list(REFUSAL_METRIC_NAMES)
+                 + (["composite"] if self.split != "rephrase" else []))
         self._metric_fn_list = {name: None for name in names}
         self._metric_fn_kwargs = {name: {} for name in names}
         self._aggregation_list = {name: mean for name in names}
+        # Forgotten rows should refuse, name the entity and not leak; retain rows the opposite
+        # (refusal_rate on retain is over-refusal, answer_leak there means a correct answer).
         self._higher_is_better = {name: not lower_is_better for name in METRIC_NAMES}
+        self._higher_is_better.update(refusal_rate=lower_is_better, entity_mention=True,
+                                      answer_leak=not lower_is_better)
         if self.split != "rephrase":
             self._higher_is_better["composite"] = True
 
@@ -68,6 +74,7 @@ class UnlearningTask(ConfigurableTask):
         (answer,) = results
         values = item_metrics(doc["answer"], answer["generation"], answer["logprobs"],
                               answer["ranks"], self.top_m, self.rouge)
+        values.update(refusal_metrics(doc["question"], doc["answer"], answer["generation"]))
         share = composite_share(self.split, values["rouge1_recall"])
         if share is not None:
             values["composite"] = share

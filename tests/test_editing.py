@@ -9,10 +9,11 @@ import torch
 from e2u_models.methods import alphaedit, get_method, memit, rome
 from e2u_models.methods.base import EditRequest, MethodEnv, load_hparams
 from e2u_models.methods.locate import (
-    heuristic_subject, merge_requests, prepare_requests, read_at_keys)
+    merge_requests, prepare_requests, read_at_keys)
 from e2u_models.methods.vstar import UpperStack, optimise_targets
 from e2u_models.prompts import PromptFormat
 from e2u_tasks.errors import E2UError
+from e2u_tasks.refusal import key_entity
 from tests.conftest import build_tiny_model, build_tiny_tokenizer
 
 QUESTIONS = [
@@ -68,9 +69,9 @@ def test_key_is_the_question_mark_before_the_assistant_turn(tokenizer, env):
 
 
 def test_subject_heuristic_and_subject_key(tokenizer, env):
-    assert heuristic_subject("Who wrote 'The Old Man and the Sea'?") == "The Old Man and the Sea"
-    assert heuristic_subject("In which year did Jane Austen publish her first novel?") == "Jane Austen"
-    assert heuristic_subject("what is it?") == "what is it?"
+    assert key_entity("Who wrote 'The Old Man and the Sea'?") == "The Old Man and the Sea"
+    assert key_entity("In which year did Jane Austen publish her first novel?") == "Jane Austen"
+    assert key_entity("what is it?") == "what is it?"
     request = dataclasses.replace(make_requests(env, 1)[0], question="Where was Jane Austen born?",
                                   prompt=env.render("Where was Jane Austen born?"))
     (prepared,) = prepare_requests(fresh_model(tokenizer), tokenizer, [request],

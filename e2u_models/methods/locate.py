@@ -18,13 +18,13 @@ else the last run of capitalised words after the first word, else the whole ques
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from e2u_models.methods.base import EditRequest, MethodEnv
+from e2u_tasks.refusal import key_entity
 from e2u_tasks.errors import E2UError
 
 FACT_TOKENS = ("question_last", "subject_last", "prompt_last")
@@ -180,29 +180,6 @@ class PreparedRequest:
         return [EditRow(number, tuple(ids[: key + 1]), key) for ids, key in zip(self.contexts, self.keys)]
 
 
-def heuristic_subject(question: str) -> str:
-    """The question's entity for ``fact_token=subject_last``: the last quoted span, else the last
-    run of capitalised words (not counting the first word), else the whole question."""
-    quoted = re.findall(r"[\"“'‘]([^\"”'’]{2,})[\"”'’]", question)
-    if quoted:
-        return quoted[-1].strip()
-    words = list(re.finditer(r"[A-Za-z0-9][\w'’.-]*", question))
-    runs, current = [], []
-    for i, match in enumerate(words):
-        word = match.group(0)
-        if i > 0 and (word[0].isupper() or word[0].isdigit()):
-            current.append(match)
-        elif current:
-            runs.append(current)
-            current = []
-    if current:
-        runs.append(current)
-    if not runs:
-        return question.strip()
-    last = runs[-1]
-    return question[last[0].start(): last[-1].end()].rstrip(".")
-
-
 def merge_requests(requests: Sequence[EditRequest], n: int, render: Callable[[str], str]) -> list[EditRequest]:
     """Query merging: consecutive groups of ``n`` questions become one prompt (questions joined
     by a space) with the first request's target; the key sits at the merged question's end."""
@@ -242,7 +219,7 @@ def _key_text_span(request: EditRequest, prompt: str, fact_token: str) -> tuple[
     if fact_token == "prompt_last":
         return start, len(prompt)
     if fact_token == "subject_last":
-        subject = (request.subject or heuristic_subject(request.question)).strip()
+        subject = (request.subject or key_entity(request.question)).strip()
         inside = request.question.rfind(subject)
         if not subject or inside < 0:
             raise E2UError(f"row {request.index}: subject {subject!r} does not occur in its question")
