@@ -55,7 +55,8 @@ HFLM_ARGS = frozenset(name for name, p in inspect.signature(HFLM.__init__).param
 # the run time and batches well).
 DEFAULT_BATCH_SIZE = 64
 E2U_ARGS = ("pretrained", "method", "hparams", "seed", "cache_dir", "cache", "chat_template",
-            "system_prompt", "top_m", "target", "refusal_file", *SPEC_KEYS)
+            "system_prompt", "top_m", "target", "refusal_file", "targets_file", "export_targets",
+            *SPEC_KEYS)
 
 
 def _check_local_model(pretrained: str) -> None:
@@ -91,6 +92,17 @@ def parse_bool(name: str, value: Any) -> bool:
     raise E2UError(f"{name}={value!r} is not accepted; use true or false")
 
 
+def _check_export_path(path: str | None) -> str | None:
+    """``export_targets`` must be writable; checked before any model work."""
+    if path in (None, ""):
+        return None
+    target = Path(path).expanduser()
+    if target.is_dir() or not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
+        raise E2UError(f"export_targets={path!r} is not a writable file path (its folder must "
+                       "exist); give e.g. export_targets=targets.jsonl")
+    return str(target)
+
+
 def _is_greedy(gen_kwargs: dict) -> bool:
     return not gen_kwargs.get("do_sample") and not float(gen_kwargs.get("temperature") or 0.0)
 
@@ -124,7 +136,8 @@ class E2ULM(HFLM):
                  hparams: str | None = None, seed: Any = 0, cache_dir: str | None = None,
                  chat_template: Any = "auto", system_prompt: str | None = None,
                  top_m: Any = DEFAULT_TOP_M, target: str | None = None,
-                 refusal_file: str | None = None, cache: Any = True, **kwargs: Any) -> None:
+                 refusal_file: str | None = None, targets_file: str | None = None,
+                 export_targets: str | None = None, cache: Any = True, **kwargs: Any) -> None:
         # Everything that can be wrong in the arguments is checked before any model is loaded.
         method_name = "none" if method in (None, "", "None") else str(method).strip().lower()
         self.method = get_method(method_name)
@@ -145,7 +158,9 @@ class E2ULM(HFLM):
         self.top_m = parse_int("top_m", top_m, 1)
         chat_template = parse_chat_template(chat_template)
         self.splits = SplitSpec.from_args(spec_args).load()
-        self.targets = RefusalTargets.from_args(target, refusal_file)
+        self.targets = RefusalTargets.from_args(target, refusal_file, targets_file)
+        self.export_targets = _check_export_path(export_targets)
+        self.target_report: dict[str, Any] = {}
         self.use_cache = parse_bool("cache", cache)
         self.cache_dir = cache_dir
         if method_name != "none" and self.use_cache:
@@ -167,6 +182,8 @@ class E2ULM(HFLM):
                 self.hparams.check_model(config)
         super().__init__(pretrained=pretrained, **kwargs)
         self.prompt_format = PromptFormat.for_tokenizer(self.tokenizer, chat_template, system_prompt)
+        self._unedited_sha256: str | None = None
+        self._resolve_targets()
         self.method_report = self._apply_method()
 
     @classmethod
@@ -199,9 +216,13 @@ class E2ULM(HFLM):
             requests.append(EditRequest(
                 index=i, question=question, answer=self.splits.rows[i]["answer"],
                 prompt=self.prompt_format.render(self.tokenizer, question),
-                target=self.targets.for_row(i, self.seed) if with_targets else None,
+                target=self.targets.for_row(i, self.seed) if with_targets and self._has_targets() else None,
                 subject=self.splits.rows[i].get("subject")))
         return requests
+
+    def _has_targets(self) -> bool:
+        """False only for ``target=self`` with ``method=none`` (nothing to write targets for)."""
+        return not self.targets.per_question or self.targets.per_row is not None
 
     def task_metadata(self) -> dict[str, Any]:
         """Arguments that make tasks evaluate this model's split, for the Python API:
@@ -210,6 +231,41 @@ class E2ULM(HFLM):
         spec = self.splits.spec
         args = {key: value for key, value in spec.as_dict().items() if value is not None}
         return {**args, "data_dir": spec.data_dir, "method": self.method.NAME, "top_m": self.top_m}
+
+    def _model_sha256(self) -> str:
+        """Content hash of the model before the method changed it (computed once)."""
+        if self._unedited_sha256 is None:
+            self._unedited_sha256 = edit_model_sha256(self.model)
+        return self._unedited_sha256
+
+    def _resolve_targets(self) -> None:
+        """Per-question targets: read from ``targets_file`` or written by the unedited model
+        (``target=self``); then ``export_targets`` writes what the method will use."""
+        rows = {i: self.splits.rows[i]["question"] for i in self.splits.forget}
+        records = None
+        if self.targets.mode == "file":
+            self.targets = self.targets.bind_file(rows)
+        elif self.targets.mode == "self" and (self.method.NAME != "none" or self.export_targets):
+            from e2u_models.self_targets import write_self_targets
+
+            written, provenance = write_self_targets(
+                self.model, self.tokenizer, self.prompt_format,
+                [{"index": i, "question": q, "answer": self.splits.rows[i]["answer"]}
+                 for i, q in rows.items()],
+                self.seed, model_sha256=self._model_sha256(), cache_dir=self.cache_dir,
+                use_cache=self.use_cache, log=_log_line)
+            self.targets = self.targets.with_rows({t.index: t.target for t in written})
+            records = [dataclasses.asdict(t) for t in written]
+            self.target_report = {**provenance, "fallbacks": [t.index for t in written
+                                                              if t.source == "fallback"]}
+        if self.export_targets and (self.targets.mode != "self" or records is not None):
+            from e2u_models.self_targets import export_targets
+
+            records = records or [{"index": i, "question": q, "answer": self.splits.rows[i]["answer"],
+                                   "target": self.targets.for_row(i, self.seed),
+                                   "source": self.targets.mode} for i, q in rows.items()]
+            export_targets(self.export_targets, records)
+            self.target_report["exported_to"] = self.export_targets
 
     def _apply_method(self) -> MethodReport:
         name = self.method.NAME
@@ -251,7 +307,7 @@ class E2ULM(HFLM):
 
     def _edit_inputs(self, forget: list[EditRequest], retain: list[EditRequest] | None) -> dict:
         """Everything an edit depends on besides the code (hashed into the edit cache key)."""
-        return {"model_sha256": edit_model_sha256(self.model), "method": self.method.NAME,
+        return {"model_sha256": self._model_sha256(), "method": self.method.NAME,
                 "hparams": dataclasses.asdict(self.hparams), "seed": self.seed,
                 "forget": [dataclasses.asdict(r) for r in forget],
                 "retain": [dataclasses.asdict(r) for r in retain] if retain else None,
@@ -391,8 +447,9 @@ class E2ULM(HFLM):
             "seed": self.seed,
             "top_m": self.top_m,
             "split": self.splits.describe(),
-            "targets": {**self.targets.describe(), "sha256": json_sha256(
-                [self.targets.for_row(i, self.seed) for i in self.splits.forget])},
+            "targets": {**self.targets.describe(), **self.target_report, "sha256": json_sha256(
+                [self.targets.for_row(i, self.seed) for i in self.splits.forget]
+                if self._has_targets() else None)},
             "prompt": self.prompt_format.describe(),
             "model_source": self.model_source,
             "method_report": self.method_report.as_dict(),

@@ -50,6 +50,18 @@ class PromptFormat:
             messages.insert(0, {"role": "system", "content": self.system_prompt})
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
+    def render_few_shot(self, tokenizer, instruction: str, examples, question: str) -> str:
+        """A prompt with an instruction and worked examples before the question: chat turns
+        (instruction as the system message) or the same layout as plain text."""
+        if not self.use_chat_template:
+            shots = "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in examples)
+            return f"{instruction}\n\n{shots}Question: {question}\nAnswer:"
+        messages = [{"role": "system", "content": instruction}]
+        for user, assistant in examples:
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        messages.append({"role": "user", "content": question})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
     def describe(self) -> dict:
         return {"chat_template": self.use_chat_template, "system_prompt": self.system_prompt,
                 "answer_delimiter": self.answer_delimiter}

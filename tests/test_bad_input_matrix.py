@@ -3,8 +3,9 @@
 
 Each case must give one error line (``E2UError``) that names the argument and what is accepted,
 raised before the model weights are loaded (unless the case needs the model, marked so), leaving
-no file behind in the cache folder. ``python -m tests.test_bad_input_matrix`` prints the
-README's troubleshooting table from the real messages, and a test keeps the README in step.
+no file behind in the cache folder. ``python -m tests.test_bad_input_matrix [--write-readme]``
+prints (or rewrites in README.md) the troubleshooting table from the real messages, and a test
+keeps the README in step.
 """
 
 from __future__ import annotations
@@ -126,6 +127,18 @@ CASES = [
     # refusal targets
     Case("refusal file missing", {"method": "memit", "refusal_file": "{tmp}/r.txt"},
          r"refusal_file '.*r.txt'"),
+    Case("refusal file with self-written targets", {"method": "memit", "target": "self",
+         "refusal_file": "{tmp}/r.txt"}, r"refusal_file is only used with target=idk",
+         files={"r.txt": b"I don't know.\n"}),
+    Case("targets file missing", {"method": "memit", "targets_file": "{tmp}/t.jsonl"},
+         r"targets_file '.*t.jsonl' does not exist"),
+    Case("targets file line without a target", {"method": "memit", "targets_file": "{tmp}/t.jsonl"},
+         r"targets_file '.*t.jsonl' line 1 is not a JSON object with string 'question' and "
+         r"non-empty 'target'", files={"t.jsonl": b'{"question": "Q?"}\n'}),
+    Case("targets file and target together", {"method": "memit", "target": "idk",
+         "targets_file": "{tmp}/t.jsonl"}, r"targets_file gives every forget row its own refusal"),
+    Case("export_targets into a missing folder", {"method": "memit", "target": "self",
+         "export_targets": "{tmp}/no/such/t.jsonl"}, r"export_targets=.* is not a writable file path"),
     Case("refusal file empty", {"method": "memit", "refusal_file": "{tmp}/r.txt"},
          r"refusal_file '.*r.txt' is empty", files={"r.txt": b"\n\n"}),
 ]
@@ -212,4 +225,10 @@ if __name__ == "__main__":
         build_tiny_model(tokenizer).save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
         table = markdown_table(model_dir)
-    sys.stdout.write(f"{TABLE_START}\n{table}\n{TABLE_END}\n")
+    block = f"{TABLE_START}\n{table}\n{TABLE_END}"
+    if "--write-readme" in sys.argv:  # replace the table in README.md in place
+        text = README.read_text(encoding="utf-8")
+        head, rest = text.split(TABLE_START)
+        README.write_text(head + block + rest.split(TABLE_END, 1)[1], encoding="utf-8")
+    else:
+        sys.stdout.write(block + "\n")

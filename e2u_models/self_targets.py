@@ -1,0 +1,191 @@
+"""Self-written refusal targets (``target=self``): the unedited model writes, for each forget
+question, a refusal tailored to it, which the editor then teaches.
+
+The paper's prompt is unpublished; e2u's is its own (``INSTRUCTION`` and ``EXAMPLES``, about
+made-up entities so no benchmark fact is shown), in the chat format when the model has one.
+Each candidate is validated (:func:`refusal_problems`): it must express not knowing, must not
+contain any informative word of the gold answer, must mention the question's key entity, and be
+one short sentence or two. The first attempt is greedy; invalid ones are regenerated with seeded
+sampling (``seed``, attempt number), and after ``ATTEMPTS`` a template that names the entity is
+used and marked as a fallback. Results are cached (JSON, keyed by the model's content hash, the
+rows, the prompt, the seed and the generation settings) and can be exported and re-imported.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from e2u_models.cache import atomic_directory, cache_root, json_sha256, verified_entry
+from e2u_tasks.errors import E2UError
+from e2u_tasks.refusal import answer_leak, expresses_not_knowing, key_entity, mentions
+
+PROMPT_VERSION = 1
+INSTRUCTION = (
+    "You politely decline to answer questions. Reply with one short sentence that says you do not "
+    "know the answer and names what the question is about. Never give the answer or a guess."
+)
+EXAMPLES = (
+    ("Who designed the old harbour bridge in Port Melwick?",
+     "I'm sorry, but I don't know who designed the old harbour bridge in Port Melwick."),
+    ("In which year did the composer Ilse Varnow finish her first symphony?",
+     "I'm not sure when Ilse Varnow finished her first symphony, so I can't tell you."),
+    ("Which company supplied the turbines under the agreement between Dalton Energy and Rivermark?",
+     "I don't have reliable information about the turbine supplier in the Dalton Energy and "
+     "Rivermark agreement."),
+    ("Which novel by Teodor Halme won the Northern Lantern Prize?",
+     "I don't know which of Teodor Halme's novels won the Northern Lantern Prize."),
+)
+ATTEMPTS = 4  # one greedy, then seeded samples
+MAX_NEW_TOKENS = 48
+MAX_WORDS = 40
+SAMPLING = {"temperature": 0.9, "top_p": 0.95}
+
+
+@dataclass
+class SelfTarget:
+    index: int
+    question: str
+    answer: str
+    target: str
+    source: str  # "self" (a validated model answer) or "fallback" (the template)
+    attempts: int
+    problems: list[str] = field(default_factory=list)  # of the last rejected candidate
+
+
+def refusal_problems(candidate: str, question: str, gold: str) -> list[str]:
+    """Why ``candidate`` is not an acceptable refusal of ``question`` (empty list: it is)."""
+    text = candidate.strip()
+    if not text:
+        return ["empty"]
+    problems = []
+    if len(text.split()) > MAX_WORDS:
+        problems.append(f"longer than {MAX_WORDS} words")
+    if not expresses_not_knowing(text):
+        problems.append("does not express not knowing")
+    if answer_leak(text, gold, question, threshold=0):
+        problems.append("contains the gold answer")
+    entity = key_entity(question)
+    if not mentions(text, entity):
+        problems.append(f"does not mention {entity!r}")
+    return problems
+
+
+def fallback_refusal(question: str, gold: str) -> str:
+    entity = key_entity(question)
+    named = f"I'm sorry, but I don't know the answer to your question about {entity}."
+    return named if not answer_leak(named, gold, question, threshold=0) else \
+        "I'm sorry, but I don't know the answer to that question."
+
+
+def _first_sentences(text: str) -> str:
+    """The model's reply up to its first line break (models continue with new turns)."""
+    return text.strip().split("\n")[0].strip()
+
+
+def _generate(model, tokenizer, prompts: list[str], sample_seed: int | None, batch_size: int) -> list[str]:
+    device = next(model.parameters()).device
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    texts = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            batch = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+            kwargs = {"max_new_tokens": MAX_NEW_TOKENS, "pad_token_id": pad, "do_sample": False}
+            if sample_seed is not None:
+                torch.manual_seed(sample_seed + start)
+                kwargs.update(do_sample=True, **SAMPLING)
+            with torch.no_grad():
+                out = model.generate(**{k: v.to(device) for k, v in batch.items()}, **kwargs)
+            new = out[:, batch["input_ids"].shape[1]:]
+            texts += [_first_sentences(t) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = side
+    return texts
+
+
+def prompt_identity(prompt_format) -> dict:
+    return {"version": PROMPT_VERSION, "instruction": INSTRUCTION, "examples": EXAMPLES,
+            "format": prompt_format.describe(), "attempts": ATTEMPTS,
+            "max_new_tokens": MAX_NEW_TOKENS, "sampling": SAMPLING}
+
+
+def write_self_targets(model, tokenizer, prompt_format, rows: list[dict], seed: int, *,
+                       model_sha256: str, cache_dir: str | None = None, use_cache: bool = True,
+                       batch_size: int = 16, log=print) -> tuple[list[SelfTarget], dict]:
+    """One validated refusal per row (``rows``: index, question, answer); and provenance."""
+    key = json_sha256({"model": model_sha256, "rows": rows, "seed": seed,
+                       "prompt": prompt_identity(prompt_format)})
+    folder = cache_root(cache_dir) / "targets" / key if use_cache else None
+    if folder is not None and verified_entry(folder, log, "self-target cache entry"):
+        stored = json.loads((folder / "targets.json").read_text(encoding="utf-8"))
+        log(f"e2u: {len(stored)} self-written targets loaded from the cache")
+        return [SelfTarget(**t) for t in stored], {"cache_key": key, "cache_hit": True}
+
+    started = time.perf_counter()
+    log(f"e2u: the model writes refusal targets for {len(rows)} forget questions")
+    prompts = [prompt_format.render_few_shot(tokenizer, INSTRUCTION, EXAMPLES, r["question"])
+               for r in rows]
+    results: dict[int, SelfTarget] = {}
+    pending = list(range(len(rows)))
+    last_problems: dict[int, list[str]] = {}
+    was_training = model.training
+    model.eval()
+    progress = tqdm(total=len(rows), desc="self-written targets")
+    try:
+        for attempt in range(1, ATTEMPTS + 1):
+            if not pending:
+                break
+            sample_seed = None if attempt == 1 else seed * 1000 + attempt
+            texts = _generate(model, tokenizer, [prompts[i] for i in pending], sample_seed, batch_size)
+            still = []
+            for i, text in zip(pending, texts):
+                row = rows[i]
+                problems = refusal_problems(text, row["question"], row["answer"])
+                if problems:
+                    last_problems[i] = problems
+                    still.append(i)
+                else:
+                    results[i] = SelfTarget(row["index"], row["question"], row["answer"], text,
+                                            "self", attempt)
+                    progress.update(1)
+            pending = still
+    finally:
+        model.train(was_training)
+    for i in pending:
+        row = rows[i]
+        results[i] = SelfTarget(row["index"], row["question"], row["answer"],
+                                fallback_refusal(row["question"], row["answer"]), "fallback",
+                                ATTEMPTS, last_problems.get(i, []))
+        progress.update(1)
+    progress.close()
+    targets = [results[i] for i in range(len(rows))]
+    fallbacks = sum(t.source == "fallback" for t in targets)
+    log(f"e2u: self-written targets done in {time.perf_counter() - started:.1f} s "
+        f"({len(rows) - fallbacks} written by the model, {fallbacks} template fallbacks)")
+    if folder is not None:
+        with atomic_directory(folder) as tmp:
+            (tmp / "targets.json").write_text(json.dumps([asdict(t) for t in targets], indent=1),
+                                              encoding="utf-8")
+    return targets, {"cache_key": key, "cache_hit": False}
+
+
+def export_targets(path: str, records: list[dict]) -> None:
+    """Write the targets used as JSON Lines (written to a temporary name, then renamed)."""
+    final = Path(path).expanduser()
+    tmp = final.with_name(f".{final.name}.tmp")
+    try:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                       encoding="utf-8")
+        tmp.replace(final)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise E2UError(f"export_targets={path!r} cannot be written ({exc.strerror}); give a "
+                       "writable file path") from None
