@@ -34,8 +34,8 @@ def model_sha256(model) -> str:
     return digest.hexdigest()
 
 
-def source_closure(module: str, package: str = "e2u_models") -> list[str]:
-    """``module`` and every module of ``package`` it imports, directly or not (sorted names).
+def source_closure(module: str, package: tuple[str, ...] = ("e2u_models", "e2u_tasks")) -> list[str]:
+    """``module`` and every e2u module (of ``package``) it imports, directly or not (sorted names).
     Package ``__init__`` files are left out: they hold registries, not algorithms.
 
     Read from the source (``ast``), so the answer does not depend on what happens to be imported.

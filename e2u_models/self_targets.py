@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from e2u_models.cache import atomic_directory, cache_root, json_sha256, verified_entry
+from e2u_models.shared_prefix import SharedPrefixRunner, common_prefix_length
 from e2u_tasks.errors import E2UError
 from e2u_tasks.refusal import answer_leak, expresses_not_knowing, key_entity, mentions
 
@@ -64,8 +65,11 @@ def refusal_problems(candidate: str, question: str, gold: str) -> list[str]:
     if not text:
         return ["empty"]
     problems = []
-    if len(text.split()) > MAX_WORDS:
+    words = text.lower().split()
+    if len(words) > MAX_WORDS:
         problems.append(f"longer than {MAX_WORDS} words")
+    if any(words[i] == words[i + 1] == words[i + 2] for i in range(len(words) - 2)):
+        problems.append("repeats itself")
     if not expresses_not_knowing(text):
         problems.append("does not express not knowing")
     if answer_leak(text, gold, question, threshold=0):
@@ -88,31 +92,55 @@ def _first_sentences(text: str) -> str:
     return text.strip().split("\n")[0].strip()
 
 
+def top_p_sampler(generator: torch.Generator, temperature: float, top_p: float):
+    """logits -> token ids, drawn from the smallest set of tokens holding ``top_p`` of the
+    probability at ``temperature`` (seeded through ``generator``)."""
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        choice = torch.multinomial(sorted_probs, 1, generator=generator)
+        return order.gather(-1, choice).squeeze(-1)
+
+    return pick
+
+
 def _generate(model, tokenizer, prompts: list[str], sample_seed: int | None, batch_size: int) -> list[str]:
+    """Replies to ``prompts`` (greedy, or seeded sampling), each up to its first line break.
+    The instruction and examples are a prefix shared by every prompt: computed once."""
     device = next(model.parameters()).device
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stops = {t for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>"))
+             if isinstance(t, int) and t != tokenizer.unk_token_id}
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    prefix = common_prefix_length(encoded)
+    runner = SharedPrefixRunner(model, encoded[0][:prefix], pad, device)
+    pick = None
+    if sample_seed is not None:
+        generator = torch.Generator(device=device).manual_seed(sample_seed)
+        pick = top_p_sampler(generator, SAMPLING["temperature"], SAMPLING["top_p"])
+
+    def is_done(_row, tokens):
+        return tokens[-1] in stops or "\n" in tokenizer.decode(tokens[-1:])
+
     texts = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            batch = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-            kwargs = {"max_new_tokens": MAX_NEW_TOKENS, "pad_token_id": pad, "do_sample": False}
-            if sample_seed is not None:
-                torch.manual_seed(sample_seed + start)
-                kwargs.update(do_sample=True, **SAMPLING)
-            with torch.no_grad():
-                out = model.generate(**{k: v.to(device) for k, v in batch.items()}, **kwargs)
-            new = out[:, batch["input_ids"].shape[1]:]
-            texts += [_first_sentences(t) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
-    finally:
-        tokenizer.padding_side = side
+    for start in range(0, len(encoded), batch_size):
+        chunk = [row[prefix:] for row in encoded[start:start + batch_size]]
+        logits, cache, mask = runner.score_answers(chunk, [[pad]] * len(chunk))
+        generated = runner.greedy(logits[:, 0], cache, mask, MAX_NEW_TOKENS, is_done, pick)
+        texts += [_first_sentences(tokenizer.decode([t for t in row if t not in stops],
+                                                    skip_special_tokens=True)) for row in generated]
     return texts
 
 
 def prompt_identity(prompt_format) -> dict:
+    """Everything that decides the targets besides model, rows and seed (the validator's and
+    generator's code included, so a changed rule never serves stale targets)."""
+    from e2u_models.edit_cache import code_sha256
+
     return {"version": PROMPT_VERSION, "instruction": INSTRUCTION, "examples": EXAMPLES,
+            "code": code_sha256(__name__),
             "format": prompt_format.describe(), "attempts": ATTEMPTS,
             "max_new_tokens": MAX_NEW_TOKENS, "sampling": SAMPLING}
 

@@ -91,15 +91,16 @@ class SharedPrefixRunner:
 
     @torch.no_grad()
     def greedy(self, first_logits: torch.Tensor, cache, mask: torch.Tensor, max_new_tokens: int,
-               is_done) -> list[list[int]]:
+               is_done, pick=None) -> list[list[int]]:
         """Greedy continuation from :meth:`score_answers`' state (``first_logits``: ``[batch,
-        vocab]`` after the prompt); ``is_done(row, tokens)`` says when a row stops."""
+        vocab]`` after the prompt); ``is_done(row, tokens)`` says when a row stops. ``pick``
+        (logits -> token ids) replaces the argmax, e.g. by a seeded sampler."""
         rows = first_logits.shape[0]
         logits = first_logits
         generated: list[list[int]] = [[] for _ in range(rows)]
         active = list(range(rows))  # batch row -> original row; finished rows leave the batch
         for step in range(max_new_tokens):
-            next_tokens = logits.argmax(-1)
+            next_tokens = logits.argmax(-1) if pick is None else pick(logits)
             keep = []
             for position, (row, token) in enumerate(zip(active, next_tokens.tolist())):
                 generated[row].append(token)

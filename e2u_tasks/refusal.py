@@ -20,6 +20,7 @@ self-written refusal targets (one definition of each idea).
 from __future__ import annotations
 
 import re
+import unicodedata
 from functools import lru_cache
 
 STOP_WORDS = frozenset("""
@@ -79,8 +80,11 @@ def _tokenizer():
 
 
 def content_words(text: str) -> list[str]:
-    """Lower-cased, stemmed words (the ROUGE tokenisation) without stop words."""
-    return [w for w in _tokenizer().tokenize(text) if w not in STOP_WORDS]
+    """Lower-cased, stemmed words (the ROUGE tokenisation, after folding accents: "García" is
+    "garcia") without stop words and single letters ("I'm" gives no "m")."""
+    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    return [w for w in _tokenizer().tokenize(folded)
+            if w not in STOP_WORDS and (len(w) > 1 or w.isdigit())]
 
 
 def key_entity(question: str) -> str:

@@ -23,6 +23,14 @@ def test_validator_rejects_the_gold_answer_and_non_refusals():
     assert "does not express not knowing" in refusal_problems("Moby-Dick is a whale.", question, gold)
     assert "does not mention 'Moby-Dick'" in refusal_problems("I don't know.", question, gold)
     assert refusal_problems("  ", question, gold) == ["empty"]
+    assert "repeats itself" in refusal_problems(
+        "I don't know who wrote Moby-Dick Ma'am Ma'am Ma'am.", question, gold)
+    # Accents are folded and "I'm" is no leak of a one-letter word of the answer.
+    assert refusal_problems("I'm not sure who wrote 'Love in the Time of Cholera'.",
+                            "Who wrote 'Love in the Time of Cholera'?", "Gabriel García Márquez") == []
+    assert "contains the gold answer" in refusal_problems(
+        "I'm not sure Garcia wrote 'Love in the Time of Cholera'.",
+        "Who wrote 'Love in the Time of Cholera'?", "Gabriel García Márquez")
 
 
 def test_invalid_candidates_are_regenerated_then_fall_back(tiny_model_dir, tmp_path, monkeypatch):
