@@ -14,6 +14,7 @@ rows, the prompt, the seed and the generation settings) and can be exported and 
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -65,7 +66,7 @@ def refusal_problems(candidate: str, question: str, gold: str) -> list[str]:
     if not text:
         return ["empty"]
     problems = []
-    words = text.lower().split()
+    words = re.findall(r"[\w']+", text.lower())
     if len(words) > MAX_WORDS:
         problems.append(f"longer than {MAX_WORDS} words")
     if any(words[i] == words[i + 1] == words[i + 2] for i in range(len(words) - 2)):
