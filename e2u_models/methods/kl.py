@@ -35,7 +35,7 @@ def apply(model, tokenizer, forget: list[EditRequest], retain: list[EditRequest]
           hparams: HyperParams, *, seed: int = 0, env: MethodEnv) -> MethodReport:
     def loss(network, step, reference):
         forget_nll = nll(network, step.forget)
-        kl = masked_kl(logits_of(network, step.retain), reference.logits(step.retain),
+        kl = masked_kl(logits_of(network, step.retain, all_positions=True), reference.logits(step.retain),
                        step.retain.attention_mask)
         return -forget_nll + hparams.kl_weight * kl, {"forget_nll": forget_nll.item(), "retain_kl": kl.item()}
 

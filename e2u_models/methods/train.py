@@ -124,11 +124,15 @@ def examples_of(tokenizer, env: MethodEnv, requests: Sequence[EditRequest], hpar
 
 @dataclass
 class Batch:
-    """Right-padded ids, attention mask and labels (-100 on prompt and padding, by position)."""
+    """*Left*-padded ids, attention mask, position ids and labels (-100 on prompt and padding, by
+    position). Left padding puts every row's answer at the end, so the vocabulary head runs only
+    on the last ``keep`` positions (the longest answer + 1) instead of the whole sequence."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
+    position_ids: torch.Tensor
+    keep: int
 
     @property
     def tokens(self) -> int:
@@ -141,11 +145,13 @@ def collate(examples: Sequence[Example], pad_id: int, device) -> Batch:
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     for row, example in enumerate(examples):
-        n = len(example.ids)
-        ids[row, :n] = torch.tensor(example.ids)
-        mask[row, :n] = 1
-        labels[row, example.prompt_length:n] = ids[row, example.prompt_length:n]
-    return Batch(ids.to(device), mask.to(device), labels.to(device))
+        start = width - len(example.ids)
+        ids[row, start:] = torch.tensor(example.ids)
+        mask[row, start:] = 1
+        labels[row, start + example.prompt_length:] = ids[row, start + example.prompt_length:]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    keep = min(width, 1 + max(len(e.ids) - e.prompt_length for e in examples))
+    return Batch(ids.to(device), mask.to(device), labels.to(device), positions.to(device), keep)
 
 
 @dataclass
@@ -162,13 +168,17 @@ class StepBatch:
 # --------------------------------------------------------------------------- loss building blocks
 
 
-def logits_of(model, batch: Batch) -> torch.Tensor:
-    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+def logits_of(model, batch: Batch, all_positions: bool = False) -> torch.Tensor:
+    """Logits of the last ``batch.keep`` positions (every position with ``all_positions``)."""
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                 position_ids=batch.position_ids,
+                 logits_to_keep=0 if all_positions else batch.keep).logits
 
 
 def token_logprobs(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability of every label token (shifted) and the label mask, both ``[B, L-1]``."""
-    labels = batch.labels[:, 1:]
+    """Log-probability of every label token (shifted) and the label mask, ``[B, positions-1]``;
+    ``logits`` cover the last positions of the batch (see :func:`logits_of`)."""
+    labels = batch.labels[:, -logits.shape[1]:][:, 1:]
     mask = labels != IGNORE
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -273,10 +283,11 @@ class _Reference:
 
     @torch.no_grad()
     def logits(self, batch: Batch) -> torch.Tensor:
+        """Logits at every position (what the KL term compares)."""
         if self.copy is not None:
-            return logits_of(self.copy, batch)
+            return logits_of(self.copy, batch, all_positions=True)
         with self.peft_model.disable_adapter():
-            return logits_of(self.peft_model, batch)
+            return logits_of(self.peft_model, batch, all_positions=True)
 
     @torch.no_grad()
     def sequence_logprob(self, batch: Batch) -> torch.Tensor:
@@ -356,7 +367,7 @@ def train(model, tokenizer, setup: TrainSetup, hparams: TrainHParams, *, seed: i
                 with autocast():
                     loss, parts = setup.loss(network, micro_step, reference)
                 if not torch.isfinite(loss):
-                    raise E2UError(f"{setup.name}: the loss became {float(loss)} at optimizer step "
+                    raise E2UError(f"{setup.name}: the loss became {loss.item()} at optimizer step "
                                    f"{step + 1}/{total_steps} (epoch {epoch}); lower lr (now "
                                    f"{hparams.lr}) or use precision=fp32; weights restored")
                 scaled = loss / hparams.grad_accum_steps
@@ -375,10 +386,10 @@ def train(model, tokenizer, setup: TrainSetup, hparams: TrainHParams, *, seed: i
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                losses.append(round(float(loss), 5))
+                losses.append(round(loss.item(), 5))
                 parts_log.append({k: round(v, 5) for k, v in parts.items()})
                 progress.update(1)
-                progress.set_postfix(loss=f"{float(loss):.4f}", epoch=epoch)
+                progress.set_postfix(loss=f"{losses[-1]:.4f}", epoch=epoch)
                 if step >= total_steps:
                     break
             if setup.on_epoch_end is not None:
