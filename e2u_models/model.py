@@ -176,7 +176,6 @@ class E2ULM(HFLM):
         chat_template = parse_chat_template(chat_template)
         self.finetune = (None if finetune in (None, "") or str(finetune).strip().lower() in ("none", "false")
                          else str(finetune).strip())
-        self.splits = SplitSpec.from_args({**spec_args, "finetune": self.finetune}).load()
         self.finetune_source, self.finetune_hparams, self.finetune_rows = None, None, None
         if self.finetune is not None:
             self.finetune_rows = self._finetune_rows(spec_args.get("data_dir"))
@@ -185,6 +184,8 @@ class E2ULM(HFLM):
                                                  self.finetune_source, recipe_overrides)
         elif recipe_overrides or finetune_hparams:
             raise E2UError("finetune_* model args need finetune=<dataset> (e.g. finetune=pistol)")
+        # The split's dataset defaults to the finetune dataset.
+        self.splits = SplitSpec.from_args({**spec_args, "finetune": self.finetune}).load()
         self.targets = RefusalTargets.from_args(target, refusal_file)
         self.use_cache = parse_bool("cache", cache)
         self.cache_dir = cache_dir
@@ -258,8 +259,6 @@ class E2ULM(HFLM):
 
     def _finetune_rows(self, data_dir) -> list[dict]:
         """Rows of the ``finetune=`` dataset (one line listing what is accepted if unknown)."""
-        if self.finetune == self.splits.spec.dataset:
-            return list(self.splits.rows)
         if self.finetune in BENCHMARKS:
             return load_benchmark(self.finetune, data_dir)
         try:

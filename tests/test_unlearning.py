@@ -257,18 +257,18 @@ def test_finetune_reaches_the_target_caches_it_and_the_method_starts_from_it(tin
     assert second.method_report.details["edit_cache"]["hit"] is True
     a, b = weights(first.model), weights(second.model)
     assert all(torch.equal(a[n], b[n]) for n in a)
-    json.dumps(first.get_model_info())
+    json.dumps(info)
 
 
 def test_corrupted_finetune_cache_is_recomputed(tiny_model_dir, tmp_path):
     data = small_dataset(tmp_path)
     args = {**FINETUNE, "finetune_epochs": 2, "finetune_target_rouge": 1.0}
-    first = e2u(tiny_model_dir, tmp_path, finetune=data, method="none", **args)
+    first = e2u(tiny_model_dir, tmp_path, finetune=data, method="none", forget_size=2, **args)
     assert first.finetune_report["target_reached"] is False  # 2 epochs: recorded, not hidden
     (entry,) = (tmp_path / "finetuned").iterdir()
     weights_file = entry / "weights.safetensors"
     weights_file.write_bytes(weights_file.read_bytes()[:-8] + b"\x00" * 8)
-    again = e2u(tiny_model_dir, tmp_path, finetune=data, method="none", **args)
+    again = e2u(tiny_model_dir, tmp_path, finetune=data, method="none", forget_size=2, **args)
     assert again.finetune_report["cache_hit"] is False
     a, b = weights(first.model), weights(again.model)
     assert all(torch.equal(a[n], b[n]) for n in a)
