@@ -177,6 +177,9 @@ def test_nan_loss_names_the_step_and_restores_the_weights(tokenizer):
 def test_gradient_accumulation_counts_optimizer_steps(tokenizer):
     _, report, _, _ = run("ga", tokenizer, train_batch_size=1, grad_accum_steps=3, epochs=2)
     assert report.details["optimizer_steps"] == 2 and report.details["steps_per_epoch"] == 1
+    # 3 rows, accumulation 2: steps after rows 2 and 3 of each epoch.
+    _, report, _, _ = run("ga", tokenizer, train_batch_size=1, grad_accum_steps=2, epochs=2)
+    assert report.details["optimizer_steps"] == 4 and report.details["epochs_run"] == 2
 
 
 @pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft not installed")

@@ -313,7 +313,8 @@ def train(model, tokenizer, setup: TrainSetup, hparams: TrainHParams, *, seed: i
     autocast, scaler, precision = _autocast(model, hparams.precision)
     batch_size = hparams.train_batch_size
     micro_per_epoch = math.ceil(len(setup.forget) / batch_size)
-    steps_per_epoch = max(1, micro_per_epoch // hparams.grad_accum_steps)
+    # A last, shorter accumulation group at the end of an epoch is still one optimizer step.
+    steps_per_epoch = math.ceil(micro_per_epoch / hparams.grad_accum_steps)
     total_steps = hparams.max_steps or hparams.epochs * steps_per_epoch
     factor, warmup = _schedule(total_steps, hparams.warmup_ratio)
 
