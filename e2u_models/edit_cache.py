@@ -81,8 +81,11 @@ def edit_key(inputs: dict[str, Any]) -> str:
 
 
 class EditCache:
-    def __init__(self, cache_dir: str | None = None, log=print) -> None:
-        self.root = cache_root(cache_dir) / "edits"
+    """Changed weights under ``<cache>/<folder>/<key>/``: ``edits`` for methods, ``finetuned``
+    for the fine-tuning stage (:mod:`e2u_models.finetune`)."""
+
+    def __init__(self, cache_dir: str | None = None, log=print, folder: str = "edits") -> None:
+        self.root = cache_root(cache_dir) / folder
         self.log = log
 
     def load(self, key: str, model) -> dict | None:

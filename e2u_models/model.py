@@ -18,7 +18,9 @@ import os
 import random
 import sys
 import time
+from functools import lru_cache
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -29,6 +31,9 @@ from tqdm import tqdm
 
 from e2u_models.autoload import CLI_NAMES
 from e2u_models.cache import cache_root, json_sha256
+from e2u_models.finetune import HPARAMS_NAME as FINETUNE_HPARAMS
+from e2u_models.finetune import FinetuneHParams
+from e2u_models.finetune import finetune as finetune_model
 from e2u_models.embedded import DEFAULT_MODEL, EMBEDDED_MODELS, resolve_embedded
 from e2u_models.methods import get_method
 from e2u_models.edit_cache import EditCache, edit_key
@@ -38,6 +43,7 @@ from e2u_models.methods.base import (EditRequest, MethodEnv, MethodReport, hpara
 from e2u_models.prompts import PromptFormat, parse_chat_template
 from e2u_models.shared_prefix import SharedPrefixRunner, common_prefix_length
 from e2u_models.targets import RefusalTargets
+from e2u_tasks.data import BENCHMARKS, load_benchmark, load_user_dataset
 from e2u_tasks.errors import E2UError
 from e2u_tasks.metrics import DEFAULT_TOP_M
 from e2u_tasks.splits import SPEC_KEYS, SplitSpec, parse_int
@@ -56,7 +62,8 @@ HFLM_ARGS = frozenset(name for name, p in inspect.signature(HFLM.__init__).param
 DEFAULT_BATCH_SIZE = 64
 E2U_ARGS = ("pretrained", "method", "hparams", "seed", "cache_dir", "cache", "chat_template",
             "system_prompt", "top_m", "target", "refusal_file", "targets_file", "export_targets",
-            *SPEC_KEYS)
+            "finetune", "finetune_hparams", "finetune_<recipe key>", *SPEC_KEYS)
+FINETUNE_PREFIX = "finetune_"
 
 
 def _check_local_model(pretrained: str) -> None:
@@ -114,6 +121,24 @@ def _cli_default_batch_size() -> bool:
     return not any(arg == "--batch_size" or arg.startswith("--batch_size=") for arg in sys.argv[1:])
 
 
+@lru_cache(maxsize=1)
+def task_generation_kwargs() -> dict:
+    """The e2u tasks' greedy generation settings (``until``, ``max_gen_toks``), read from their
+    shared config so checks outside lm-eval (the fine-tuning ROUGE check) decode the same way."""
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    _Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    from importlib import resources
+
+    text = resources.files("task_configs").joinpath("_e2u_base.yaml").read_text(encoding="utf-8")
+    config = yaml.load(text, Loader=_Loader)  # noqa: S506 - SafeLoader
+    kwargs = config["generation_kwargs"]
+    return {"until": list(kwargs["until"]), "max_gen_toks": int(kwargs["max_gen_toks"])}
+
+
 def _log_line(message: str) -> None:
     log.warning(message)
 
@@ -137,13 +162,17 @@ class E2ULM(HFLM):
                  chat_template: Any = "auto", system_prompt: str | None = None,
                  top_m: Any = DEFAULT_TOP_M, target: str | None = None,
                  refusal_file: str | None = None, targets_file: str | None = None,
-                 export_targets: str | None = None, cache: Any = True, **kwargs: Any) -> None:
+                 export_targets: str | None = None, cache: Any = True, finetune: str | None = None,
+                 finetune_hparams: str | None = None, **kwargs: Any) -> None:
         # Everything that can be wrong in the arguments is checked before any model is loaded.
         method_name = "none" if method in (None, "", "None") else str(method).strip().lower()
         self.method = get_method(method_name)
         spec_args = {key: kwargs.pop(key) for key in SPEC_KEYS if key in kwargs}
         hparam_names = {f.name for f in dataclasses.fields(self.method.HyperParams)}
         overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in hparam_names}
+        recipe_names = {f.name for f in dataclasses.fields(FinetuneHParams)}
+        recipe_overrides = {key[len(FINETUNE_PREFIX):]: kwargs.pop(key) for key in list(kwargs)
+                            if key.startswith(FINETUNE_PREFIX) and key[len(FINETUNE_PREFIX):] in recipe_names}
         unknown = sorted(k for k in kwargs if k not in HFLM_ARGS and k not in FROM_PRETRAINED_ARGS)
         if unknown:
             raise E2UError(
@@ -157,7 +186,18 @@ class E2ULM(HFLM):
         self.seed = parse_int("seed", seed)
         self.top_m = parse_int("top_m", top_m, 1)
         chat_template = parse_chat_template(chat_template)
-        self.splits = SplitSpec.from_args(spec_args).load()
+        self.finetune = (None if finetune in (None, "") or str(finetune).strip().lower() in ("none", "false")
+                         else str(finetune).strip())
+        self.finetune_source, self.finetune_hparams, self.finetune_rows = None, None, None
+        if self.finetune is not None:
+            self.finetune_rows = self._finetune_rows(spec_args.get("data_dir"))
+            self.finetune_source = resolve_hparams_path(FINETUNE_HPARAMS, finetune_hparams)
+            self.finetune_hparams = load_hparams(FinetuneHParams, FINETUNE_HPARAMS,
+                                                 self.finetune_source, recipe_overrides)
+        elif recipe_overrides or finetune_hparams:
+            raise E2UError("finetune_* model args need finetune=<dataset> (e.g. finetune=pistol)")
+        # The split's dataset defaults to the finetune dataset.
+        self.splits = SplitSpec.from_args({**spec_args, "finetune": self.finetune}).load()
         self.targets = RefusalTargets.from_args(target, refusal_file, targets_file)
         self.export_targets = _check_export_path(export_targets)
         self.target_report: dict[str, Any] = {}
@@ -182,6 +222,13 @@ class E2ULM(HFLM):
                 self.hparams.check_model(config)
         super().__init__(pretrained=pretrained, **kwargs)
         self.prompt_format = PromptFormat.for_tokenizer(self.tokenizer, chat_template, system_prompt)
+        self.finetune_report = None
+        if self.finetune is not None:
+            # The model's preset (chosen by its config) now that the config is known.
+            self.finetune_source = resolve_hparams_path(FINETUNE_HPARAMS, finetune_hparams, self.model.config)
+            self.finetune_hparams = load_hparams(FinetuneHParams, FINETUNE_HPARAMS,
+                                                 self.finetune_source, recipe_overrides)
+            self.finetune_report = self._finetune()
         self._unedited_sha256: str | None = None
         self._resolve_targets()
         self.method_report = self._apply_method()
@@ -267,6 +314,42 @@ class E2ULM(HFLM):
             export_targets(self.export_targets, records)
             self.target_report["exported_to"] = self.export_targets
 
+    def _finetune_rows(self, data_dir) -> list[dict]:
+        """Rows of the ``finetune=`` dataset (one line listing what is accepted if unknown)."""
+        if self.finetune in BENCHMARKS:
+            return load_benchmark(self.finetune, data_dir)
+        try:
+            return load_user_dataset(self.finetune, data_dir)
+        except E2UError as exc:
+            raise E2UError(f"finetune={self.finetune!r}: {exc}") from None
+
+    def _method_env(self) -> MethodEnv:
+        return MethodEnv(encode=self.tok_encode,
+                         render=lambda question: self.prompt_format.render(self.tokenizer, question),
+                         answer_delimiter=self.prompt_format.answer_delimiter,
+                         cache_dir=self.cache_dir, log=_log_line)
+
+    def greedy_answers(self, requests: list[EditRequest]) -> list[str]:
+        """Greedy answers to bare questions, decoded exactly as the e2u tasks decode them."""
+        generation = task_generation_kwargs()
+        fake = [SimpleNamespace(args=(r.question, r.answer, {"prompt": "question", "generation": generation}))
+                for r in requests]
+        with tqdm(total=len(fake), desc="ROUGE-1 check", leave=False) as progress:
+            return [a["generation"] for a in self._answer_group(fake, generation, progress)]
+
+    def _finetune(self) -> dict:
+        requests = [EditRequest(index=i, question=row["question"], answer=row["answer"],
+                                prompt=self.prompt_format.render(self.tokenizer, row["question"]))
+                    for i, row in enumerate(self.finetune_rows)]
+        random.seed(self.seed)
+        torch.manual_seed(self.seed)
+        report = finetune_model(self.model, self.tokenizer, requests, self.finetune_hparams,
+                                dataset=self.finetune, seed=self.seed, env=self._method_env(),
+                                answer_fn=self.greedy_answers, cache_dir=self.cache_dir,
+                                use_cache=self.use_cache)
+        self.model.eval()
+        return report
+
     def _apply_method(self) -> MethodReport:
         name = self.method.NAME
         forget = self.requests_for(self.splits.forget, with_targets=True)
@@ -274,10 +357,7 @@ class E2ULM(HFLM):
         random.seed(self.seed)
         torch.manual_seed(self.seed)
         started = time.perf_counter()
-        env = MethodEnv(encode=self.tok_encode,
-                        render=lambda question: self.prompt_format.render(self.tokenizer, question),
-                        answer_delimiter=self.prompt_format.answer_delimiter,
-                        cache_dir=self.cache_dir, log=_log_line)
+        env = self._method_env()
         cache, key, inputs = None, None, None
         if name != "none" and self.use_cache:
             cache = EditCache(self.cache_dir, log=_log_line)
@@ -435,6 +515,14 @@ class E2ULM(HFLM):
         marker = "e2u_models/methods/hparams/"
         return source[source.index(marker):] if marker in source.replace("\\", "/") else source
 
+    def _finetune_info(self) -> dict | None:
+        if self.finetune_report is None:
+            return None
+        source = self.finetune_source or str(hparams_file(FINETUNE_HPARAMS))
+        marker = "e2u_models/methods/hparams/"
+        source = source[source.index(marker):] if marker in source.replace("\\", "/") else source
+        return {**self.finetune_report, "recipe_source": source}
+
     def get_model_info(self) -> dict:
         info = super().get_model_info()
         info["e2u"] = {
@@ -453,6 +541,7 @@ class E2ULM(HFLM):
             "prompt": self.prompt_format.describe(),
             "model_source": self.model_source,
             "method_report": self.method_report.as_dict(),
+            "finetune": self._finetune_info(),
             "packages": _package_versions(),
         }
         return info

@@ -68,6 +68,16 @@ def parse_list(name: str, value: Any) -> list:
     raise E2UError(f"{name}={value!r} is not a list; use [a,b], 'a;b' or 'a+b'")
 
 
+def _named_dataset(args: Mapping[str, Any]) -> str | None:
+    """``dataset=``, else the ``finetune=`` dataset (a model fine-tuned on a dataset is evaluated
+    on it unless told otherwise), else None."""
+    for key in ("dataset", "finetune"):
+        value = args.get(key)
+        if value not in (None, "") and str(value).strip().lower() not in ("none", "false"):
+            return str(value)
+    return None
+
+
 def _method_of(args: Mapping[str, Any]) -> str:
     method = args.get("method")
     return "none" if method in (None, "", "None") else str(method).lower()
@@ -87,8 +97,7 @@ class SplitSpec:
     @classmethod
     def from_args(cls, args: Mapping[str, Any], default_dataset: str = DEFAULT_DATASET) -> SplitSpec:
         """Build and type-check the spec from model args (CLI or Python spellings)."""
-        dataset = args.get("dataset")
-        dataset = default_dataset if dataset in (None, "") else str(dataset)
+        dataset = _named_dataset(args) or default_dataset
         forget_size = args.get("forget_size")
         forget_size = None if forget_size in (None, "") else parse_int("forget_size", forget_size, 1)
         forget_seed = parse_int("forget_seed", args.get("forget_seed", 0) or 0)
@@ -126,7 +135,7 @@ class SplitSpec:
         ``benchmark`` is the task's dataset, or None for the generic ``e2u_*`` tasks that evaluate
         whatever ``dataset=`` names.
         """
-        named = args.get("dataset") not in (None, "")
+        named = _named_dataset(args) is not None
         if benchmark is None:
             return cls.from_args(args)
         spec = cls.from_args(args, default_dataset=benchmark)

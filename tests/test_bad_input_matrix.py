@@ -34,7 +34,7 @@ class Case:
     message: str  # regex the one-line error must match
     files: dict = field(default_factory=dict)  # name -> bytes, written into {tmp} first
     loads_model: bool = False  # only these may load the weights before failing
-    simulate: str | None = None  # "readonly": writes into the cache folder fail with EROFS
+    simulate: str | None = None  # "readonly": cache writes fail with EROFS; "no-peft": no peft
 
 
 GOOD_ROW = b'{"question": "Q?", "answer": "A"}'
@@ -124,6 +124,18 @@ CASES = [
     Case("module that is not in the model",
          {"method": "memit", "rewrite_module_tmp": "model.layers.{{}}.mlp.nope"},
          r"module 'model.layers.0.mlp.nope' does not exist", loads_model=True),
+    # unlearning and fine-tuning
+    Case("negative learning rate (unlearning)", {"method": "gd", "lr": "-1e-5"},
+         r"hparam lr=-1e-05 must be > 0"),
+    Case("zero learning rate", {"method": "ga", "lr": "0"}, r"hparam lr=0.0 must be > 0"),
+    Case("DPO beta zero", {"method": "dpo", "beta": "0"}, r"hparam beta=0.0 must be > 0"),
+    Case("LoRA rank zero", {"method": "kl", "lora": "true", "lora_r": "0"}, r"lora_r=0 \(>= 1\)"),
+    Case("LoRA without peft installed", {"method": "gd", "lora": "true"},
+         r"lora=true needs the peft package, which is not installed", simulate="no-peft"),
+    Case("finetune dataset unknown", {"finetune": "nonsense"},
+         r"finetune='nonsense': dataset 'nonsense' is neither a built-in benchmark"),
+    Case("finetune recipe arg without finetune", {"finetune_lr": "1e-4"},
+         r"finetune_\* model args need finetune=<dataset>"),
     # refusal targets
     Case("refusal file missing", {"method": "memit", "refusal_file": "{tmp}/r.txt"},
          r"refusal_file '.*r.txt'"),
@@ -165,6 +177,12 @@ def run_case(case: Case, model_dir: str, tmp: Path, monkeypatch) -> str:
             raise AssertionError(f"case {case.name!r} loaded the model before failing")
 
         monkeypatch.setattr(HFLM, "__init__", loaded)
+    if case.simulate == "no-peft":
+        import importlib.util
+
+        real_find_spec = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: None if name == "peft" else real_find_spec(name, *a))
     if case.simulate == "readonly":
         real_mkstemp = tempfile.mkstemp
 

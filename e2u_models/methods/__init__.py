@@ -16,9 +16,13 @@ METHODS = {
     "rome": "e2u_models.methods.rome",
     "memit": "e2u_models.methods.memit",
     "alphaedit": "e2u_models.methods.alphaedit",
+    "ga": "e2u_models.methods.ga",
+    "gd": "e2u_models.methods.gd",
+    "kl": "e2u_models.methods.kl",
+    "dpo": "e2u_models.methods.dpo",
 }
 # Announced in the README, not implemented yet: asking for one is an error, never a silent no-op.
-PLANNED = ("grace", "wise", "ga", "gd", "kl", "dpo")
+PLANNED = ("grace", "wise")
 
 
 def get_method(name: str) -> ModuleType:

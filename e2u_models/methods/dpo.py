@@ -1,0 +1,79 @@
+"""DPO with refusals: prefer the forget row's refusal y_w over its true answer y_l,
+L = −mean log σ(β·Δ), Δ = [S(q,y_w;θ) − S(q,y_l;θ)] − [S(q,y_w;ref) − S(q,y_l;ref)],
+S = summed log-probability of the answer tokens (+ EOS), β = ``beta`` (0.1 in the references).
+
+The scale is PISTOL's/TOFU's (−1·mean), not open-unlearning's −2/β. The refusal y_w is the
+forget request's target, drawn by :mod:`e2u_models.targets` exactly as for the editors (same
+``target=``/``refusal_file=``/seed), so DPO and editing unlearn towards the same sentences. The
+reference is the model just before unlearning; its log-probabilities of the fixed (y_w, y_l)
+pairs are computed once before training, so no copy of the model is kept. No retain term.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from e2u_models.methods.base import EditRequest, MethodEnv, MethodReport
+from e2u_models.methods.locate import pad_id_of
+from e2u_models.methods.train import (TrainHParams, apply_training, collate, examples_of,
+                                      sequence_logprob)
+from e2u_tasks.errors import E2UError
+
+NAME = "dpo"
+KIND = "unlearning"
+USES_RETAIN = False
+
+
+@dataclass(frozen=True)
+class HyperParams(TrainHParams):
+    beta: float = 0.1
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.beta > 0:
+            raise E2UError(f"hparam beta={self.beta} must be > 0 (e.g. beta=0.1)")
+
+
+def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperParams, *,
+          seed: int = 0, env: MethodEnv) -> MethodReport:
+    missing = [r.index for r in forget if not r.target]
+    if missing:
+        raise E2UError(f"dpo needs a refusal target for every forget row; rows {missing[:5]} have none")
+    preferred = examples_of(tokenizer, env, forget, hparams, answer_of=lambda r: r.target)
+    pad = pad_id_of(tokenizer)
+    reference_scores: dict[str, torch.Tensor] = {}
+
+    def preferred_batch(chunk, device):
+        return {"preferred": collate([preferred[i] for i in chunk], pad, device)}
+
+    def prepare(network, reference):
+        """S(q, y_w; ref) and S(q, y_l; ref) of every forget row, once, before any update."""
+        rejected = examples_of(tokenizer, env, forget, hparams)
+        device = next(network.parameters()).device
+        with torch.no_grad():
+            for key, examples in (("preferred", preferred), ("rejected", rejected)):
+                scores = [sequence_logprob(network, collate(examples[i:i + 16], pad, device))
+                          for i in range(0, len(examples), 16)]
+                reference_scores[key] = torch.cat(scores).float()
+
+    def loss(network, step, reference):
+        index = torch.tensor(step.forget_indices)
+        chosen = sequence_logprob(network, step.extra["preferred"])
+        rejected = sequence_logprob(network, step.forget)
+        ref_chosen = reference_scores["preferred"][index].to(chosen.device)
+        ref_rejected = reference_scores["rejected"][index].to(chosen.device)
+        margin = (chosen - rejected) - (ref_chosen - ref_rejected)
+        value = -F.logsigmoid(hparams.beta * margin).mean()
+        return value, {"margin": margin.mean().item(),
+                       "preference_accuracy": (margin > 0).float().mean().item()}
+
+    return apply_training(NAME, model, tokenizer, forget, None, hparams, seed=seed, env=env,
+                          loss=loss, prepare=prepare, extra_batches=preferred_batch,
+                          details={"loss": "-mean log sigmoid(beta*margin) (PISTOL/TOFU scale)",
+                                   "preferred": "the forget row's refusal target",
+                                   "rejected": "the true answer",
+                                   "reference_model": "the model just before unlearning "
+                                                      "(its log-probabilities computed once)"})

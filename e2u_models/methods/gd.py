@@ -1,0 +1,38 @@
+"""GD, gradient difference: ascend the forget NLL, descend the NLL of sampled retain rows,
+L = −γ·NLL(B_f) + α·NLL(B_r) (γ = ``forget_weight``, α = ``retain_weight``, both 1 in the
+references). One uniformly drawn retain row per forget row per step (seeded, as PISTOL/TOFU)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from e2u_models.methods.base import EditRequest, MethodEnv, MethodReport
+from e2u_models.methods.train import TrainHParams, apply_training, nll
+from e2u_tasks.errors import E2UError
+
+NAME = "gd"
+KIND = "unlearning"
+USES_RETAIN = True
+
+
+@dataclass(frozen=True)
+class HyperParams(TrainHParams):
+    forget_weight: float = 1.0
+    retain_weight: float = 1.0
+
+    def validate(self) -> None:
+        super().validate()
+        if self.forget_weight < 0 or self.retain_weight < 0:
+            raise E2UError("hparams forget_weight and retain_weight must be >= 0")
+
+
+def apply(model, tokenizer, forget: list[EditRequest], retain: list[EditRequest] | None,
+          hparams: HyperParams, *, seed: int = 0, env: MethodEnv) -> MethodReport:
+    def loss(network, step, reference):
+        forget_nll, retain_nll = nll(network, step.forget), nll(network, step.retain)
+        total = -hparams.forget_weight * forget_nll + hparams.retain_weight * retain_nll
+        return total, {"forget_nll": forget_nll.item(), "retain_nll": retain_nll.item()}
+
+    return apply_training(NAME, model, tokenizer, forget, list(retain or []), hparams, seed=seed,
+                          env=env, loss=loss,
+                          details={"loss": "-forget_weight*NLL(forget) + retain_weight*NLL(retain)"})

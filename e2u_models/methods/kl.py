@@ -1,0 +1,44 @@
+"""KL: ascend the forget NLL while keeping the output distribution on sampled retain rows close
+to the reference model's, L = −NLL(B_f) + w·KL(π_ref ‖ π_θ) on B_r (w = ``kl_weight``, 1 in the
+references).
+
+The reference is the model as it was just before unlearning (after ``finetune=`` when given,
+not the base model as in PISTOL's code). The KL is summed over the vocabulary and averaged over
+the retain batch's real positions (prompt and answer), padding excluded: the references divide by
+all B·L positions, so their value depends on the padding length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from e2u_models.methods.base import EditRequest, MethodEnv, MethodReport
+from e2u_models.methods.train import TrainHParams, apply_training, logits_of, masked_kl, nll
+from e2u_tasks.errors import E2UError
+
+NAME = "kl"
+KIND = "unlearning"
+USES_RETAIN = True
+
+
+@dataclass(frozen=True)
+class HyperParams(TrainHParams):
+    kl_weight: float = 1.0
+
+    def validate(self) -> None:
+        super().validate()
+        if self.kl_weight < 0:
+            raise E2UError(f"hparam kl_weight={self.kl_weight} must be >= 0")
+
+
+def apply(model, tokenizer, forget: list[EditRequest], retain: list[EditRequest] | None,
+          hparams: HyperParams, *, seed: int = 0, env: MethodEnv) -> MethodReport:
+    def loss(network, step, reference):
+        forget_nll = nll(network, step.forget)
+        kl = masked_kl(logits_of(network, step.retain, all_positions=True), reference.logits(step.retain),
+                       step.retain.attention_mask)
+        return -forget_nll + hparams.kl_weight * kl, {"forget_nll": forget_nll.item(), "retain_kl": kl.item()}
+
+    return apply_training(NAME, model, tokenizer, forget, list(retain or []), hparams, seed=seed,
+                          env=env, loss=loss, needs_reference=True,
+                          details={"loss": "-NLL(forget) + kl_weight*KL(ref||model) on retain"})
