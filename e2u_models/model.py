@@ -9,6 +9,7 @@ evaluation prompt is exactly the prompt a method edited.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import inspect
@@ -106,6 +107,27 @@ def _log_line(message: str) -> None:
     log.warning(message)
 
 
+def resource_usage(started: float, device: Any = None) -> dict[str, Any]:
+    """Run-card cost figures of a phase: wall seconds since ``started`` and peak memory so far.
+
+    ``peak_rss_bytes`` is the process's peak resident memory up to now (Unix ``getrusage``; absent
+    elsewhere); on CUDA, ``cuda_peak_bytes`` is the phase's peak allocation (the counter is reset,
+    so the next phase starts from zero).
+    """
+    usage: dict[str, Any] = {"seconds": round(time.perf_counter() - started, 3)}
+    try:
+        import resource
+
+        scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+        usage["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    except ImportError:  # Windows
+        pass
+    if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
+        usage["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
+        torch.cuda.reset_peak_memory_stats(device)
+    return usage
+
+
 def _package_versions() -> dict[str, str]:
     versions = {}
     for dist in ("e2u", "lm_eval", "torch", "transformers", "datasets", "rouge_score"):
@@ -165,7 +187,15 @@ class E2ULM(HFLM):
                 self.hparams.check_model(config)
         super().__init__(pretrained=pretrained, **kwargs)
         self.prompt_format = PromptFormat.for_tokenizer(self.tokenizer, chat_template, system_prompt)
-        self.method_report = self._apply_method()
+        self.model_sha256 = edit_model_sha256(self.model)  # content hash before the method
+        started = time.perf_counter()
+        # ``accelerate launch``: rank 0 edits (and fills the edit cache) first, then the other
+        # ranks run the same code and load that edit from the cache; see README "Beyond one machine".
+        accelerator = getattr(self, "accelerator", None)
+        with accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext():
+            self.method_report = self._apply_method()
+        self.run_card = {"edit": resource_usage(started, self.device)}
+        self._evaluation_started = time.perf_counter()
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict | None = None):
@@ -249,7 +279,7 @@ class E2ULM(HFLM):
 
     def _edit_inputs(self, forget: list[EditRequest], retain: list[EditRequest] | None) -> dict:
         """Everything an edit depends on besides the code (hashed into the edit cache key)."""
-        return {"model_sha256": edit_model_sha256(self.model), "method": self.method.NAME,
+        return {"model_sha256": self.model_sha256, "method": self.method.NAME,
                 "hparams": dataclasses.asdict(self.hparams), "seed": self.seed,
                 "forget": [dataclasses.asdict(r) for r in forget],
                 "retain": [dataclasses.asdict(r) for r in retain] if retain else None,
@@ -395,5 +425,9 @@ class E2ULM(HFLM):
             "model_source": self.model_source,
             "method_report": self.method_report.as_dict(),
             "packages": _package_versions(),
+            "model_sha256": self.model_sha256,
+            # lm-eval asks for this after evaluating: the evaluation phase ends here.
+            "run_card": {**self.run_card,
+                         "evaluation": resource_usage(self._evaluation_started, self.device)},
         }
         return info
