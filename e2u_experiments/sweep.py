@@ -64,7 +64,7 @@ class RunSpec:
         parts = head + [f"{k}-{_slug_value(v)}" for k, v in sorted(args.items())]
         if seed is not None:
             parts.append(f"seed-{_slug_value(seed)}")
-        slug = re.sub(r"[^A-Za-z0-9._=-]+", "_", "__".join(parts))
+        slug = re.sub(r"[^A-Za-z0-9._=+-]+", "_", "__".join(parts))
         if len(slug) > 150:
             slug = slug[:120] + "__" + json_sha256(self.model_args)[:12]
         return slug
