@@ -58,6 +58,7 @@ class Block:
     forget_seed: int | None
     limit: object
     rows: list[Row]
+    shared_options: dict[str, str] = field(default_factory=dict)
 
     @property
     def title(self) -> str:
@@ -66,6 +67,8 @@ class Block:
             text += f" (forget seed {self.forget_seed})"
         if self.limit is not None:
             text += f", limit {self.limit}"
+        if self.shared_options:
+            text += ", " + ", ".join(f"{k}={v}" for k, v in sorted(self.shared_options.items()))
         return text
 
     @property
@@ -85,18 +88,25 @@ def method_order(label: str) -> tuple:
 
 
 def build_blocks(runs: list[Run], iters: int, seed: int) -> list[Block]:
-    grouped: dict[tuple, dict[str, list[Run]]] = defaultdict(lambda: defaultdict(list))
+    grouped: dict[tuple, list[Run]] = defaultdict(list)
     for run in runs:
-        key = (run.model, run.dataset, run.forget_size, run.forget_seed, json.dumps(run.limit))
-        grouped[key][run.label].append(run)
+        grouped[(run.model, run.dataset, run.forget_size, run.forget_seed, json.dumps(run.limit))].append(run)
     blocks = []
-    for (model, dataset, size, fseed, limit), by_label in grouped.items():
+    for (model, dataset, size, fseed, limit), members in grouped.items():
+        # options every run of the block shares (dtype=float16, ...) describe the block, not a row
+        shared = dict(set.intersection(*(set(r.options.items()) for r in members)))
+        by_label: dict[str, list[Run]] = defaultdict(list)
+        for run in members:
+            own = {k: v for k, v in run.options.items() if k not in shared}
+            opts = ", ".join(f"{k}={v}" for k, v in sorted(own.items()))
+            by_label[f"{run.method} ({opts})" if opts else run.method].append(run)
         rows = []
         for label in sorted(by_label, key=method_order):
-            members = sorted(by_label[label], key=lambda r: str(r.seed))
-            rows.append(Row(label, members[0].method, members[0].options, members,
-                            [est.RunBootstrap(r, iters, seed) for r in members]))
-        blocks.append(Block(model, dataset, size, fseed, json.loads(limit), rows))
+            same = sorted(by_label[label], key=lambda r: str(r.seed))
+            options = {k: v for k, v in same[0].options.items() if k not in shared}
+            rows.append(Row(label, same[0].method, options, same,
+                            [est.RunBootstrap(r, iters, seed) for r in same]))
+        blocks.append(Block(model, dataset, size, fseed, json.loads(limit), rows, shared))
     return sorted(blocks, key=lambda b: (b.model, str(b.dataset), b.forget_size or 0, str(b.forget_seed)))
 
 

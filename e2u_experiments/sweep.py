@@ -214,7 +214,6 @@ def run_sweep(config: SweepConfig, shard: tuple[int, int] = (0, 1), dry_run: boo
     index, count = shard
     mine = [(i, run) for i, run in enumerate(config.runs) if i % count == index]
     total = len(config.runs)
-    config.output_dir.mkdir(parents=True, exist_ok=True)
     failed = []
     started_all = time.perf_counter()
     for i, run in mine:
@@ -226,6 +225,7 @@ def run_sweep(config: SweepConfig, shard: tuple[int, int] = (0, 1), dry_run: boo
         if dry_run:
             log(f"{head}: " + " ".join(_quote(a) for a in prefix + config.command(run, final)))
             continue
+        config.output_dir.mkdir(parents=True, exist_ok=True)
         log_file = config.output_dir / "logs" / f"{run.run_id}.log"
         log_file.parent.mkdir(parents=True, exist_ok=True)
         log(f"{head}: running ({run.label()}; log {log_file})")
