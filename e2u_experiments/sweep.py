@@ -28,6 +28,8 @@ import json
 import os
 import re
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -149,8 +151,9 @@ class SweepConfig:
                    limit=limit, lm_eval_args=[str(a) for a in extra], name=str(raw.get("name") or path.stem))
 
     def command(self, run: RunSpec, output_path: Path) -> list[str]:
-        """The lm-eval command of one run (e2u's wrapper: same flags as ``lm_eval``)."""
-        cmd = [sys.executable, "-m", "e2u_models.cli", "--model", "e2u",
+        """The lm-eval command of one run: ``e2u-lm-eval`` (lm-eval's CLI with e2u registered
+        whatever the start-up hook does; same defaults as ``lm_eval``, e2u's batch size included)."""
+        cmd = [*_lm_eval_executable(), "--model", "e2u",
                "--model_args", json.dumps(run.model_args), "--tasks", run.tasks,
                "--output_path", str(output_path)]
         if self.log_samples:
@@ -158,6 +161,11 @@ class SweepConfig:
         if self.limit is not None:
             cmd += ["--limit", str(self.limit)]
         return cmd + self.lm_eval_args
+
+
+def _lm_eval_executable() -> list[str]:
+    script = shutil.which("e2u-lm-eval", path=str(Path(sys.executable).parent)) or shutil.which("e2u-lm-eval")
+    return [script] if script else [sys.executable, "-m", "e2u_models.cli"]
 
 
 def _run_spec(path: Path, settings: dict[str, Any], tasks: Any) -> RunSpec:
@@ -211,6 +219,15 @@ def run_sweep(config: SweepConfig, shard: tuple[int, int] = (0, 1), dry_run: boo
     ``launcher`` prefixes every lm-eval command (``srun -n1 --gres=gpu:1``, ``flock <lockfile>``).
     """
     prefix = shlex.split(launcher) if launcher else []
+    # A terminated sweep stops its lm-eval run and removes the run's temporary folder.
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _run_all(config, shard, dry_run, prefix, log)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_all(config: SweepConfig, shard: tuple[int, int], dry_run: bool, prefix: list[str], log) -> int:
     index, count = shard
     mine = [(i, run) for i, run in enumerate(config.runs) if i % count == index]
     total = len(config.runs)
@@ -256,6 +273,10 @@ def run_sweep(config: SweepConfig, shard: tuple[int, int] = (0, 1), dry_run: boo
             f"{config.output_dir} ({time.perf_counter() - started_all:.0f} s)"
             + (f"; failed: {', '.join(failed)}" if failed else ""))
     return len(failed)
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def _tail(path: Path) -> str:
