@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from e2u_experiments.runs import METRICS, Run
+from e2u_experiments.runs import Run
 
 LEVEL = 0.95
 Z = 1.959963984540054
@@ -148,6 +148,3 @@ def rephrase_increase(runs: list[Run], boots: list[RunBootstrap], metric: str) -
     # No stderr of a difference of paired means can be had from the aggregate file: samples or none.
     return combine(values, [b.rephrase_increase(metric) for b in boots], [None] * len(runs), None)
 
-
-__all__ = ["Estimate", "RunBootstrap", "combine", "split_metric", "composite", "rephrase_increase",
-           "METRICS"]

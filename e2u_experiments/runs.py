@@ -108,7 +108,8 @@ def _parse_model_args(path: Path, value: Any) -> dict[str, Any]:
     raise _fail(path, f"config.model_args is a {type(value).__name__}, expected a mapping")
 
 
-def _number(path: Path, where: str, value: Any) -> float:
+def _number(value: Any) -> float:
+    """A metric value as float; NaN for what lm-eval writes when it has none ("N/A")."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         try:
             value = float(value)  # lm-eval writes "N/A" for stderr it could not compute
@@ -134,7 +135,7 @@ def _metrics(path: Path, data: dict) -> dict[str, dict[str, float]]:
                     continue
                 metric, _, filt = key.partition(",")
                 name = metric if filt == "none" else key
-                number = _number(path, f"{task}/{key}", value)
+                number = _number(value)
                 if math.isnan(number) and not metric.endswith("_stderr"):
                     raise _fail(path, f"{task} {key} = {value!r} is not a number")
                 values[name] = number

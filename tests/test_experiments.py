@@ -13,7 +13,7 @@ import pytest
 
 from e2u_experiments import figures
 from e2u_experiments.cli import main
-from e2u_experiments.runs import load_runs, read_run
+from e2u_experiments.runs import read_run
 from e2u_experiments.sweep import SweepConfig, run_sweep
 
 STAMP = "2026-11-28T10-00-00.000000"
