@@ -82,7 +82,7 @@ def radar(block, path: Path) -> str | None:
     angles = [2 * math.pi * i / len(labels) for i in range(len(labels))]
     fig = plt.figure(figsize=(5.6, 5.4))
     ax = fig.add_subplot(polar=True)
-    ax.set_rlabel_position(90)
+    ax.set_rlabel_position(75)
     ax.tick_params(axis="y", labelsize=6)
     for label, values in series:
         ax.plot(angles + angles[:1], values + values[:1], linewidth=1.4, label=label)
@@ -136,16 +136,18 @@ def merge_curve(block, path: Path) -> str | None:
         return None
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(8.0, 3.4))
-    for method, pts in sorted(curves.items()):
+    for number, (method, pts) in enumerate(sorted(curves.items())):
+        color = f"C{number}"  # one colour per method; forget dashed, retain solid
         ns = [n for n, _ in pts]
         comp = [r.composite() for _, r in pts]
         if all(c is not None for c in comp):
-            left.errorbar(ns, [c.value for c in comp], yerr=_errors(comp), marker="o", capsize=3, label=method)
+            left.errorbar(ns, [c.value for c in comp], yerr=_errors(comp), marker="o", capsize=3,
+                          color=color, label=method)
         for split, style in (("forget", "--"), ("retain", "-")):
             vals = [r.metric(split, "rouge1_recall") for _, r in pts]
             if all(v is not None for v in vals):
                 right.errorbar(ns, [v.value for v in vals], yerr=_errors(vals), marker="o", capsize=3,
-                               linestyle=style, label=f"{method} {split}")
+                               color=color, linestyle=style, label=f"{method} {split}")
     for ax in (left, right):
         ax.set_xlabel("questions merged per edit (n)")
         ax.set_xticks(sorted({n for pts in curves.values() for n, _ in pts}))
