@@ -41,7 +41,7 @@ from e2u_tasks.errors import E2UError
 FORMAT = "e2u-leaderboard/1"
 IDENTITY = ("model", "method", "options", "dataset", "forget_size", "forget_seed", "seed", "limit")
 ENTRY_KEYS = set(IDENTITY) | {"metrics", "run_card"}
-CARD_KEYS = ("packages", "hparams_sha256", "model_sha256", "data_sha256")
+CARD_KEYS = ("packages", "hparams_sha256", "model_sha256", "model_file_sha256", "data_sha256")
 EXIT_MOVED = 1
 
 

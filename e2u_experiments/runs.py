@@ -213,7 +213,8 @@ def run_card(data: dict) -> dict[str, Any]:
         "lm_eval_seeds": {k: config.get(k) for k in ("random_seed", "numpy_seed", "torch_seed", "fewshot_seed")
                           if k in config},
         "hparams_sha256": e2u.get("hparams_sha256"),
-        "model_sha256": e2u.get("model_sha256") or source.get("gguf_sha256") or config.get("model_sha"),
+        "model_sha256": e2u.get("model_sha256"),  # content hash of the weights before the method
+        "model_file_sha256": source.get("gguf_sha256") or config.get("model_sha"),  # file / hub revision
         "data_sha256": split.get("data_sha256"),
         "forget_row_indices": split.get("forget_row_indices"),
         "edit_seconds": report.get("seconds"),
