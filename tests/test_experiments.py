@@ -381,3 +381,16 @@ def test_shard_argument(capsys, tmp_path):
     path = sweep_file(tmp_path, "output_dir: o\n")
     code, _, err = run_cli(capsys, "sweep", str(path), "--shard", "3/3")
     assert code == 2 and "--shard '3/3' is not accepted" in err
+
+
+def test_dry_run_prints_commands_with_the_launcher_and_runs_nothing(tmp_path, capsys):
+    path = sweep_file(tmp_path, f"""\
+        output_dir: {tmp_path / 'out'}
+        lm_eval_args: [--device, cpu]
+        grid: [{{method: [none, memit]}}]
+        """)
+    code, out, _ = run_cli(capsys, "sweep", str(path), "--dry-run", "--launcher", "srun -n1 --gres=gpu:1")
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 2 and not (tmp_path / "out").exists()
+    assert lines[1].startswith("[2/2] smollm2-135m-instruct__tofu_factual__memit: srun -n1 --gres=gpu:1 ")
+    assert "--model e2u --model_args" in lines[1] and lines[1].endswith("--log_samples --device cpu")
