@@ -136,6 +136,7 @@ def merge_curve(block, path: Path) -> str | None:
         return None
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(8.0, 3.4))
+    fig.subplots_adjust(wspace=0.32)
     for number, (method, pts) in enumerate(sorted(curves.items())):
         color = f"C{number}"  # one colour per method; forget dashed, retain solid
         ns = [n for n, _ in pts]
