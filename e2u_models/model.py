@@ -9,6 +9,7 @@ evaluation prompt is exactly the prompt a method edited.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import inspect
@@ -116,7 +117,9 @@ def _is_greedy(gen_kwargs: dict) -> bool:
 
 def _cli_default_batch_size() -> bool:
     """True when lm-eval's CLI passed its default batch size 1 (no ``--batch_size`` flag)."""
-    if not sys.argv or os.path.basename(sys.argv[0]) not in CLI_NAMES:
+    program = sys.argv[0].replace("\\", "/") if sys.argv else ""
+    as_module = program.endswith(("lm_eval/__main__.py", "e2u_models/cli.py"))  # python -m ...
+    if os.path.basename(program) not in CLI_NAMES and not as_module:
         return False
     return not any(arg == "--batch_size" or arg.startswith("--batch_size=") for arg in sys.argv[1:])
 
@@ -141,6 +144,27 @@ def task_generation_kwargs() -> dict:
 
 def _log_line(message: str) -> None:
     log.warning(message)
+
+
+def resource_usage(started: float, device: Any = None) -> dict[str, Any]:
+    """Run-card cost figures of a phase: wall seconds since ``started`` and peak memory so far.
+
+    ``peak_rss_bytes`` is the process's peak resident memory up to now (Unix ``getrusage``; absent
+    elsewhere); on CUDA, ``cuda_peak_bytes`` is the phase's peak allocation (the counter is reset,
+    so the next phase starts from zero).
+    """
+    usage: dict[str, Any] = {"seconds": round(time.perf_counter() - started, 3)}
+    try:
+        import resource
+
+        scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+        usage["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    except ImportError:  # Windows
+        pass
+    if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
+        usage["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
+        torch.cuda.reset_peak_memory_stats(device)
+    return usage
 
 
 def _package_versions() -> dict[str, str]:
@@ -222,16 +246,25 @@ class E2ULM(HFLM):
                 self.hparams.check_model(config)
         super().__init__(pretrained=pretrained, **kwargs)
         self.prompt_format = PromptFormat.for_tokenizer(self.tokenizer, chat_template, system_prompt)
-        self.finetune_report = None
-        if self.finetune is not None:
-            # The model's preset (chosen by its config) now that the config is known.
-            self.finetune_source = resolve_hparams_path(FINETUNE_HPARAMS, finetune_hparams, self.model.config)
-            self.finetune_hparams = load_hparams(FinetuneHParams, FINETUNE_HPARAMS,
-                                                 self.finetune_source, recipe_overrides)
-            self.finetune_report = self._finetune()
-        self._unedited_sha256: str | None = None
-        self._resolve_targets()
-        self.method_report = self._apply_method()
+        started = time.perf_counter()
+        # ``accelerate launch``: rank 0 fine-tunes, writes targets and edits (filling the caches)
+        # first; the other ranks then run the same code and load all three from the caches (see
+        # README "Beyond one machine").
+        accelerator = getattr(self, "accelerator", None)
+        with accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext():
+            self.finetune_report = None
+            if self.finetune is not None:
+                # The model's preset (chosen by its config) now that the config is known.
+                self.finetune_source = resolve_hparams_path(FINETUNE_HPARAMS, finetune_hparams,
+                                                            self.model.config)
+                self.finetune_hparams = load_hparams(FinetuneHParams, FINETUNE_HPARAMS,
+                                                     self.finetune_source, recipe_overrides)
+                self.finetune_report = self._finetune()
+            self.model_sha256 = edit_model_sha256(self.model)  # content hash before the method
+            self._resolve_targets()
+            self.method_report = self._apply_method()
+        self.run_card = {"edit": resource_usage(started, self.device)}
+        self._evaluation_started = time.perf_counter()
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict | None = None):
@@ -279,12 +312,6 @@ class E2ULM(HFLM):
         args = {key: value for key, value in spec.as_dict().items() if value is not None}
         return {**args, "data_dir": spec.data_dir, "method": self.method.NAME, "top_m": self.top_m}
 
-    def _model_sha256(self) -> str:
-        """Content hash of the model before the method changed it (computed once)."""
-        if self._unedited_sha256 is None:
-            self._unedited_sha256 = edit_model_sha256(self.model)
-        return self._unedited_sha256
-
     def _resolve_targets(self) -> None:
         """Per-question targets: read from ``targets_file`` or written by the unedited model
         (``target=self``); then ``export_targets`` writes what the method will use."""
@@ -299,7 +326,7 @@ class E2ULM(HFLM):
                 self.model, self.tokenizer, self.prompt_format,
                 [{"index": i, "question": q, "answer": self.splits.rows[i]["answer"]}
                  for i, q in rows.items()],
-                self.seed, model_sha256=self._model_sha256(), cache_dir=self.cache_dir,
+                self.seed, model_sha256=self.model_sha256, cache_dir=self.cache_dir,
                 use_cache=self.use_cache, log=_log_line)
             self.targets = self.targets.with_rows({t.index: t.target for t in written})
             records = [dataclasses.asdict(t) for t in written]
@@ -387,7 +414,7 @@ class E2ULM(HFLM):
 
     def _edit_inputs(self, forget: list[EditRequest], retain: list[EditRequest] | None) -> dict:
         """Everything an edit depends on besides the code (hashed into the edit cache key)."""
-        return {"model_sha256": self._model_sha256(), "method": self.method.NAME,
+        return {"model_sha256": self.model_sha256, "method": self.method.NAME,
                 "hparams": dataclasses.asdict(self.hparams), "seed": self.seed,
                 "forget": [dataclasses.asdict(r) for r in forget],
                 "retain": [dataclasses.asdict(r) for r in retain] if retain else None,
@@ -543,5 +570,9 @@ class E2ULM(HFLM):
             "method_report": self.method_report.as_dict(),
             "finetune": self._finetune_info(),
             "packages": _package_versions(),
+            "model_sha256": self.model_sha256,
+            # lm-eval asks for this after evaluating: the evaluation phase ends here.
+            "run_card": {**self.run_card,
+                         "evaluation": resource_usage(self._evaluation_started, self.device)},
         }
         return info

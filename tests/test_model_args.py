@@ -68,6 +68,8 @@ def test_registry_none_method_is_a_real_noop(tiny_lm):
 @pytest.mark.parametrize("argv,given,expected", [
     (["lm_eval", "--model", "e2u"], 1, 64),  # the CLI's default: e2u's default applies
     (["lm_eval", "--model", "e2u", "--batch_size", "1"], 1, 1),
+    (["/x/site-packages/e2u_models/cli.py", "--model", "e2u"], 1, 64),  # python -m e2u_models.cli
+    (["/x/site-packages/lm_eval/__main__.py", "--model", "e2u"], 1, 64),  # python -m lm_eval
     (["python"], 1, 1),  # Python API: what the caller gave
 ])
 def test_batch_size_defaults(monkeypatch, tiny_model_dir, argv, given, expected):

@@ -1,0 +1,95 @@
+"""The ``e2u`` command: ``sweep``, ``report``, ``leaderboard``, ``regress``.
+
+Input problems print as one line (``e2u: error: ...``) and exit with status 2; ``regress`` exits
+with 1 when a number is outside its tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from e2u_tasks.errors import E2UError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="e2u", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sweep = sub.add_parser("sweep", help="run a grid of lm-eval runs (resumable)")
+    sweep.add_argument("config", help="sweep YAML (see e2u_experiments/sweep.py or configs/)")
+    sweep.add_argument("--output-dir", help="results folder (overrides the config's output_dir)")
+    sweep.add_argument("--shard", help="run only runs i, i+n, i+2n, ... : 'i/n' with 0 <= i < n")
+    sweep.add_argument("--dry-run", action="store_true", help="print each pending run's command")
+    sweep.add_argument("--launcher", default="",
+                       help="prefix of every lm-eval command, e.g. 'srun -n1 --gres=gpu:1'")
+
+    report = sub.add_parser("report", help="paper tables (Markdown, CSV) and figures (PNG)")
+    report.add_argument("results", nargs="+", help="folder(s) searched for results_*.json")
+    report.add_argument("--out", required=True, help="folder for the tables and figures")
+    report.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    report.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    report.add_argument("--case-study", type=int, default=6, help="questions in the case study")
+    report.add_argument("--no-figures", action="store_true", help="tables only")
+
+    board = sub.add_parser("leaderboard", help="write a leaderboard file from results")
+    board.add_argument("results", nargs="+", help="folder(s) searched for results_*.json")
+    board.add_argument("--out", required=True, help="leaderboard file to write (.yaml or .json)")
+    board.add_argument("--name", default="", help="a title for the leaderboard")
+    board.add_argument("--tolerance", type=float, default=1e-6,
+                       help="absolute tolerance of every metric (default 1e-6: same machine)")
+    board.add_argument("--note", default="", help="a sentence on where and how it was measured")
+
+    regress = sub.add_parser("regress", help="check results against a leaderboard (CI)")
+    regress.add_argument("--leaderboard", required=True, help="leaderboard file (.yaml or .json)")
+    regress.add_argument("--results", required=True, nargs="+", help="results folder(s)")
+    regress.add_argument("--tolerance", type=float, default=None,
+                         help="override every entry's tolerance (e.g. across machines)")
+    regress.add_argument("--allow-missing", action="store_true",
+                         help="leaderboard entries without a result are reported, not failures")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "sweep":
+            from e2u_experiments.sweep import SweepConfig, parse_shard, run_sweep
+
+            shard = parse_shard(args.shard)
+            config = SweepConfig.load(args.config, args.output_dir)
+            return 1 if run_sweep(config, shard, dry_run=args.dry_run, launcher=args.launcher,
+                                 log=_say) else 0
+        if args.command == "report":
+            from e2u_experiments.report import write_report
+
+            write_report(args.results, args.out, bootstrap=args.bootstrap, seed=args.seed,
+                         case_study=args.case_study, figures=not args.no_figures, log=_say)
+            return 0
+        if args.command == "leaderboard":
+            from e2u_experiments.leaderboard import write_leaderboard
+
+            write_leaderboard(args.results, args.out, name=args.name, tolerance=args.tolerance,
+                              note=args.note, log=_say)
+            return 0
+        if args.command == "regress":
+            from e2u_experiments.leaderboard import regress
+
+            return regress(args.leaderboard, args.results, tolerance=args.tolerance,
+                           allow_missing=args.allow_missing, log=_say)
+    except E2UError as exc:
+        print(f"e2u: error: {exc}", file=sys.stderr)
+        return 2
+    return 2
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def entry_point() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

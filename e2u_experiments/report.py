@@ -1,0 +1,298 @@
+"""``e2u report <results dir> --out <dir>``: the paper's tables and figures from lm-eval results.
+
+Writes ``report.md`` (every table, the figures inline, the run cards, how the intervals were
+computed), ``table1.csv`` (forget and retain x ROUGE-1 / prob / MRR / hit, composite),
+``table2.csv`` (rephrased forget set and its increase over the plain forget set),
+``runcards.csv``, ``case_study.md`` (answers before / after, Fig. 5) and, with matplotlib
+(``pip install e2u[report]``), the PNG figures: composite bars and forget/retain/rephrase radar
+(Fig. 3), composite vs number of forget samples (Fig. 4), query merging (Fig. 6 right).
+
+Runs are grouped into *blocks* (model, dataset, forget size, forget seed, limit); a table row is a
+method with its options; several seeds of one row are averaged (see :mod:`estimates`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from e2u_experiments import estimates as est
+from e2u_experiments.runs import METRICS, Run, load_runs
+from e2u_tasks.errors import E2UError
+
+METRIC_TITLES = {"rouge1_recall": "ROUGE-1", "prob": "Prob", "mrr": "MRR", "hit_rate": "Hit"}
+
+
+@dataclass
+class Row:
+    """One table row: a method (with options) in a block, one run per seed."""
+
+    label: str
+    method: str
+    options: dict[str, str]
+    runs: list[Run]
+    boots: list[est.RunBootstrap] = field(default_factory=list)
+
+    def metric(self, split: str, metric: str) -> est.Estimate | None:
+        return est.split_metric(self.runs, self.boots, split, metric)
+
+    def composite(self) -> est.Estimate | None:
+        return est.composite(self.runs, self.boots)
+
+    def increase(self, metric: str) -> est.Estimate | None:
+        return est.rephrase_increase(self.runs, self.boots, metric)
+
+    @property
+    def seeds(self) -> list:
+        return sorted({r.seed for r in self.runs}, key=str)
+
+
+@dataclass
+class Block:
+    model: str
+    dataset: str | None
+    forget_size: int | None
+    forget_seed: int | None
+    limit: object
+    rows: list[Row]
+    shared_options: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def title(self) -> str:
+        text = f"{Path(self.model).name}, {self.dataset}, {self.forget_size} forget rows"
+        if self.forget_seed not in (None, 0):
+            text += f" (forget seed {self.forget_seed})"
+        if self.limit is not None:
+            text += f", limit {self.limit}"
+        if self.shared_options:
+            text += ", " + ", ".join(f"{k}={v}" for k, v in sorted(self.shared_options.items()))
+        return text
+
+    @property
+    def slug(self) -> str:
+        parts = [Path(self.model).name, str(self.dataset), f"n{self.forget_size}"]
+        if self.forget_seed not in (None, 0):
+            parts.append(f"fs{self.forget_seed}")
+        if self.limit is not None:
+            parts.append(f"limit{self.limit}")
+        return "_".join(p.replace("/", "-") for p in parts)
+
+
+def method_order(label: str) -> tuple:
+    """``none`` first, then methods alphabetically, each plain before its variants."""
+    base = label.split(" ")[0]
+    return (base != "none", base, label != base, label)
+
+
+def build_blocks(runs: list[Run], iters: int, seed: int) -> list[Block]:
+    grouped: dict[tuple, list[Run]] = defaultdict(list)
+    for run in runs:
+        grouped[(run.model, run.dataset, run.forget_size, run.forget_seed, json.dumps(run.limit))].append(run)
+    blocks = []
+    for (model, dataset, size, fseed, limit), members in grouped.items():
+        # options every run of the block shares (dtype=float16, ...) describe the block, not a row
+        shared = dict(set.intersection(*(set(r.options.items()) for r in members)))
+        by_label: dict[str, list[Run]] = defaultdict(list)
+        for run in members:
+            own = {k: v for k, v in run.options.items() if k not in shared}
+            opts = ", ".join(f"{k}={v}" for k, v in sorted(own.items()))
+            by_label[f"{run.method} ({opts})" if opts else run.method].append(run)
+        rows = []
+        for label in sorted(by_label, key=method_order):
+            same = sorted(by_label[label], key=lambda r: str(r.seed))
+            options = {k: v for k, v in same[0].options.items() if k not in shared}
+            rows.append(Row(label, same[0].method, options, same,
+                            [est.RunBootstrap(r, iters, seed) for r in same]))
+        blocks.append(Block(model, dataset, size, fseed, json.loads(limit), rows, shared))
+    return sorted(blocks, key=lambda b: (b.model, str(b.dataset), b.forget_size or 0, str(b.forget_seed)))
+
+
+def _cell(estimate: est.Estimate | None, signed: bool = False) -> str:
+    return "–" if estimate is None else estimate.cell(signed)
+
+
+def _seeds_note(row: Row) -> str:
+    return f" ({len(row.seeds)} seeds)" if len(row.seeds) > 1 else ""
+
+
+def table1_markdown(block: Block) -> list[str]:
+    head = ["method"] + [f"{split} {METRIC_TITLES[m]}" for split in ("forget", "retain") for m in METRICS]
+    lines = ["| " + " | ".join(head + ["composite"]) + " |", "|" + "---|" * (len(head) + 1)]
+    for row in block.rows:
+        cells = [row.label + _seeds_note(row)]
+        cells += [_cell(row.metric(split, m)) for split in ("forget", "retain") for m in METRICS]
+        cells.append(_cell(row.composite()))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def table2_markdown(block: Block) -> list[str]:
+    head = ["method"] + [f"rephrase {METRIC_TITLES[m]} (increase over forget)" for m in METRICS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in block.rows:
+        cells = [row.label + _seeds_note(row)]
+        for m in METRICS:
+            cells.append(f"{_cell(row.metric('rephrase', m))} ({_cell(row.increase(m), signed=True)})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _gib(value) -> str:
+    return "–" if value is None else f"{value / 2**30:.1f}"
+
+
+def _card_numbers(run: Run) -> dict:
+    card = run.card.get("run_card") or {}
+    edit, evaluation = card.get("edit") or {}, card.get("evaluation") or {}
+    return {"edit_s": edit.get("seconds", run.card.get("edit_seconds")),
+            "eval_s": evaluation.get("seconds"),
+            "edit_peak_rss_gib": _gib(edit.get("peak_rss_bytes")),
+            "eval_peak_rss_gib": _gib(evaluation.get("peak_rss_bytes")),
+            "cuda_peak_gib": _gib(max([p for p in (edit.get("cuda_peak_bytes"), evaluation.get("cuda_peak_bytes"))
+                                       if p is not None], default=None)),
+            "unreached": run.card.get("unreached", 0),
+            "hparams_sha256": (run.card.get("hparams_sha256") or "")[:12],
+            "model_sha256": (run.card.get("model_sha256") or "")[:12],
+            "packages": ", ".join(f"{k} {v}" for k, v in (run.card.get("packages") or {}).items() if v),
+            "file": str(run.path)}
+
+
+def runcard_markdown(block: Block) -> list[str]:
+    lines = ["| method | seed | edit s | eval s | peak RSS edit / eval GiB | unreached edits | hparams sha256 | model sha256 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in block.rows:
+        for run in row.runs:
+            c = _card_numbers(run)
+            lines.append(f"| {row.label} | {run.seed} | {c['edit_s'] if c['edit_s'] is not None else '–'} | "
+                         f"{c['eval_s'] if c['eval_s'] is not None else '–'} | "
+                         f"{c['edit_peak_rss_gib']} / {c['eval_peak_rss_gib']} | {c['unreached']} | "
+                         f"`{c['hparams_sha256']}` | `{c['model_sha256']}` |")
+    return lines
+
+
+def _estimate_columns(prefix: str, estimate: est.Estimate | None) -> dict:
+    if estimate is None:
+        return {prefix: "", f"{prefix}_low": "", f"{prefix}_high": "", f"{prefix}_seed_sd": ""}
+    return {prefix: f"{estimate.value:.6f}",
+            f"{prefix}_low": "" if estimate.low is None else f"{estimate.low:.6f}",
+            f"{prefix}_high": "" if estimate.high is None else f"{estimate.high:.6f}",
+            f"{prefix}_seed_sd": "" if estimate.sd is None else f"{estimate.sd:.6f}"}
+
+
+def _block_columns(block: Block, row: Row) -> dict:
+    ci_kinds = {e.kind for e in (row.metric("forget", "rouge1_recall"), row.composite()) if e}
+    return {"model": block.model, "dataset": block.dataset, "forget_size": block.forget_size,
+            "forget_seed": block.forget_seed, "limit": block.limit, "method": row.method,
+            "options": json.dumps(row.options, sort_keys=True), "label": row.label,
+            "seeds": " ".join(map(str, row.seeds)), "ci": "/".join(sorted(ci_kinds))}
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def case_study_markdown(blocks: list[Block], questions: int) -> list[str]:
+    """Answers of every method next to the un-edited model's, for a few forget (and retain) rows."""
+    lines = ["# Case study: answers before and after (Fig. 5)", ""]
+    for block in blocks:
+        rows = [r for r in block.rows if any(run.samples for run in r.runs)]
+        if not rows:
+            continue
+        lines += [f"## {block.title}", ""]
+        for split, count in (("forget", questions), ("rephrase", max(1, questions // 3)),
+                             ("retain", max(1, questions // 3))):
+            docs: dict[int, dict] = {}
+            answers: dict[str, dict[int, str]] = {}
+            for row in rows:
+                run = row.runs[0]  # first seed
+                for doc in run.samples.get(run.task_for(split) or "", []):
+                    docs.setdefault(doc["doc_id"], doc)
+                    answers.setdefault(row.label, {})[doc["doc_id"]] = doc.get("generation") or ""
+            if not docs:
+                continue
+            lines += [f"### {split} questions", ""]
+            for doc_id in sorted(docs)[:count]:
+                doc = docs[doc_id]
+                lines += [f"**Q (row {doc.get('index')}):** {doc['question']}  ", f"**gold:** {doc['answer']}", ""]
+                lines += ["| method | answer |", "|---|---|"]
+                for row in rows:
+                    text = answers.get(row.label, {}).get(doc_id)
+                    if text is not None:
+                        shown = " ".join(text.split()).replace("|", "\\|") or "*(empty)*"
+                        lines.append(f"| {row.label} | {shown} |")
+                lines.append("")
+    if len(lines) == 2:
+        lines.append("No per-document samples in these results: run lm-eval with `--log_samples`.")
+    return lines
+
+
+def write_report(folders: list[str], out: str, bootstrap: int = 1000, seed: int = 0,
+                 case_study: int = 6, figures: bool = True, log=print) -> Path:
+    if bootstrap < 100:
+        raise E2UError(f"--bootstrap {bootstrap} is too few resamples for a 95% interval; use >= 100")
+    runs = load_runs(folders, log=log)
+    blocks = build_blocks(runs, bootstrap, seed)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figure_files: dict[str, list[str]] = {}
+    if figures:
+        from e2u_experiments import figures as fig
+
+        if fig.available():
+            figure_files = fig.write_figures(blocks, out_dir, log=log)
+        else:
+            log("e2u: figures need matplotlib: pip install e2u[report] (tables written without them)")
+    samples = sum(1 for r in runs if r.samples)
+    md = ["# e2u report", "",
+          f"{len(runs)} runs from {', '.join(map(str, folders))}. Cells: value [95% interval]; "
+          f"intervals are bootstrap percentile intervals over documents ({bootstrap} resamples, "
+          f"seed {seed}) for the {samples} runs with per-document samples; `≈` marks a normal "
+          "interval from lm-eval's standard error (no `--log_samples`). With several seeds: "
+          "mean ± standard deviation across seeds. Forget/rephrase: lower is better; retain and "
+          "composite (1 − R1@forget + R1@retain): higher is better.", ""]
+    t1_rows, t2_rows, card_rows = [], [], []
+    for block in blocks:
+        md += [f"## {block.title}", "", "### Table 1: forget and retain sets", ""]
+        md += table1_markdown(block) + ["", "### Table 2: rephrased forget set (increase over the plain forget set)", ""]
+        md += table2_markdown(block) + [""]
+        for name in figure_files.get(block.slug, []):
+            md += [f"![{name}]({name})", ""]
+        md += ["### Run cards", ""] + runcard_markdown(block) + [""]
+        for row in block.rows:
+            base = _block_columns(block, row)
+            t1 = dict(base)
+            for split in ("forget", "retain"):
+                for m in METRICS:
+                    t1.update(_estimate_columns(f"{split}_{m}", row.metric(split, m)))
+            t1.update(_estimate_columns("composite", row.composite()))
+            t1_rows.append(t1)
+            t2 = dict(base)
+            for m in METRICS:
+                t2.update(_estimate_columns(f"rephrase_{m}", row.metric("rephrase", m)))
+                t2.update(_estimate_columns(f"rephrase_{m}_increase", row.increase(m)))
+            t2_rows.append(t2)
+            for run in row.runs:
+                card_rows.append({**base, "seed": run.seed, **_card_numbers(run)})
+    for name in figure_files.get("", []):
+        md += [f"![{name}]({name})", ""]
+    md += ["Case study (answers before/after): [case_study.md](case_study.md)", ""]
+    (out_dir / "report.md").write_text("\n".join(md), encoding="utf-8")
+    (out_dir / "case_study.md").write_text("\n".join(case_study_markdown(blocks, case_study)), encoding="utf-8")
+    _write_csv(out_dir / "table1.csv", t1_rows)
+    _write_csv(out_dir / "table2.csv", t2_rows)
+    _write_csv(out_dir / "runcards.csv", card_rows)
+    (out_dir / "bootstrap.json").write_text(json.dumps(
+        {"iters": bootstrap, "seed": seed, "level": est.LEVEL, "method": "percentile, documents "
+         "resampled with replacement per split; composite: forget and retain independently; "
+         "rephrase increase: forget/rephrase pairs"}, indent=1), encoding="utf-8")
+    log(f"e2u: report of {len(runs)} runs in {len(blocks)} block(s) written to {out_dir}")
+    return out_dir

@@ -1,0 +1,396 @@
+"""``e2u sweep`` / ``report`` / ``leaderboard`` / ``regress`` on synthetic lm-eval results files
+(same layout as lm-eval 0.4.13 writes with ``--model e2u --log_samples``): milliseconds each."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from e2u_experiments import figures
+from e2u_experiments.cli import main
+from e2u_experiments.runs import read_run
+from e2u_experiments.sweep import SweepConfig, run_sweep
+
+STAMP = "2026-11-28T10-00-00.000000"
+
+
+def write_result(folder: Path, method: str = "none", options: dict | None = None, seed: int = 0,
+                 forget: list[float] | None = None, retain: list[float] | None = None,
+                 rephrase: list[float] | None = None, samples: bool = True, forget_size: int | None = None,
+                 limit=None, stamp: str = STAMP) -> Path:
+    """One run's results_*.json (+ samples_*.jsonl) with per-document ROUGE-1 values given;
+    prob/mrr/hit are derived from them so every metric differs between documents."""
+    forget = forget if forget is not None else [1.0, 0.5, 0.0, 1.0]
+    retain = retain if retain is not None else [1.0, 1.0, 0.5, 0.0, 0.5]
+    rephrase = rephrase if rephrase is not None else [x * 0.5 for x in forget]
+    forget_rows = list(range(0, 2 * len(forget), 2))
+    retain_rows = [i for i in range(2 * len(forget) + len(retain)) if i not in forget_rows][:len(retain)]
+    docs = {"forget": list(zip(forget_rows, forget)), "retain": list(zip(retain_rows, retain)),
+            "rephrase": list(zip(forget_rows, rephrase))}
+    out = folder / "smollm2-135m-instruct"
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for split, rows in docs.items():
+        task = f"tofu_{split}"
+        per_doc = [_doc_metrics(split, r1) for _, r1 in rows]
+        row = {"name": task, "alias": task, "sample_len": len(rows)}
+        for metric in per_doc[0]:
+            values = [d[metric] for d in per_doc]
+            row[f"{metric},none"] = sum(values) / len(values)
+            row[f"{metric}_stderr,none"] = 0.01
+        results[task] = row
+        if samples:
+            with open(out / f"samples_{task}_{stamp}.jsonl", "w") as handle:
+                for doc_id, ((index, r1), metrics) in enumerate(zip(rows, per_doc)):
+                    response = {"generation": f"answer {method} {index}", "tokens": [1], "logprobs": [-1.0], "ranks": [1]}
+                    handle.write(json.dumps({
+                        "doc_id": doc_id, "doc": {"index": index, "question": f"Question {index}?",
+                                                  "answer": f"gold {index}", "split": split},
+                        "target": f"gold {index}", "resps": [[str(response)]], "filtered_resps": [str(response)],
+                        "filter": "none", **metrics}) + "\n")
+    composite = 1 - results["tofu_forget"]["rouge1_recall,none"] + results["tofu_retain"]["rouge1_recall,none"]
+    group = {"alias": "tofu_factual", "name": "tofu_factual", "composite,none": composite,
+             "composite_stderr,none": 0.05}
+    results["tofu_factual"] = group
+    model_args = {"pretrained": "smollm2-135m-instruct", "method": method, "seed": seed, **(options or {})}
+    if forget_size is not None:
+        model_args["forget_size"] = forget_size
+    data = {
+        "results": results, "groups": {"tofu_factual": group},
+        "config": {"model": "e2u", "model_args": model_args, "limit": limit, "random_seed": 0,
+                   "e2u": {"method": method, "seed": seed, "hparams": {"merge": 1, **(options or {})},
+                           "hparams_sha256": "ab" * 32,
+                           "split": {"dataset": "tofu_factual", "forget_rows": forget_size or len(forget),
+                                     "forget_seed": 0, "data_sha256": "cd" * 32,
+                                     "forget_row_indices": forget_rows},
+                           "model_source": {"pretrained": "smollm2-135m-instruct", "gguf_sha256": "ef" * 32},
+                           "method_report": {"seconds": 12.5, "details": {"verification": {"unreached": [0]}}},
+                           "packages": {"e2u": "0.1.0", "torch": "2.13.0+cpu"},
+                           "run_card": {"edit": {"seconds": 12.5, "peak_rss_bytes": 2 * 2**30},
+                                        "evaluation": {"seconds": 80.0, "peak_rss_bytes": 3 * 2**30}}}},
+    }
+    path = out / f"results_{stamp}.json"
+    path.write_text(json.dumps(data, indent=1))
+    return path
+
+
+def _doc_metrics(split: str, r1: float) -> dict[str, float]:
+    metrics = {"rouge1_recall": r1, "prob": 0.1 * r1 + 0.01, "mrr": 0.5 * r1 + 0.1, "hit_rate": 0.2 + 0.8 * r1}
+    if split != "rephrase":
+        metrics["composite"] = 2 * (1 - r1) if split == "forget" else 2 * r1
+    return metrics
+
+
+@pytest.fixture
+def results_dir(tmp_path) -> Path:
+    root = tmp_path / "results"
+    write_result(root / "none")
+    write_result(root / "rome", "rome", forget=[0.0, 0.0, 0.5, 0.0], retain=[0.5, 1.0, 0.0, 0.0, 0.5])
+    write_result(root / "rome_m5", "rome", {"merge": 5}, forget=[0.5, 0.0, 0.0, 0.5])
+    return root
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# ------------------------------------------------------------------ results
+
+def test_a_results_file_reads_into_a_run(results_dir):
+    run = read_run(next((results_dir / "rome_m5").rglob("results_*.json")))
+    assert (run.method, run.options, run.label) == ("rome", {"merge": "5"}, "rome (merge=5)")
+    assert (run.dataset, run.forget_size, run.seed) == ("tofu_factual", 4, 0)
+    assert run.split_value("forget", "rouge1_recall") == pytest.approx(0.25)
+    assert run.composite() == pytest.approx(1 - 0.25 + 0.6)
+    assert [d["generation"] for d in run.samples["tofu_forget"]][:2] == ["answer rome 0", "answer rome 2"]
+    assert run.card["run_card"]["evaluation"]["seconds"] == 80.0
+
+
+# ------------------------------------------------------------------ report
+
+def test_report_writes_tables_with_bootstrap_intervals(results_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    code, stdout, _ = run_cli(capsys, "report", str(results_dir), "--out", str(out), "--no-figures")
+    assert code == 0
+    md = (out / "report.md").read_text()
+    assert "Table 1" in md and "Table 2" in md and "rome (merge=5)" in md
+    rows = {r["label"]: r for r in csv.DictReader(open(out / "table1.csv"))}
+    assert list(rows) == ["none", "rome", "rome (merge=5)"]  # none first, plain before variants
+    none = rows["none"]
+    assert float(none["forget_rouge1_recall"]) == pytest.approx(0.625)
+    assert float(none["forget_rouge1_recall_low"]) <= 0.625 <= float(none["forget_rouge1_recall_high"])
+    assert float(none["forget_rouge1_recall_low"]) < float(none["forget_rouge1_recall_high"])
+    assert none["ci"] == "bootstrap"
+    assert float(none["composite"]) == pytest.approx(1 - 0.625 + 0.6)
+    # the rephrase increase is paired per row: every rephrase value is half its forget value
+    t2 = {r["label"]: r for r in csv.DictReader(open(out / "table2.csv"))}
+    assert float(t2["none"]["rephrase_rouge1_recall_increase"]) == pytest.approx(-0.3125)
+    assert float(t2["none"]["rephrase_rouge1_recall_increase_high"]) <= 0.0
+    cards = list(csv.DictReader(open(out / "runcards.csv")))
+    assert cards[0]["edit_s"] == "12.5" and cards[0]["eval_peak_rss_gib"] == "3.0"
+    case = (out / "case_study.md").read_text()
+    assert "Question 0?" in case and "answer rome 0" in case and "answer none 0" in case
+    assert json.loads((out / "bootstrap.json").read_text())["iters"] == 1000
+
+
+def test_report_is_reproducible_and_seeded(results_dir, tmp_path, capsys):
+    outs = []
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        run_cli(capsys, "report", str(results_dir), "--out", str(tmp_path / name), "--no-figures", "--seed", seed)
+        outs.append((tmp_path / name / "table1.csv").read_text())
+    assert outs[0] == outs[1] and outs[0] != outs[2]
+
+
+def test_several_seeds_give_mean_and_spread(tmp_path, capsys):
+    root = tmp_path / "results"
+    write_result(root / "s0", "memit", seed=0, forget=[0.0, 0.0, 0.0, 0.0])
+    write_result(root / "s1", "memit", seed=1, forget=[0.5, 0.5, 0.5, 0.5])
+    run_cli(capsys, "report", str(root), "--out", str(tmp_path / "r"), "--no-figures")
+    (row,) = csv.DictReader(open(tmp_path / "r" / "table1.csv"))
+    assert row["seeds"] == "0 1"
+    assert float(row["forget_rouge1_recall"]) == pytest.approx(0.25)
+    assert float(row["forget_rouge1_recall_seed_sd"]) == pytest.approx(0.35355, abs=1e-4)
+    assert "(2 seeds)" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_without_samples_the_interval_is_the_marked_normal_one(tmp_path, capsys):
+    root = tmp_path / "results"
+    write_result(root / "a", samples=False)
+    run_cli(capsys, "report", str(root), "--out", str(tmp_path / "r"), "--no-figures")
+    (row,) = csv.DictReader(open(tmp_path / "r" / "table1.csv"))
+    assert row["ci"] == "normal"
+    assert float(row["forget_rouge1_recall_low"]) == pytest.approx(0.625 - 1.96 * 0.01, abs=1e-3)
+    assert "[≈" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_report_without_matplotlib_writes_tables_and_says_so(results_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(figures, "available", lambda: False)
+    code, stdout, _ = run_cli(capsys, "report", str(results_dir), "--out", str(tmp_path / "r"))
+    assert code == 0 and (tmp_path / "r" / "table1.csv").is_file()
+    lines = [line for line in stdout.splitlines() if "need matplotlib" in line]
+    assert lines == ["e2u: figures need matplotlib: pip install e2u[report] (tables written without them)"]
+    assert not list((tmp_path / "r").glob("*.png"))
+
+
+@pytest.mark.skipif(not figures.available(), reason="pip install e2u[report]")
+def test_report_figures(results_dir, tmp_path, capsys):
+    for size in (2, 8):  # Fig. 4 needs two forget-set sizes
+        write_result(results_dir / f"n{size}", "rome", forget=[0.0] * size, forget_size=size)
+    run_cli(capsys, "report", str(results_dir), "--out", str(tmp_path / "r"))
+    names = sorted(p.name for p in (tmp_path / "r").glob("*.png"))
+    assert any(n.startswith("fig3_composite_") for n in names)
+    assert any(n.startswith("fig3_radar_") for n in names)
+    assert any(n.startswith("fig4_forget_size_") for n in names)
+    assert any(n.startswith("fig6_merge_") for n in names)  # rome at merge 1 and 5
+    assert all((tmp_path / "r" / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names)
+
+
+# ------------------------------------------------------------------ leaderboard and regress
+
+@pytest.fixture
+def board(results_dir, tmp_path, capsys) -> Path:
+    path = tmp_path / "board.yaml"
+    assert run_cli(capsys, "leaderboard", str(results_dir), "--out", str(path))[0] == 0
+    return path
+
+
+def test_results_pass_their_own_leaderboard(board, results_dir, capsys):
+    code, out, _ = run_cli(capsys, "regress", "--leaderboard", str(board), "--results", str(results_dir))
+    assert code == 0, out
+    assert "all 45 numbers of 3 run(s) within tolerance" in out
+
+
+def test_a_perturbed_number_fails_and_is_named(board, results_dir, capsys):
+    path = next((results_dir / "rome_m5").rglob("results_*.json"))
+    data = json.loads(path.read_text())
+    data["results"]["tofu_retain"]["mrr,none"] += 0.001
+    path.write_text(json.dumps(data))
+    code, out, _ = run_cli(capsys, "regress", "--leaderboard", str(board), "--results", str(results_dir))
+    assert code == 1
+    assert "1 of 45 numbers outside tolerance" in out
+    (line,) = [l for l in out.splitlines() if "tofu_retain/mrr" in l]
+    assert "rome (merge=5)" in line and "0.4" in line and "1e-06" in line and "+0.001" in line
+    # a wider tolerance (across machines) accepts it
+    assert run_cli(capsys, "regress", "--leaderboard", str(board), "--results", str(results_dir),
+                   "--tolerance", "0.01")[0] == 0
+
+
+def test_a_missing_run_fails_unless_allowed(board, results_dir, capsys):
+    import shutil
+
+    shutil.rmtree(results_dir / "rome")
+    code, out, _ = run_cli(capsys, "regress", "--leaderboard", str(board), "--results", str(results_dir))
+    assert code == 1 and "missing: no result for smollm2-135m-instruct rome tofu_factual" in out
+    assert run_cli(capsys, "regress", "--leaderboard", str(board), "--results", str(results_dir),
+                   "--allow-missing")[0] == 0
+
+
+def test_run_card_differences_are_notes(board, results_dir, capsys):
+    path = next((results_dir / "none").rglob("results_*.json"))
+    data = json.loads(path.read_text())
+    data["config"]["e2u"]["packages"]["torch"] = "2.14.0"
+    path.write_text(json.dumps(data))
+    code, out, _ = run_cli(capsys, "regress", "--leaderboard", str(board), "--results", str(results_dir))
+    assert code == 0 and "run card differs: packages: torch 2.13.0+cpu -> 2.14.0" in out
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("entries: [", "is not valid YAML"),
+    ("- 1\n- 2\n", "must be a mapping with 'format' and 'entries'"),
+    ("format: other/1\nentries: []\n", "format is 'other/1'; expected 'e2u-leaderboard/1'"),
+    ("format: e2u-leaderboard/1\nentries: []\n", "'entries' must be a non-empty list"),
+    ("format: e2u-leaderboard/1\nentries: [{model: m, method: rome}]\n", "entry 1 lacks metrics"),
+    ("format: e2u-leaderboard/1\nentries: [{model: m, method: rome, metric: {}}]\n",
+     "entry 1 lacks metrics"),
+    ("format: e2u-leaderboard/1\nentries: [{model: m, method: rome, metrics: {t: {r: {value: x, tolerance: 0}}}}]\n",
+     "entry 1 (rome): t/r needs a numeric 'value'"),
+    ("format: e2u-leaderboard/1\nentries: [{model: m, method: rome, metrics: {t: {r: {value: 1}}}}]\n",
+     "entry 1 (rome): t/r needs a 'tolerance' >= 0 (got None)"),
+    ("format: e2u-leaderboard/1\nentries: [{model: m, method: rome, colour: red, metrics: {t: {r: {value: 1, tolerance: 0}}}}]\n",
+     "entry 1 (rome) has unknown key(s) colour"),
+])
+def test_a_malformed_leaderboard_is_one_line_naming_file_and_problem(text, problem, results_dir, tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    code, out, err = run_cli(capsys, "regress", "--leaderboard", str(path), "--results", str(results_dir))
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith(f"e2u: error: leaderboard file {path}: ")
+    assert problem in err
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("{not json", "is not valid JSON"),
+    ("[1, 2]", "is not a JSON object"),
+    ('{"config": {}}', "no 'results' mapping of tasks"),
+    ('{"results": {"tofu_forget": {"rouge1_recall,none": "high"}}}', "tofu_forget rouge1_recall,none = 'high' is not a number"),
+    ('{"results": {"tofu_forget": {}}, "config": {"model_args": 7}}', "config.model_args is a int"),
+])
+def test_a_malformed_results_file_is_one_line_naming_file_and_problem(content, problem, board, tmp_path, capsys):
+    bad = tmp_path / "bad" / "m" / "results_2026.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text(content)
+    for argv in (["regress", "--leaderboard", str(board), "--results", str(tmp_path / "bad")],
+                 ["report", str(tmp_path / "bad"), "--out", str(tmp_path / "r"), "--no-figures"]):
+        code, out, err = run_cli(capsys, *argv)
+        assert code == 2 and err.count("\n") == 1
+        assert err.startswith(f"e2u: error: results file {bad}: ") and problem in err
+
+
+def test_an_empty_results_folder_is_one_line(board, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(capsys, "regress", "--leaderboard", str(board), "--results", str(tmp_path / "empty"))
+    assert code == 2 and "no results_*.json under it" in err
+
+
+# ------------------------------------------------------------------ sweep
+
+def sweep_file(tmp_path, body: str) -> Path:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def test_sweep_grid_is_a_union_of_products(tmp_path):
+    path = sweep_file(tmp_path, """\
+        output_dir: out
+        common: {model: smollm2-135m-instruct, forget_size: 40, seed: 0}
+        grid:
+          - method: [none, rome, memit]
+          - method: [rome, memit]
+            merge: [1, 5]
+            layers: [[3, 4]]
+          - method: [none]
+        """)
+    config = SweepConfig.load(path)
+    ids = [r.run_id for r in config.runs]
+    assert len(ids) == 7 == len(set(ids))  # the second 'none' is the same run
+    assert ids[0] == "smollm2-135m-instruct__tofu_factual__none__forget_size-40__seed-0"
+    assert "smollm2-135m-instruct__tofu_factual__rome__forget_size-40__layers-3+4__merge-5__seed-0" in ids
+    run = config.runs[-1]
+    assert run.model_args == {"pretrained": "smollm2-135m-instruct", "forget_size": 40, "seed": 0,
+                              "method": "memit", "merge": 5, "layers": [3, 4]}
+    cmd = config.command(run, Path("x"))
+    assert cmd[cmd.index("--tasks") + 1] == "tofu_factual" and "--log_samples" in cmd
+    assert json.loads(cmd[cmd.index("--model_args") + 1]) == run.model_args
+
+
+@pytest.mark.parametrize("body, problem", [
+    ("output_dir: o\ncolour: red\n", "unknown key(s) colour"),
+    ("output_dir: o\ngrid: [{method: rome}]\n", "grid block 1, key 'method': give a non-empty list"),
+    ("output_dir: o\nlm_eval_args: [--tasks, x]\n", "lm_eval_args must not set --tasks"),
+    ("grid: [{method: [rome]}]\n", "no output_dir"),
+    ("output_dir: o\ncommon: {pretrained: x}\n", "write the model as 'model'"),
+    ("output_dir: o\ngrid: [\n", "not valid YAML"),
+])
+def test_bad_sweep_config_is_one_line_naming_the_file(tmp_path, capsys, body, problem):
+    path = sweep_file(tmp_path, body)
+    code, out, err = run_cli(capsys, "sweep", str(path))
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"e2u: error: sweep config {path}: ") and problem in err
+
+
+FAKE_LM_EVAL = """\
+import json, sys
+from pathlib import Path
+args = sys.argv[1:]
+model_args = json.loads(args[args.index('--model_args') + 1])
+if model_args['method'] == 'broken':
+    print('e2u: error: method broken'); sys.exit(1)
+out = Path(args[args.index('--output_path') + 1]) / 'm'
+out.mkdir(parents=True)
+(out / 'results_x.json').write_text(json.dumps({'results': {'t': {'a,none': 1.0}}, 'groups': {}}))
+"""
+
+
+def test_sweep_runs_skips_finished_and_leaves_nothing_of_failures(tmp_path, monkeypatch):
+    fake = tmp_path / "fake_lm_eval.py"
+    fake.write_text(FAKE_LM_EVAL)
+    monkeypatch.setattr(SweepConfig, "command", lambda self, run, out: [
+        sys.executable, str(fake), "--model_args", json.dumps(run.model_args), "--output_path", str(out)])
+    path = sweep_file(tmp_path, f"""\
+        output_dir: {tmp_path / 'out'}
+        grid: [{{method: [none, broken, rome]}}]
+        """)
+    config = SweepConfig.load(path)
+    lines: list[str] = []
+    assert run_sweep(config, log=lines.append) == 1
+    assert [l.split(": ")[1] for l in lines if l.startswith("[")] == [
+        "running (method=none; log " + str(tmp_path / "out" / "logs" / (config.runs[0].run_id + ".log")) + ")",
+        "done in 0 s; ", "running (method=broken; log " + str(tmp_path / "out" / "logs" / (config.runs[1].run_id + ".log")) + ")",
+        "FAILED (exit status 1) after 0 s; last log line", "running (method=rome; log "
+        + str(tmp_path / "out" / "logs" / (config.runs[2].run_id + ".log")) + ")", "done in 0 s; "]
+    folders = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert folders == sorted(["logs", config.runs[0].run_id, config.runs[2].run_id])  # no trace of 'broken'
+    record = json.loads((tmp_path / "out" / config.runs[0].run_id / "run.json").read_text())
+    assert record["model_args"]["method"] == "none"
+    lines.clear()
+    assert run_sweep(config, log=lines.append) == 1  # resumed: only the failed run runs again
+    assert sum("finished earlier, skipped" in l for l in lines) == 2
+    lines.clear()
+    assert run_sweep(config, shard=(1, 3), log=lines.append) == 1 and "[2/3]" in lines[0]
+
+
+def test_shard_argument(capsys, tmp_path):
+    path = sweep_file(tmp_path, "output_dir: o\n")
+    code, _, err = run_cli(capsys, "sweep", str(path), "--shard", "3/3")
+    assert code == 2 and "--shard '3/3' is not accepted" in err
+
+
+def test_dry_run_prints_commands_with_the_launcher_and_runs_nothing(tmp_path, capsys):
+    path = sweep_file(tmp_path, f"""\
+        output_dir: {tmp_path / 'out'}
+        lm_eval_args: [--device, cpu]
+        grid: [{{method: [none, memit]}}]
+        """)
+    code, out, _ = run_cli(capsys, "sweep", str(path), "--dry-run", "--launcher", "srun -n1 --gres=gpu:1")
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 2 and not (tmp_path / "out").exists()
+    assert lines[1].startswith("[2/2] smollm2-135m-instruct__tofu_factual__memit: srun -n1 --gres=gpu:1 ")
+    assert "--model e2u --model_args" in lines[1] and lines[1].endswith("--log_samples --device cpu")
