@@ -1,7 +1,8 @@
 """The edit cache: an edited model's changed weights, stored so the next run reuses the edit.
 
 An entry is ``<cache>/edits/<key>/`` with ``weights.safetensors`` (the changed parameters' new
-values, bit-exact) and ``entry.json`` (the method report, the key's inputs and the sha256 of the
+values, bit-exact), the methods' added state when there is any (``e2u_adapters.*``, GRACE's
+codebook or WISE's side memory, see :mod:`e2u_models.adapters`) and ``entry.json`` (the method report, the key's inputs and the sha256 of the
 weights file). The key hashes everything the edit depends on: the model's parameters, the method,
 its hyperparameters, the requests (rows, prompts, targets), the seed, and the source code of the
 methods and statistics. Entries are written atomically and verified on load; a corrupted entry is
@@ -19,7 +20,9 @@ from typing import Any
 
 import torch
 
+from e2u_models.adapters import has_saved_adapters, load_adapters, save_adapters
 from e2u_models.cache import atomic_directory, cache_root, file_sha256, json_sha256
+from e2u_tasks.errors import E2UError
 
 FORMAT_VERSION = 1
 
@@ -69,7 +72,9 @@ class EditCache:
             params = dict(model.named_parameters())
             if set(tensors) - set(params):
                 raise ValueError("unknown parameter names")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            if has_saved_adapters(folder):
+                load_adapters(model, folder)
+        except (OSError, ValueError, KeyError, TypeError, E2UError) as exc:
             self.log(f"e2u: edit cache entry {key[:12]} is corrupted ({exc}); removing it and editing again")
             shutil.rmtree(folder, ignore_errors=True)
             return None
@@ -78,7 +83,10 @@ class EditCache:
                 params[name].copy_(value.to(params[name].device, params[name].dtype))
         return entry["report"]
 
-    def save(self, key: str, model, names: list[str], report: dict, inputs: dict) -> Path:
+    def save(self, key: str, model, names: list[str], report: dict, inputs: dict,
+             first_adapter: int = 0) -> Path:
+        """Store the edit: parameters ``names`` and the adapters from number ``first_adapter`` on
+        (those this edit added; earlier ones came with the loaded model)."""
         from safetensors.torch import save_file
 
         params = dict(model.named_parameters())
@@ -86,6 +94,7 @@ class EditCache:
         final = self.root / key
         with atomic_directory(final) as tmp:
             save_file(tensors, str(tmp / "weights.safetensors"))
+            save_adapters(model, tmp, first=first_adapter)
             entry = {"report": report, "inputs": inputs,
                      "weights_sha256": file_sha256(tmp / "weights.safetensors")}
             (tmp / "entry.json").write_text(json.dumps(entry, indent=1, default=str), encoding="utf-8")

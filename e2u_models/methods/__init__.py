@@ -16,9 +16,10 @@ METHODS = {
     "rome": "e2u_models.methods.rome",
     "memit": "e2u_models.methods.memit",
     "alphaedit": "e2u_models.methods.alphaedit",
+    "grace": "e2u_models.methods.grace",
 }
 # Announced in the README, not implemented yet: asking for one is an error, never a silent no-op.
-PLANNED = ("grace", "wise", "ga", "gd", "kl", "dpo")
+PLANNED = ("wise", "ga", "gd", "kl", "dpo")
 
 
 def get_method(name: str) -> ModuleType:
