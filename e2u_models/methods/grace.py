@@ -160,7 +160,7 @@ def place_query(codebook: Codebook, query: torch.Tensor, plain_output: torch.Ten
     """GRACE's codebook update for one query; returns (entry to train, what happened)."""
     if codebook.keys.shape[0] == 0:
         return codebook.add(query, plain_output, eps, label, row), "added"
-    distance, index = (t.item() for t in codebook.nearest(query[None]))
+    distance, index = nearest_key(codebook, query)
     if distance > eps + float(codebook.radii[index]):
         return codebook.add(query, plain_output, eps, label, row), "added"
     if codebook.labels[index] != list(label):
@@ -168,6 +168,11 @@ def place_query(codebook: Codebook, query: torch.Tensor, plain_output: torch.Ten
         return codebook.add(query, plain_output, distance / 2, label, row), "split"
     codebook.radii[index] = max(distance, float(codebook.radii[index]))
     return index, "expanded"
+
+
+def nearest_key(codebook: Codebook, query: torch.Tensor) -> tuple[float, int]:
+    distance, index = codebook.nearest(query[None])
+    return float(distance[0]), int(index[0])
 
 
 def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperParams, *,
@@ -183,13 +188,15 @@ def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperPar
     codebook = Codebook.empty(module_name, module)
     codebook.attach(model)
     events = {"added": 0, "split": 0, "expanded": 0}
-    losses, steps, seconds = [], [], 0.0
+    losses, steps, seconds, nearest = [], [], 0.0, []
     try:
         for number, request in enumerate(prepared):
             key_row = request.key_rows(0)[:1]
             query = read_at_keys(model, tokenizer, key_row, {module_name: "input"})[module_name][0]
             with torch.no_grad():
                 plain = torch.nn.functional.linear(query.to(module.weight.dtype), module.weight, module.bias)
+            if codebook.keys.shape[0]:
+                nearest.append(round(nearest_key(codebook, query)[0], 3))
             entry, event = place_query(codebook, query, plain, list(request.target_ids),
                                        request.request.index, hparams.eps)
             events[event] += 1
@@ -207,7 +214,10 @@ def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperPar
     details: dict[str, Any] = {
         "layer": layer, "module": module_name, "requests": len(prepared), "protocol": "sequential",
         "codebook": {"entries": int(codebook.keys.shape[0]), **events,
-                     "radii": [round(r, 4) for r in codebook.radii.tolist()]},
+                     "radii": [round(r, 4) for r in codebook.radii.tolist()],
+                     # distance of each new query to the nearest existing key (vs. eps)
+                     "nearest_key_distances": nearest,
+                     "key_norm_mean": round(float(codebook.keys.norm(dim=-1).mean()), 3)},
         "training": {"seconds": round(seconds, 2), "final_losses": losses, "steps": steps},
         "adapters": [{"kind": codebook.kind, "module": module_name}],
     }
