@@ -17,9 +17,10 @@ METHODS = {
     "memit": "e2u_models.methods.memit",
     "alphaedit": "e2u_models.methods.alphaedit",
     "grace": "e2u_models.methods.grace",
+    "wise": "e2u_models.methods.wise",
 }
 # Announced in the README, not implemented yet: asking for one is an error, never a silent no-op.
-PLANNED = ("wise", "ga", "gd", "kl", "dpo")
+PLANNED = ("ga", "gd", "kl", "dpo")
 
 
 def get_method(name: str) -> ModuleType:
