@@ -11,8 +11,8 @@ from e2u_tasks.errors import E2UError
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"method": "nope"}, "unknown method 'nope'; available methods: none, rome, memit, alphaedit"),
-    ({"method": "grace"}, "method=grace is planned but not implemented"),
+    ({"method": "nope"}, "unknown method 'nope'; available methods: none, rome, memit, alphaedit, grace, wise"),
+    ({"method": "ga"}, "method=ga is planned but not implemented"),
     ({"method": "memit", "merge": "0"}, "merge=0 is not accepted"),
     ({"method": "alphaedit", "L2": "big"}, "hparam L2=.big. is not a number"),
     ({"lr": 0.1}, "unknown model arg\\(s\\) lr for --model e2u"),
