@@ -60,6 +60,17 @@ def save_edited_model(model, tokenizer, target: Path, record: dict, log=print) -
     if target.exists():
         shutil.rmtree(target)
     os.replace(staging, target)
+    _readable_like_a_model_folder(target)
     log(f"e2u: edited model saved to {target} in {time.perf_counter() - started:.1f} s"
         + (f" (with {len(index['adapters'])} adapter(s))" if index else ""))
     return target
+
+
+def _readable_like_a_model_folder(folder: Path) -> None:
+    """The staging folder and files were created private (mkdtemp, safetensors); give them the
+    permissions the user's umask gives any saved model."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
