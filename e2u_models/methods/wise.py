@@ -72,6 +72,8 @@ class HyperParams:
     save_freq: int = 500
     # One prompt a line; None = e2u's generic questions.
     irrelevant_file: str | None = None
+    # Irrelevant prompts per edit (WISE: 1).
+    irrelevant_per_edit: int = 1
     target_eos: bool = True
     verify_nll: float = 1.0
 
@@ -81,8 +83,8 @@ class HyperParams:
                 raise E2UError(f"hparam {name}={getattr(self, name)} must be > 0")
         if not 0.0 < self.mask_ratio <= 1.0:
             raise E2UError(f"hparam mask_ratio={self.mask_ratio} must be in (0, 1]")
-        if self.n_iter < 1 or self.save_freq < 1:
-            raise E2UError("hparams n_iter and save_freq must be >= 1")
+        if self.n_iter < 1 or self.save_freq < 1 or self.irrelevant_per_edit < 1:
+            raise E2UError("hparams n_iter, save_freq and irrelevant_per_edit must be >= 1")
         if len(self.act_margin) != 3 or min(self.act_margin) < 0:
             raise E2UError(f"hparam act_margin={self.act_margin} must be three numbers >= 0 [alpha, beta, gamma]")
         if self.weight_decay < 0:
@@ -292,7 +294,8 @@ def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperPar
     started = time.perf_counter()
     for number, start in enumerate(range(0, len(prepared), hparams.save_freq)):
         chunk = prepared[start: start + hparams.save_freq]
-        prompts = irrelevant_prompts(hparams, len(chunk), seed + number, env.render)
+        prompts = irrelevant_prompts(hparams, len(chunk) * hparams.irrelevant_per_edit, seed + number,
+                                     env.render)
         irrelevant_ids = [env.encode(p) for p in prompts]
         delta, threshold, record = train_shard(
             model, tokenizer, chunk, irrelevant_ids, hparams, view, layer, module_name,
