@@ -7,11 +7,12 @@ split, which the paper notes would be unfair to the other methods):
 
     dist(x) = ‖act(W'x) − act(Wx)‖₂  per token (act = the model's hidden activation)
     L = CE(target | side memory on from the key token on)
-        + mean₊(out − α) + mean₊(β − in) + mean₊(max out − in + γ)
+        + mean₊(out − α) + mean₊(β − in) + mean₊(out − in + γ)
 
 with [α, β, γ] = ``act_margin``, "in" the distances at the edit rows' tokens from the key (the
 prompt's last token) on, "out" those at the irrelevant prompts' tokens and the edit prompts'
-tokens before the key, and mean₊ the mean over the violated (positive) entries only. SGD
+tokens before the key, the third term over every (out, in) pair as WISE pairs loc and edit rows,
+and mean₊ the mean over the violated (positive) entries only. SGD
 (``edit_lr``, weight decay 1e-5) on D, gradients multiplied by a random Bernoulli(``mask_ratio``)
 mask drawn once per shard (seeded), D clamped to ±``norm_constraint`` after each step; stop
 after ``n_iter`` steps or when the loss is ≤ 0.02 and changes by ≤ 1e-4. The shard's threshold
@@ -251,7 +252,7 @@ def train_shard(model, tokenizer, prepared, irrelevant_ids, hparams: HyperParams
                 logprobs = stack.logprobs(hidden[rows_index, cols_index])
                 nll = -logprobs.gather(-1, labels[:, None]).mean()
                 margin = (hinge_mean(d_out - alpha) + hinge_mean(beta - d_in)
-                          + hinge_mean(d_out.max().detach() - d_in + gamma))
+                          + hinge_mean(d_out[:, None] - d_in[None, :] + gamma))
                 loss = nll + margin
                 if not torch.isfinite(loss):
                     raise E2UError(f"WISE loss is not finite (NaN/inf) at step {step}; the model was left unedited")
