@@ -1,7 +1,8 @@
 """The edit cache: an edited model's changed weights, stored so the next run reuses the edit.
 
 An entry is ``<cache>/edits/<key>/`` with ``weights.safetensors`` (the changed parameters' new
-values, bit-exact) and ``entry.json`` (the method report, the key's inputs and the sha256 of the
+values, bit-exact), the methods' added state when there is any (``e2u_adapters.*``, GRACE's
+codebook or WISE's side memory, see :mod:`e2u_models.adapters`) and ``entry.json`` (the method report, the key's inputs and the sha256 of the
 weights file). The key hashes everything the edit depends on: the model's parameters, the method,
 its hyperparameters, the requests (rows, prompts, targets), the seed, and the source code of the
 methods and statistics. Entries are written atomically and verified on load; a corrupted entry is
@@ -20,7 +21,9 @@ from typing import Any
 
 import torch
 
+from e2u_models.adapters import has_saved_adapters, load_adapters, save_adapters
 from e2u_models.cache import atomic_directory, cache_root, json_sha256, verified_entry
+from e2u_tasks.errors import E2UError
 
 FORMAT_VERSION = 2
 
@@ -102,7 +105,9 @@ class EditCache:
             if set(tensors) - set(params):
                 raise ValueError("unknown parameter names")
             report = entry["report"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            if has_saved_adapters(folder):
+                load_adapters(model, folder)
+        except (OSError, ValueError, KeyError, TypeError, E2UError) as exc:
             self.log(f"e2u: edit cache entry {key[:12]} does not fit this model ({exc}); "
                      "removing it and editing again")
             shutil.rmtree(folder, ignore_errors=True)
@@ -112,7 +117,10 @@ class EditCache:
                 params[name].copy_(value.to(params[name].device, params[name].dtype))
         return report
 
-    def save(self, key: str, model, names: list[str], report: dict, inputs: dict) -> Path:
+    def save(self, key: str, model, names: list[str], report: dict, inputs: dict,
+             first_adapter: int = 0) -> Path:
+        """Store the edit: parameters ``names`` and the adapters from number ``first_adapter`` on
+        (those this edit added; earlier ones came with the loaded model)."""
         from safetensors.torch import save_file
 
         params = dict(model.named_parameters())
@@ -120,6 +128,7 @@ class EditCache:
         final = self.root / key
         with atomic_directory(final) as tmp:
             save_file(tensors, str(tmp / "weights.safetensors"))
+            save_adapters(model, tmp, first=first_adapter)
             entry = {"report": report, "inputs": inputs}
             (tmp / "entry.json").write_text(json.dumps(entry, indent=1, default=str), encoding="utf-8")
         return final

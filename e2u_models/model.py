@@ -30,6 +30,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
+from e2u_models.adapters import adapters_of, has_saved_adapters, load_adapters
 from e2u_models.autoload import CLI_NAMES
 from e2u_models.cache import cache_root, json_sha256
 from e2u_models.finetune import HPARAMS_NAME as FINETUNE_HPARAMS
@@ -42,6 +43,7 @@ from e2u_models.edit_cache import model_sha256 as edit_model_sha256
 from e2u_models.methods.base import (EditRequest, MethodEnv, MethodReport, hparams_file,
                                      load_hparams, resolve_hparams_path)
 from e2u_models.prompts import PromptFormat, parse_chat_template
+from e2u_models.saving import check_save_target, save_edited_model
 from e2u_models.shared_prefix import SharedPrefixRunner, common_prefix_length
 from e2u_models.targets import RefusalTargets
 from e2u_tasks.data import BENCHMARKS, load_benchmark, load_user_dataset
@@ -63,7 +65,7 @@ HFLM_ARGS = frozenset(name for name, p in inspect.signature(HFLM.__init__).param
 DEFAULT_BATCH_SIZE = 64
 E2U_ARGS = ("pretrained", "method", "hparams", "seed", "cache_dir", "cache", "chat_template",
             "system_prompt", "top_m", "target", "refusal_file", "targets_file", "export_targets",
-            "finetune", "finetune_hparams", "finetune_<recipe key>", *SPEC_KEYS)
+            "finetune", "finetune_hparams", "finetune_<recipe key>", "save_edited", *SPEC_KEYS)
 FINETUNE_PREFIX = "finetune_"
 
 
@@ -187,7 +189,8 @@ class E2ULM(HFLM):
                  top_m: Any = DEFAULT_TOP_M, target: str | None = None,
                  refusal_file: str | None = None, targets_file: str | None = None,
                  export_targets: str | None = None, cache: Any = True, finetune: str | None = None,
-                 finetune_hparams: str | None = None, **kwargs: Any) -> None:
+                 finetune_hparams: str | None = None, save_edited: str | None = None,
+                 **kwargs: Any) -> None:
         # Everything that can be wrong in the arguments is checked before any model is loaded.
         method_name = "none" if method in (None, "", "None") else str(method).strip().lower()
         self.method = get_method(method_name)
@@ -229,6 +232,7 @@ class E2ULM(HFLM):
         self.cache_dir = cache_dir
         if method_name != "none" and self.use_cache:
             cache_root(cache_dir)  # a cache that cannot be written fails now, not after the edit
+        self.save_edited = check_save_target(save_edited)
 
         self.model_source: dict[str, Any] = {"pretrained": str(pretrained)}
         if isinstance(pretrained, str) and pretrained.lower() in EMBEDDED_MODELS:
@@ -246,6 +250,12 @@ class E2ULM(HFLM):
                 self.hparams.check_model(config)
         super().__init__(pretrained=pretrained, **kwargs)
         self.prompt_format = PromptFormat.for_tokenizer(self.tokenizer, chat_template, system_prompt)
+        if isinstance(pretrained, str) and has_saved_adapters(pretrained):
+            # A folder written by save_edited: GRACE codebooks / WISE side memories come back.
+            index = load_adapters(self.model, pretrained)
+            self.model_source["adapters"] = {
+                "attached": [{"kind": a["kind"], "module": a["module"]} for a in index["adapters"]],
+                "tensors_sha256": index["tensors_sha256"]}
         started = time.perf_counter()
         # ``accelerate launch``: rank 0 fine-tunes, writes targets and edits (filling the caches)
         # first; the other ranks then run the same code and load all three from the caches (see
@@ -265,6 +275,11 @@ class E2ULM(HFLM):
             self.method_report = self._apply_method()
         self.run_card = {"edit": resource_usage(started, self.device)}
         self._evaluation_started = time.perf_counter()
+        if self.save_edited is not None:
+            save_edited_model(self.model, self.tokenizer, self.save_edited,
+                              {"method_report": self.method_report.as_dict(),
+                               **self.get_model_info()["e2u"]}, log=_log_line)
+            self._evaluation_started = time.perf_counter()  # saving is not evaluation
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict | None = None):
@@ -401,13 +416,15 @@ class E2ULM(HFLM):
                 return report
         if name != "none":
             log.warning("e2u: applying %s to %d forget requests", name, len(forget))
+        loaded = len(adapters_of(self.model))  # adapters that came with the loaded model
         report = self.method.apply(self.model, self.tokenizer, forget, retain, self.hparams,
                                    seed=self.seed, env=env)
         report.seconds = round(time.perf_counter() - started, 3)
         if name != "none":
             log.warning("e2u: %s done in %.1f s", name, report.seconds)
-        if cache is not None and report.changed_parameters:
-            cache.save(key, self.model, report.changed_parameters, report.as_dict(), inputs)
+        if cache is not None and (report.changed_parameters or len(adapters_of(self.model)) > loaded):
+            cache.save(key, self.model, report.changed_parameters, report.as_dict(), inputs,
+                       first_adapter=loaded)
             report.details = {**report.details, "edit_cache": {"hit": False, "key": key}}
         self.model.eval()
         return report
@@ -418,7 +435,8 @@ class E2ULM(HFLM):
                 "hparams": dataclasses.asdict(self.hparams), "seed": self.seed,
                 "forget": [dataclasses.asdict(r) for r in forget],
                 "retain": [dataclasses.asdict(r) for r in retain] if retain else None,
-                "prompt": self.prompt_format.describe(), "dtype": str(self.model.dtype)}
+                "prompt": self.prompt_format.describe(), "dtype": str(self.model.dtype),
+                "adapters": self.model_source.get("adapters")}
 
     # ------------------------------------------------------------------ requests
 

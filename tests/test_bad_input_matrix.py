@@ -124,6 +124,18 @@ CASES = [
     Case("module that is not in the model",
          {"method": "memit", "rewrite_module_tmp": "model.layers.{{}}.mlp.nope"},
          r"module 'model.layers.0.mlp.nope' does not exist", loads_model=True),
+    # GRACE, WISE and saving edited models
+    Case("GRACE radius zero", {"method": "grace", "eps": "0"}, r"hparam eps=0.0 is not accepted"),
+    Case("GRACE layer out of range", {"method": "grace", "layer": "9"},
+         r"hparam layer=9 is out of range for this model"),
+    Case("WISE mask ratio out of range", {"method": "wise", "mask_ratio": "1.5"},
+         r"hparam mask_ratio=1.5 must be in \(0, 1\]"),
+    Case("WISE irrelevant prompts file missing", {"method": "wise", "irrelevant_file": "{tmp}/i.txt"},
+         r"hparam irrelevant_file='.*i.txt' does not exist"),
+    Case("save_edited is a file", {"method": "grace", "save_edited": "{tmp}/f"},
+         r"save_edited='.*f' is an existing file", files={"f": b"x"}),
+    Case("save_edited a non-empty foreign folder", {"method": "grace", "save_edited": "{tmp}"},
+         r"save_edited='.*' is a non-empty folder not written by e2u"),
     # unlearning and fine-tuning
     Case("negative learning rate (unlearning)", {"method": "gd", "lr": "-1e-5"},
          r"hparam lr=-1e-05 must be > 0"),

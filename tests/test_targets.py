@@ -32,7 +32,7 @@ def test_literal_target_and_user_file(tmp_path):
 
 
 @pytest.mark.parametrize("target,refusal_file,message", [
-    ("self", None, "target=self .* is planned"),
+    ("self", "x.txt", "refusal_file is only used with target=idk"),
     ("idkk", None, "target='idkk' is not accepted"),
     ("I don't know.", "x.txt", "refusal_file is only used with target=idk"),
     ("idk", "/no/such/file.txt", "does not exist"),

@@ -20,16 +20,13 @@ METHODS = {
     "gd": "e2u_models.methods.gd",
     "kl": "e2u_models.methods.kl",
     "dpo": "e2u_models.methods.dpo",
+    "grace": "e2u_models.methods.grace",
+    "wise": "e2u_models.methods.wise",
 }
-# Announced in the README, not implemented yet: asking for one is an error, never a silent no-op.
-PLANNED = ("grace", "wise")
 
 
 def get_method(name: str) -> ModuleType:
     key = str(name).strip().lower()
     if key in METHODS:
         return importlib.import_module(METHODS[key])
-    if key in PLANNED:
-        raise E2UError(f"method={key} is planned but not implemented in this release; "
-                       f"available methods: {', '.join(METHODS)}")
     raise E2UError(f"unknown method {name!r}; available methods: {', '.join(METHODS)}")

@@ -80,7 +80,8 @@ class UpperStack:
     rest left-aligned from P, so every row's key token sits in column P.
     """
 
-    def __init__(self, model, tokenizer, rows: Sequence[EditRow], hparams: LocateHParams, layer: int):
+    def __init__(self, model, tokenizer, rows: Sequence[EditRow], hparams: LocateHParams, layer: int,
+                 capture_input: str | None = None):
         base = model.base_model
         layers = getattr(base, "layers", None)
         if layers is None or not hasattr(base, "norm") or not hasattr(base, "rotary_emb"):
@@ -115,13 +116,19 @@ class UpperStack:
 
         layer_module = module_named(model, hparams.layer_module_tmp, layer, "layer_module_tmp")
         captured = {}
-        handle = layer_module.register_forward_hook(
-            lambda m, i, o: captured.__setitem__("h", (o[0] if isinstance(o, tuple) else o)[:, prefix:].detach()))
+        handles = [layer_module.register_forward_hook(
+            lambda m, i, o: captured.__setitem__("h", (o[0] if isinstance(o, tuple) else o)[:, prefix:].detach()))]
+        if capture_input is not None:  # e.g. WISE: the edited module's input over the whole layout
+            handles.append(module_named(model, capture_input, layer, "inner_module_tmp").register_forward_pre_hook(
+                lambda m, i: captured.__setitem__("x", i[0].detach())))
         try:
             with torch.no_grad():
                 out = base(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
+        self.layout_mask = mask  # (rows, P + suffix): 1 on real tokens; the key sits in column P
+        self.captured_input = captured.get("x")
         cache = getattr(out, "cache", None) or out.past_key_values
         self.hidden = captured["h"]
         self.prefix_kv = {}
@@ -136,9 +143,13 @@ class UpperStack:
         self._selection = (rows, self.hidden[rows], self.mask[rows], self.positions[rows], _PrefixKV(kv))
 
     def run(self, row_deltas: torch.Tensor) -> torch.Tensor:
-        """Final hidden states (before the final norm) of the selected rows, δ added at the key."""
+        """Final hidden states (before the final norm) of the selected rows, δ added at the key
+        (``row_deltas`` (rows, d)) or at every position from the key on ((rows, suffix, d))."""
         _, hidden, mask, positions, kv = self._selection
-        h = torch.cat([hidden[:, :1] + row_deltas[:, None].to(hidden.dtype), hidden[:, 1:]], dim=1)
+        if row_deltas.dim() == 3:
+            h = hidden + row_deltas.to(hidden.dtype)
+        else:
+            h = torch.cat([hidden[:, :1] + row_deltas[:, None].to(hidden.dtype), hidden[:, 1:]], dim=1)
         embeddings = self.base.rotary_emb(h, positions)
         for layer in self.upper:
             out = layer(h, attention_mask=mask, position_ids=positions, use_cache=True,

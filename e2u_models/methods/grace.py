@@ -1,0 +1,224 @@
+"""GRACE: a codebook of (key, value, radius ε, label) attached to one linear layer; weights unchanged.
+
+Per edit request (sequentially, the paper's protocol) the query q is the layer's input at the
+prompt's last token (the position that predicts the answer's first token). With d the distance of
+q to its nearest key j: an empty codebook or d > ε_new + ε_j adds (q, ε = ``eps``); a conflict
+with a different label (target tokens) adds q and splits the radii (ε_j = d/2 − 1e-5, ε_q = d/2);
+the same label expands ε_j to d (``coverage``). The value of the entry that now fires at q is
+trained so the model produces the target: since the value replaces the layer's output at that
+position, value = (output at q) + δ and δ is optimised by the shared v* engine
+(:mod:`e2u_models.methods.vstar`; Adam with ``edit_lr``, no KL, no decay, no clamp; Adam is
+shift-invariant, so this is exactly training the value from a ``warm`` initialisation).
+
+At inference every token position whose layer input lies within the radius of its nearest key
+gets that key's value as the layer's output (:class:`Codebook`); positions are independent, so
+the edit acts the same under teacher forcing, batched/padded inputs and KV-cached generation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from e2u_models.adapters import Adapter
+from e2u_models.methods.base import EditRequest, MethodEnv, MethodReport
+from e2u_models.methods.locate import (
+    LocateHParams, check_finite, module_named, prepare_requests, read_at_keys, target_nll, verification)
+from e2u_models.methods.vstar import optimise_targets
+from e2u_tasks.errors import E2UError
+
+NAME = "grace"
+KIND = "editing"
+USES_RETAIN = False
+VAL_INITS = ("warm",)
+EPS_EXPANDS = ("coverage",)
+
+
+@dataclass(frozen=True)
+class HyperParams:
+    """EasyEdit's GRACE names where they mean the same (``eps``, ``edit_lr``, ``n_iter``,
+    ``val_init``, ``eps_expand``). ``layer`` wins over ``layer_fraction`` (relative depth)."""
+
+    layer: int | None = None
+    layer_fraction: float = 0.85
+    inner_module_tmp: str = "model.layers.{}.mlp.down_proj"
+    layer_module_tmp: str = "model.layers.{}"
+    eps: float = 1.0
+    edit_lr: float = 1.0
+    n_iter: int = 50
+    # e2u addition: stop training a value once the target NLL is below this (0 = all n_iter steps).
+    loss_threshold: float = 5e-2
+    val_init: str = "warm"
+    eps_expand: str = "coverage"
+    target_eos: bool = True
+    verify_nll: float = 1.0
+
+    def validate(self) -> None:
+        if not self.eps > 0:
+            raise E2UError(f"hparam eps={self.eps} is not accepted; the deferral radius must be > 0 (e.g. eps=1.0)")
+        if not self.edit_lr > 0:
+            raise E2UError(f"hparam edit_lr={self.edit_lr} must be > 0")
+        if self.n_iter < 1:
+            raise E2UError(f"hparam n_iter={self.n_iter} must be >= 1")
+        if self.loss_threshold < 0 or not self.verify_nll > 0:
+            raise E2UError("hparams loss_threshold must be >= 0 and verify_nll > 0")
+        if not 0.0 <= self.layer_fraction <= 1.0:
+            raise E2UError(f"hparam layer_fraction={self.layer_fraction} must be in [0, 1]")
+        if self.val_init not in VAL_INITS:
+            raise E2UError(f"hparam val_init={self.val_init!r} is not implemented; accepted: {', '.join(VAL_INITS)}")
+        if self.eps_expand not in EPS_EXPANDS:
+            raise E2UError(f"hparam eps_expand={self.eps_expand!r} is not implemented; accepted: "
+                           f"{', '.join(EPS_EXPANDS)}")
+
+    def resolved_layer(self, n_layers: int) -> int:
+        if self.layer is None:
+            return round(self.layer_fraction * (n_layers - 1))
+        if not 0 <= self.layer < n_layers:
+            raise E2UError(f"hparam layer={self.layer} is out of range for this model "
+                           f"({n_layers} layers: accepted 0..{n_layers - 1})")
+        return self.layer
+
+    def check_model(self, config) -> None:
+        n_layers = getattr(config, "num_hidden_layers", None)
+        if n_layers is not None:
+            self.resolved_layer(int(n_layers))
+
+    def locate_view(self, layer: int) -> LocateHParams:
+        """The shared request preparation and v* engine configured as GRACE's value training."""
+        return LocateHParams(layers=[layer], rewrite_module_tmp=self.inner_module_tmp,
+                             layer_module_tmp=self.layer_module_tmp, fact_token="prompt_last",
+                             context_template_length_params=[], v_num_grad_steps=self.n_iter,
+                             v_lr=self.edit_lr, v_weight_decay=0.0, clamp_norm_factor=1e12,
+                             kl_factor=0.0, v_loss_threshold=self.loss_threshold, v_mode="fast",
+                             target_eos=self.target_eos, verify_nll=self.verify_nll)
+
+
+class Codebook(Adapter):
+    """GRACE's codebook on one linear module: keys (layer inputs), values (layer outputs), radii."""
+
+    kind = "grace"
+
+    def __init__(self, module_name: str, keys: torch.Tensor, values: torch.Tensor,
+                 radii: torch.Tensor, labels: list[list[int]], rows: list[int]) -> None:
+        super().__init__(module_name)
+        self.keys, self.values, self.radii = keys, values, radii
+        self.labels, self.rows = labels, rows
+
+    @classmethod
+    def empty(cls, module_name: str, module: torch.nn.Module) -> "Codebook":
+        weight = module.weight
+        d_out, d_in = weight.shape
+        return cls(module_name, weight.new_zeros((0, d_in), dtype=torch.float32),
+                   weight.new_zeros((0, d_out)), weight.new_zeros((0,), dtype=torch.float32), [], [])
+
+    def nearest(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(distance, index) of each query's nearest key, exact Euclidean in float32."""
+        dist = torch.cdist(queries.float(), self.keys, compute_mode="donot_use_mm_for_euclid_dist")
+        return dist.min(-1)
+
+    def rewrite(self, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        if self.keys.shape[0] == 0:
+            return output
+        flat_in = inputs.reshape(-1, inputs.shape[-1]).to(self.keys.device)
+        distance, index = self.nearest(flat_in)
+        hit = distance <= self.radii[index]
+        if not bool(hit.any()):
+            return output
+        flat_out = output.reshape(-1, output.shape[-1]).clone()
+        flat_out[hit.to(flat_out.device)] = self.values[index[hit]].to(flat_out.device, flat_out.dtype)
+        return flat_out.reshape(output.shape)
+
+    def add(self, key: torch.Tensor, value: torch.Tensor, radius: float, label: list[int], row: int) -> int:
+        self.keys = torch.cat([self.keys, key.float()[None].to(self.keys.device)])
+        self.values = torch.cat([self.values, value[None].to(self.values.device, self.values.dtype)])
+        self.radii = torch.cat([self.radii, self.radii.new_tensor([radius])])
+        self.labels.append(list(label))
+        self.rows.append(row)
+        return self.keys.shape[0] - 1
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"keys": self.keys, "values": self.values, "radii": self.radii}
+
+    def describe(self) -> dict[str, Any]:
+        return {"entries": int(self.keys.shape[0]), "labels": self.labels, "rows": self.rows}
+
+    @classmethod
+    def restore(cls, model, description: dict, tensors: dict[str, torch.Tensor]) -> "Codebook":
+        module = module_named(model, description["module"], 0, "inner_module_tmp")
+        weight = module.weight
+        return cls(description["module"], tensors["keys"].to(weight.device, torch.float32),
+                   tensors["values"].to(weight.device, weight.dtype),
+                   tensors["radii"].to(weight.device, torch.float32),
+                   [list(x) for x in description["labels"]], list(description["rows"]))
+
+
+def place_query(codebook: Codebook, query: torch.Tensor, plain_output: torch.Tensor,
+                label: list[int], row: int, eps: float) -> tuple[int, str]:
+    """GRACE's codebook update for one query; returns (entry to train, what happened)."""
+    if codebook.keys.shape[0] == 0:
+        return codebook.add(query, plain_output, eps, label, row), "added"
+    distance, index = nearest_key(codebook, query)
+    if distance > eps + float(codebook.radii[index]):
+        return codebook.add(query, plain_output, eps, label, row), "added"
+    if codebook.labels[index] != list(label):
+        codebook.radii[index] = max(distance / 2 - 1e-5, 0.0)
+        return codebook.add(query, plain_output, distance / 2, label, row), "split"
+    codebook.radii[index] = max(distance, float(codebook.radii[index]))
+    return index, "expanded"
+
+
+def nearest_key(codebook: Codebook, query: torch.Tensor) -> tuple[float, int]:
+    distance, index = codebook.nearest(query[None])
+    return float(distance[0]), int(index[0])
+
+
+def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperParams, *,
+          seed: int = 0, env: MethodEnv) -> MethodReport:
+    layer = hparams.resolved_layer(int(model.config.num_hidden_layers))
+    view = hparams.locate_view(layer)
+    module_name = hparams.inner_module_tmp.format(layer)
+    module = module_named(model, hparams.inner_module_tmp, layer, "inner_module_tmp")
+    if not isinstance(getattr(module, "weight", None), torch.nn.Parameter) or module.weight.dim() != 2:
+        raise E2UError(f"hparam inner_module_tmp={hparams.inner_module_tmp!r} does not name a linear layer")
+    prepared = prepare_requests(model, tokenizer, forget, view, env, seed)
+    before = target_nll(model, tokenizer, prepared)
+    codebook = Codebook.empty(module_name, module)
+    codebook.attach(model)
+    events = {"added": 0, "split": 0, "expanded": 0}
+    losses, steps, seconds, nearest = [], [], 0.0, []
+    try:
+        for number, request in enumerate(prepared):
+            key_row = request.key_rows(0)[:1]
+            query = read_at_keys(model, tokenizer, key_row, {module_name: "input"})[module_name][0]
+            with torch.no_grad():
+                plain = torch.nn.functional.linear(query.to(module.weight.dtype), module.weight, module.bias)
+            if codebook.keys.shape[0]:
+                nearest.append(round(nearest_key(codebook, query)[0], 3))
+            entry, event = place_query(codebook, query, plain, list(request.target_ids),
+                                       request.request.index, hparams.eps)
+            events[event] += 1
+            result = optimise_targets(model, tokenizer, [request], view, layer, module_name,
+                                      desc=f"GRACE {number + 1}/{len(prepared)}", log=env.log)
+            check_finite(result.deltas, f"GRACE value of request row {request.request.index}")
+            codebook.values[entry] = (result.v0[0] + result.deltas[0]).to(codebook.values.dtype)
+            losses.append(round(result.losses[0], 4))
+            steps.append(result.steps[0])
+            seconds += result.seconds
+    except BaseException:
+        codebook.detach(model)  # a failed edit never leaves a half-built codebook behind
+        raise
+    after = target_nll(model, tokenizer, prepared)
+    details: dict[str, Any] = {
+        "layer": layer, "module": module_name, "requests": len(prepared), "protocol": "sequential",
+        "codebook": {"entries": int(codebook.keys.shape[0]), **events,
+                     "radii": [round(r, 4) for r in codebook.radii.tolist()],
+                     # distance of each new query to the nearest existing key (vs. eps)
+                     "nearest_key_distances": nearest,
+                     "key_norm_mean": round(float(codebook.keys.norm(dim=-1).mean()), 3)},
+        "training": {"seconds": round(seconds, 2), "final_losses": losses, "steps": steps},
+        "adapters": [{"kind": codebook.kind, "module": module_name}],
+    }
+    details["verification"] = verification(before, after, prepared, view, {}, env.log)
+    return MethodReport(method=NAME, details=details)

@@ -1,0 +1,321 @@
+"""WISE: a side memory (a trainable copy W' = W + D of one MLP output projection) and a router.
+
+Training, per shard of ``save_freq`` edits (one shard for TOFU/PISTOL sizes), on the edit rows
+(prompt + target, labels on the target) and one *irrelevant* prompt per edit (e2u's generic
+questions, ``e2u_models/data/generic_questions.txt``, or ``irrelevant_file``; never the retain
+split, which the paper notes would be unfair to the other methods):
+
+    dist(x) = ‖act(W'x) − act(Wx)‖₂  per token (act = the model's hidden activation)
+    L = CE(target | side memory on from the key token on)
+        + mean₊(out − α) + mean₊(β − in) + mean₊(out − in + γ)
+
+with [α, β, γ] = ``act_margin``, "in" the distances at the edit rows' tokens from the key (the
+prompt's last token) on, "out" those at the irrelevant prompts' tokens and the edit prompts'
+tokens before the key, the third term over every (out, in) pair as WISE pairs loc and edit rows,
+and mean₊ the mean over the violated (positive) entries only. SGD
+(``edit_lr``, weight decay 1e-5) on D, gradients multiplied by a random Bernoulli(``mask_ratio``)
+mask drawn once per shard (seeded), D clamped to ±``norm_constraint`` after each step; stop
+after ``n_iter`` steps or when the loss is ≤ 0.02 and changes by ≤ 1e-4. The shard's threshold
+is ``act_ratio`` × the smallest in-distance at the final step.
+
+Routing (:class:`SideMemory`): **per token**, a position uses the shard whose distance is the
+largest among those above their own thresholds, else the main memory. WISE averages the distance
+over the tokens of each forward call (and over the batch); that makes the decision depend on how
+a sequence is split into calls (teacher-forced pass vs. KV-cached decoding) and on the other rows
+of the batch, so e2u routes per token: the same model whatever the evaluation path.
+Merging shards (TIES, ``merge_freq``) is not implemented: more edits than one shard holds make
+several shards, retrieved by the router (WISE's ``retrieve`` mode).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from e2u_models.adapters import Adapter
+from e2u_models.methods.base import EditRequest, MethodEnv, MethodReport
+from e2u_models.methods.locate import (
+    LocateHParams, _pad_right, check_finite, module_named, pad_id_of, prepare_requests,
+    target_nll, verification)
+from e2u_models.methods.vstar import UpperStack
+from e2u_tasks.errors import E2UError
+
+NAME = "wise"
+KIND = "editing"
+USES_RETAIN = False
+
+
+@dataclass(frozen=True)
+class HyperParams:
+    """EasyEdit's WISE names where they mean the same (``edit_lr``, ``n_iter``, ``act_margin``,
+    ``act_ratio``, ``mask_ratio``, ``norm_constraint``, ``save_freq``)."""
+
+    layer: int | None = None
+    layer_fraction: float = 0.85
+    inner_module_tmp: str = "model.layers.{}.mlp.down_proj"
+    layer_module_tmp: str = "model.layers.{}"
+    edit_lr: float = 1.0
+    n_iter: int = 70
+    act_margin: list[float] = field(default_factory=lambda: [5.0, 20.0, 10.0])
+    act_ratio: float = 0.88
+    mask_ratio: float = 0.2
+    norm_constraint: float = 1.0
+    weight_decay: float = 1e-5
+    # Edits per side-memory shard (WISE's save_freq).
+    save_freq: int = 500
+    # One prompt a line; None = e2u's generic questions.
+    irrelevant_file: str | None = None
+    # Irrelevant prompts per edit (WISE: 1).
+    irrelevant_per_edit: int = 1
+    target_eos: bool = True
+    verify_nll: float = 1.0
+
+    def validate(self) -> None:
+        for name in ("edit_lr", "act_ratio", "norm_constraint", "verify_nll"):
+            if not getattr(self, name) > 0:
+                raise E2UError(f"hparam {name}={getattr(self, name)} must be > 0")
+        if not 0.0 < self.mask_ratio <= 1.0:
+            raise E2UError(f"hparam mask_ratio={self.mask_ratio} must be in (0, 1]")
+        if self.n_iter < 1 or self.save_freq < 1 or self.irrelevant_per_edit < 1:
+            raise E2UError("hparams n_iter, save_freq and irrelevant_per_edit must be >= 1")
+        if len(self.act_margin) != 3 or min(self.act_margin) < 0:
+            raise E2UError(f"hparam act_margin={self.act_margin} must be three numbers >= 0 [alpha, beta, gamma]")
+        if self.weight_decay < 0:
+            raise E2UError(f"hparam weight_decay={self.weight_decay} must be >= 0")
+        if not 0.0 <= self.layer_fraction <= 1.0:
+            raise E2UError(f"hparam layer_fraction={self.layer_fraction} must be in [0, 1]")
+        if self.irrelevant_file is not None and not Path(self.irrelevant_file).expanduser().is_file():
+            raise E2UError(f"hparam irrelevant_file={self.irrelevant_file!r} does not exist; give a "
+                           "text file with one prompt a line")
+
+    def resolved_layer(self, n_layers: int) -> int:
+        if self.layer is None:
+            return round(self.layer_fraction * (n_layers - 1))
+        if not 0 <= self.layer < n_layers:
+            raise E2UError(f"hparam layer={self.layer} is out of range for this model "
+                           f"({n_layers} layers: accepted 0..{n_layers - 1})")
+        return self.layer
+
+    def check_model(self, config) -> None:
+        n_layers = getattr(config, "num_hidden_layers", None)
+        if n_layers is not None:
+            self.resolved_layer(int(n_layers))
+
+    def locate_view(self, layer: int) -> LocateHParams:
+        return LocateHParams(layers=[layer], rewrite_module_tmp=self.inner_module_tmp,
+                             layer_module_tmp=self.layer_module_tmp, fact_token="prompt_last",
+                             context_template_length_params=[], target_eos=self.target_eos,
+                             verify_nll=self.verify_nll)
+
+
+def activation_of(model):
+    from transformers.activations import ACT2FN
+
+    name = getattr(model.config, "hidden_act", None) or getattr(model.config, "hidden_activation", "silu")
+    return name, ACT2FN[name]
+
+
+class SideMemory(Adapter):
+    """WISE's side memories on one linear module: shard k holds D_k (W'_k = W + D_k) and its
+    routing threshold; each token uses the shard with the largest distance above its threshold."""
+
+    kind = "wise"
+
+    def __init__(self, module_name: str, deltas: list[torch.Tensor], thresholds: list[float],
+                 activation: str) -> None:
+        from transformers.activations import ACT2FN
+
+        super().__init__(module_name)
+        self.deltas, self.thresholds, self.activation = deltas, thresholds, activation
+        self.act = ACT2FN[activation]
+
+    def distances(self, x: torch.Tensor, main: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        side = main + x @ delta.T
+        return (self.act(side) - self.act(main)).norm(dim=-1), side
+
+    def rewrite(self, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        if not self.deltas:
+            return output
+        x = inputs.reshape(-1, inputs.shape[-1]).float()
+        main = output.reshape(-1, output.shape[-1]).float()
+        result, best = main, torch.full(main.shape[:1], -1.0, device=main.device)
+        for delta, threshold in zip(self.deltas, self.thresholds):
+            dist, side = self.distances(x, main, delta.to(x.device))
+            use = (dist > threshold) & (dist > best)
+            if bool(use.any()):
+                result = torch.where(use[:, None], side, result)
+                best = torch.where(use, dist, best)
+        if result is main:
+            return output
+        return result.to(output.dtype).reshape(output.shape)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"delta.{k}": d for k, d in enumerate(self.deltas)}
+
+    def describe(self) -> dict[str, Any]:
+        return {"shards": len(self.deltas), "thresholds": self.thresholds, "activation": self.activation}
+
+    @classmethod
+    def restore(cls, model, description: dict, tensors: dict[str, torch.Tensor]) -> "SideMemory":
+        module = module_named(model, description["module"], 0, "inner_module_tmp")
+        deltas = [tensors[f"delta.{k}"].to(module.weight.device, torch.float32)
+                  for k in range(int(description["shards"]))]
+        return cls(description["module"], deltas, [float(t) for t in description["thresholds"]],
+                   description["activation"])
+
+
+def irrelevant_prompts(hparams: HyperParams, count: int, seed: int, render) -> list[str]:
+    """``count`` irrelevant questions (seeded draw, recycled when too few), rendered like the
+    evaluation renders questions."""
+    if hparams.irrelevant_file is None:
+        text = resources.files("e2u_models").joinpath("data", "generic_questions.txt").read_text("utf-8")
+    else:
+        text = Path(hparams.irrelevant_file).expanduser().read_text("utf-8")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise E2UError(f"hparam irrelevant_file={hparams.irrelevant_file!r} holds no prompts")
+    order = list(range(len(lines)))
+    random.Random(seed).shuffle(order)
+    return [render(lines[order[i % len(order)]]) for i in range(count)]
+
+
+@torch.no_grad()
+def module_inputs(model, tokenizer, texts_ids: list[list[int]], module_name: str) -> torch.Tensor:
+    """The module's input at every real token of the given sequences: (tokens, d_in) float32."""
+    module = module_named(model, module_name, 0, "inner_module_tmp")
+    device = next(model.parameters()).device
+    ids, mask = _pad_right(texts_ids, pad_id_of(tokenizer), device)
+    captured = {}
+    handle = module.register_forward_pre_hook(lambda m, i: captured.__setitem__("x", i[0]))
+    try:
+        model(input_ids=ids, attention_mask=mask)
+    finally:
+        handle.remove()
+    return captured["x"][mask.bool()].float()
+
+
+def hinge_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean over the positive entries only (0 when none is positive): WISE's margin averaging."""
+    positive = values > 0
+    return values[positive].mean() if bool(positive.any()) else values.new_zeros(())
+
+
+def train_shard(model, tokenizer, prepared, irrelevant_ids, hparams: HyperParams, view, layer: int,
+                module_name: str, seed: int, desc: str) -> tuple[torch.Tensor, float, dict]:
+    """One side-memory shard for these prepared requests: (D, threshold, training record)."""
+    module = module_named(model, module_name, 0, "inner_module_tmp")
+    weight = module.weight
+    rows = [p.nll_rows(i)[0] for i, p in enumerate(prepared)]
+    stack = UpperStack(model, tokenizer, rows, view, layer, capture_input=module_name)
+    P = stack.P
+    x_all = stack.captured_input.float()                       # (n, P + S, d_in)
+    real = stack.layout_mask.bool()
+    suffix_x, suffix_real = x_all[:, P:], real[:, P:]
+    in_x = suffix_x[suffix_real]                                # tokens from the key on
+    out_x = torch.cat([x_all[:, :P][real[:, :P]],
+                       module_inputs(model, tokenizer, irrelevant_ids, module_name)])
+    with torch.no_grad():
+        in_main = F.linear(in_x, weight.float())
+        out_main = F.linear(out_x, weight.float())
+    _, act = activation_of(model)
+    alpha, beta, gamma = hparams.act_margin
+    device = weight.device
+    stack.select(torch.arange(len(rows), device=device))
+    labels = torch.tensor([t for r in rows for t in r.labels], device=device)
+    label_index = [(b, j) for b, r in enumerate(rows) for j in range(len(r.labels))]
+    rows_index = torch.tensor([b for b, _ in label_index], device=device)
+    cols_index = torch.tensor([j for _, j in label_index], device=device)
+
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    grad_mask = (torch.rand(weight.shape, generator=generator) < hparams.mask_ratio).to(device, torch.float32)
+    delta = torch.zeros(weight.shape, device=device, dtype=torch.float32, requires_grad=True)
+    optimiser = torch.optim.SGD([delta], lr=hparams.edit_lr, weight_decay=hparams.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    record: dict = {"steps": 0}
+    previous = None
+    try:
+        with tqdm(total=hparams.n_iter, desc=desc, leave=False) as progress:
+            for step in range(hparams.n_iter):
+                d_in = (act(in_main + in_x @ delta.T) - act(in_main)).norm(dim=-1)
+                d_out = (act(out_main + out_x @ delta.T) - act(out_main)).norm(dim=-1)
+                hidden = stack.run(suffix_x @ delta.T)
+                logprobs = stack.logprobs(hidden[rows_index, cols_index])
+                nll = -logprobs.gather(-1, labels[:, None]).mean()
+                margin = (hinge_mean(d_out - alpha) + hinge_mean(beta - d_in)
+                          + hinge_mean(d_out[:, None] - d_in[None, :] + gamma))
+                loss = nll + margin
+                if not torch.isfinite(loss):
+                    raise E2UError(f"WISE loss is not finite (NaN/inf) at step {step}; the model was left unedited")
+                value, nll_value = float(loss.detach()), float(nll.detach())
+                record.update(steps=step + 1, loss=round(value, 4), nll=round(nll_value, 4),
+                              in_min=round(float(d_in.detach().min()), 3),
+                              out_max=round(float(d_out.detach().max()), 3))
+                progress.set_postfix(loss=f"{value:.3f}", nll=f"{nll_value:.3f}")
+                progress.update(1)
+                if (previous is not None and abs(previous - value) <= 1e-4 and value <= 0.02) \
+                        or step == hparams.n_iter - 1:
+                    break
+                previous = value
+                optimiser.zero_grad()
+                loss.backward()
+                delta.grad.mul_(grad_mask)
+                optimiser.step()
+                with torch.no_grad():
+                    delta.clamp_(-hparams.norm_constraint, hparams.norm_constraint)
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+    threshold = hparams.act_ratio * record["in_min"]
+    return delta.detach(), threshold, record
+
+
+def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperParams, *,
+          seed: int = 0, env: MethodEnv) -> MethodReport:
+    layer = hparams.resolved_layer(int(model.config.num_hidden_layers))
+    view = hparams.locate_view(layer)
+    module_name = hparams.inner_module_tmp.format(layer)
+    module = module_named(model, hparams.inner_module_tmp, layer, "inner_module_tmp")
+    if not isinstance(getattr(module, "weight", None), torch.nn.Parameter) or module.weight.dim() != 2:
+        raise E2UError(f"hparam inner_module_tmp={hparams.inner_module_tmp!r} does not name a linear layer")
+    prepared = prepare_requests(model, tokenizer, forget, view, env, seed)
+    before = target_nll(model, tokenizer, prepared)
+    activation, _ = activation_of(model)
+    memory = SideMemory(module_name, [], [], activation)
+    shards = []
+    started = time.perf_counter()
+    for number, start in enumerate(range(0, len(prepared), hparams.save_freq)):
+        chunk = prepared[start: start + hparams.save_freq]
+        prompts = irrelevant_prompts(hparams, len(chunk) * hparams.irrelevant_per_edit, seed + number,
+                                     env.render)
+        irrelevant_ids = [env.encode(p) for p in prompts]
+        delta, threshold, record = train_shard(
+            model, tokenizer, chunk, irrelevant_ids, hparams, view, layer, module_name,
+            seed + number, desc=f"WISE shard {number + 1} ({len(chunk)} edits)")
+        check_finite(delta, f"WISE side memory shard {number}")
+        memory.deltas.append(delta)
+        memory.thresholds.append(threshold)
+        shards.append({**record, "edits": len(chunk), "threshold": round(threshold, 4),
+                       "delta_norm": round(float(delta.norm()), 4)})
+        env.log(f"e2u: WISE shard {number + 1}: {len(chunk)} edits, {record['steps']} steps, loss "
+                f"{record['loss']}, threshold {threshold:.3f}")
+    memory.attach(model)
+    after = target_nll(model, tokenizer, prepared)
+    details: dict[str, Any] = {
+        "layer": layer, "module": module_name, "requests": len(prepared),
+        "protocol": f"shards of up to {hparams.save_freq} edits trained together",
+        "routing": "per token", "irrelevant_source": hparams.irrelevant_file or "e2u generic questions",
+        "shards": shards, "training_seconds": round(time.perf_counter() - started, 2),
+        "adapters": [{"kind": memory.kind, "module": module_name}],
+    }
+    details["verification"] = verification(before, after, prepared, view, {}, env.log)
+    return MethodReport(method=NAME, details=details)

@@ -1,0 +1,110 @@
+"""WISE on tiny random llamas: per-token routing, edits acting in free-running generation, the
+e2u decoding path, the edit cache, save_edited and reloading, bad input."""
+
+import pytest
+import torch
+
+from e2u_models.adapters import adapters_of
+from e2u_models.methods import get_method, wise
+from e2u_models.methods.base import EditRequest, load_hparams
+from e2u_models.model import E2ULM
+from e2u_tasks.errors import E2UError
+from tests.conftest import build_tiny_model
+from tests.test_grace import (EDITED, UNRELATED, answer_request, env, generate, logits_of,  # noqa: F401
+                              tokenizer)
+
+FAST = {"forget_size": 3, "n_iter": 6, "layer": 1, "act_margin": "[1.0, 4.0, 2.0]", "device": "cpu",
+        "batch_size": 4}
+# Margins for a 64-wide random model (the shipped [5, 20, 10] are for 4096-wide layers).
+TINY = {"layer": 1, "n_iter": 60, "act_margin": [1.0, 4.0, 2.0], "target_eos": False}
+
+
+def test_generation_time_edit_yields_the_refusal_and_spares_other_prompts(tokenizer, env):
+    torch.set_num_threads(1)
+    model = build_tiny_model(tokenizer, layers=4, initializer_range=0.2)
+    before_edited = generate(model, tokenizer, env, EDITED)
+    before_other = generate(model, tokenizer, env, UNRELATED)
+    requests = [EditRequest(index=i, question=q, answer="?", prompt=env.render(q), target="I")
+                for i, q in enumerate(EDITED)]
+    report = wise.apply(model, tokenizer, requests, None,
+                        load_hparams(wise.HyperParams, "wise", None, TINY), seed=0, env=env)
+    (shard,) = report.details["shards"]
+    assert shard["in_min"] > shard["threshold"] > shard["out_max"]
+    after_edited = generate(model, tokenizer, env, EDITED)
+    assert all(text.startswith("I") for text in after_edited)
+    assert not any(text.startswith("I") for text in before_edited)
+    assert generate(model, tokenizer, env, UNRELATED) == before_other
+    mixed = EDITED + UNRELATED
+    assert generate(model, tokenizer, env, mixed, use_cache=False) == generate(model, tokenizer, env, mixed)
+
+
+def test_routing_is_per_token_and_picks_the_strongest_shard():
+    memory = wise.SideMemory("x", [torch.eye(2), 3 * torch.eye(2)], [0.5, 100.0], "relu")
+    x = torch.tensor([[[1.0, 0.0], [0.1, 0.0], [0.0, 40.0]]])
+    main = torch.zeros(1, 3, 2)
+    out = memory.rewrite(x, main)
+    # token 0: shard 0 (distance 1 > 0.5; shard 1's 3 is below its 100); token 1: neither;
+    # token 2: shard 1 (120 > 100 and larger than shard 0's 40).
+    assert out[0].tolist() == [[1.0, 0.0], [0.0, 0.0], [0.0, 120.0]]
+    # A token's route does not depend on the other tokens or rows of the batch.
+    assert torch.equal(memory.rewrite(x[:, :1], main[:, :1]), out[:, :1])
+
+
+def edited_lm(model_dir, cache_dir, **args):
+    return E2ULM(pretrained=model_dir, method="wise", cache_dir=str(cache_dir), **{**FAST, **args})
+
+
+def test_e2u_answer_decoding_routes_like_generate(tiny_model_dir, tmp_path):
+    lm = edited_lm(tiny_model_dir, tmp_path)
+    questions = [lm.splits.rows[i]["question"] for i in lm.splits.forget] + UNRELATED
+    ours = lm.e2u_answer([answer_request(lm, q) for q in questions], disable_tqdm=True)
+    for question, answer in zip(questions, ours):
+        ids = torch.tensor([lm.tok_encode(lm.prompt_format.render(lm.tokenizer, question))])
+        with torch.no_grad():
+            out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                    do_sample=False, eos_token_id=lm.eot_token_id,
+                                    pad_token_id=lm.eot_token_id)
+        expected = lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("\n\n")[0]
+        assert answer["generation"] == expected
+
+
+def test_edit_cache_and_save_edited_restore_the_side_memory(tiny_model_dir, tmp_path):
+    saved = tmp_path / "saved"
+    first = edited_lm(tiny_model_dir, tmp_path, save_edited=str(saved))
+    second = edited_lm(tiny_model_dir, tmp_path)
+    assert second.method_report.details["edit_cache"]["hit"] is True
+    (a,), (b,) = adapters_of(first.model), adapters_of(second.model)
+    assert torch.equal(a.deltas[0], b.deltas[0]) and a.thresholds == b.thresholds
+    again = E2ULM(pretrained=str(saved), method="none", device="cpu", batch_size=4, forget_size=3)
+    texts = [again.splits.rows[i]["question"] for i in again.splits.forget] + UNRELATED
+    assert torch.equal(logits_of(first, texts), logits_of(again, texts))
+    assert ([r["generation"] for r in first.e2u_answer([answer_request(first, q) for q in texts], True)]
+            == [r["generation"] for r in again.e2u_answer([answer_request(again, q) for q in texts], True)])
+
+
+def test_irrelevant_prompts_are_generic_or_the_users_file(tmp_path):
+    hp = load_hparams(wise.HyperParams, "wise", None, {})
+    prompts = wise.irrelevant_prompts(hp, 3, 0, lambda q: f"<{q}>")
+    assert len(set(prompts)) == 3 and all(p.startswith("<") for p in prompts)
+    assert prompts == wise.irrelevant_prompts(hp, 3, 0, lambda q: f"<{q}>")
+    own = tmp_path / "own.txt"
+    own.write_text("first?\nsecond?\n")
+    hp = load_hparams(wise.HyperParams, "wise", None, {"irrelevant_file": str(own)})
+    assert sorted(wise.irrelevant_prompts(hp, 4, 0, str)) == ["first?", "first?", "second?", "second?"]
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"layer": "9"}, r"hparam layer=9 is out of range for this model \(2 layers: accepted 0..1\)"),
+    ({"act_margin": "[1, 2]"}, r"act_margin=\[1.0, 2.0\] must be three numbers"),
+    ({"mask_ratio": "0"}, r"mask_ratio=0.0 must be in \(0, 1\]"),
+    ({"irrelevant_file": "/no/such/file.txt"}, r"irrelevant_file='/no/such/file.txt' does not exist"),
+])
+def test_bad_wise_args_are_one_line_errors(tiny_model_dir, tmp_path, args, message):
+    with pytest.raises(E2UError, match=message) as info:
+        edited_lm(tiny_model_dir, tmp_path, **args)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "edits").exists()
+
+
+def test_wise_is_registered():
+    assert get_method("wise") is wise
