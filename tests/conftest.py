@@ -92,3 +92,15 @@ def tiny_lm(tiny_model_dir):
     from e2u_models.model import E2ULM
 
     return E2ULM(pretrained=tiny_model_dir, method="none", device="cpu", batch_size=4)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for a test whose exact numbers should not depend on the thread count;
+    the previous setting is restored afterwards."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

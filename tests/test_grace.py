@@ -43,10 +43,9 @@ def generate(model, tokenizer, env, questions, use_cache=True, new_tokens=6):
     return [tokenizer.decode(row[batch["input_ids"].shape[1]:]) for row in out]
 
 
-def test_generation_time_edit_yields_the_refusal(tokenizer, env):
+def test_generation_time_edit_yields_the_refusal(tokenizer, env, one_thread):
     """The reference's users report GRACE edits that do not apply when generating: ours do, under
     greedy chat-template generation with a KV cache and left padding, and leave other prompts be."""
-    torch.set_num_threads(1)
     model = build_tiny_model(tokenizer, layers=4, initializer_range=0.2)
     before_edited = generate(model, tokenizer, env, EDITED)
     before_other = generate(model, tokenizer, env, UNRELATED)
@@ -164,19 +163,6 @@ def test_saved_then_reloaded_model_is_bit_identical(tiny_model_dir, tmp_path, me
     # Saving again into the same folder replaces it.
     E2ULM(pretrained=tiny_model_dir, method=method, cache_dir=str(tmp_path / "c"),
           save_edited=str(saved), **{**args, **extra})
-
-
-@pytest.mark.parametrize("args, message", [
-    ({"eps": "0"}, r"hparam eps=0.0 is not accepted; the deferral radius must be > 0"),
-    ({"eps": "-1"}, r"hparam eps=-1.0 is not accepted"),
-    ({"layer": "7"}, r"hparam layer=7 is out of range for this model \(2 layers: accepted 0..1\)"),
-    ({"val_init": "cold"}, r"hparam val_init='cold' is not implemented"),
-])
-def test_bad_grace_args_are_one_line_errors(tiny_model_dir, tmp_path, args, message):
-    with pytest.raises(E2UError, match=message) as info:
-        edited_lm(tiny_model_dir, tmp_path, **args)
-    assert "\n" not in str(info.value)
-    assert not (tmp_path / "edits").exists()
 
 
 def test_unwritable_save_edited_is_refused_before_editing(tiny_model_dir, tmp_path):

@@ -25,7 +25,8 @@ import torch
 from e2u_models.adapters import Adapter
 from e2u_models.methods.base import EditRequest, MethodEnv, MethodReport
 from e2u_models.methods.locate import (
-    LocateHParams, check_finite, module_named, prepare_requests, read_at_keys, target_nll, verification)
+    LocateHParams, check_finite, module_named, OneLayerChoice, prepare_requests, read_at_keys, target_nll,
+    verification)
 from e2u_models.methods.vstar import optimise_targets
 from e2u_tasks.errors import E2UError
 
@@ -37,7 +38,7 @@ EPS_EXPANDS = ("coverage",)
 
 
 @dataclass(frozen=True)
-class HyperParams:
+class HyperParams(OneLayerChoice):
     """EasyEdit's GRACE names where they mean the same (``eps``, ``edit_lr``, ``n_iter``,
     ``val_init``, ``eps_expand``). ``layer`` wins over ``layer_fraction`` (relative depth)."""
 
@@ -71,19 +72,6 @@ class HyperParams:
         if self.eps_expand not in EPS_EXPANDS:
             raise E2UError(f"hparam eps_expand={self.eps_expand!r} is not implemented; accepted: "
                            f"{', '.join(EPS_EXPANDS)}")
-
-    def resolved_layer(self, n_layers: int) -> int:
-        if self.layer is None:
-            return round(self.layer_fraction * (n_layers - 1))
-        if not 0 <= self.layer < n_layers:
-            raise E2UError(f"hparam layer={self.layer} is out of range for this model "
-                           f"({n_layers} layers: accepted 0..{n_layers - 1})")
-        return self.layer
-
-    def check_model(self, config) -> None:
-        n_layers = getattr(config, "num_hidden_layers", None)
-        if n_layers is not None:
-            self.resolved_layer(int(n_layers))
 
     def locate_view(self, layer: int) -> LocateHParams:
         """The shared request preparation and v* engine configured as GRACE's value training."""

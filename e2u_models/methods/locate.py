@@ -180,6 +180,27 @@ class PreparedRequest:
         return [EditRow(number, tuple(ids[: key + 1]), key) for ids, key in zip(self.contexts, self.keys)]
 
 
+class OneLayerChoice:
+    """For the hparams of single-layer methods (GRACE, WISE): ``layer`` (an index, checked
+    against the model) or ``layer_fraction`` (relative depth)."""
+
+    layer: int | None
+    layer_fraction: float
+
+    def resolved_layer(self, n_layers: int) -> int:
+        if self.layer is None:
+            return round(self.layer_fraction * (n_layers - 1))
+        if not 0 <= self.layer < n_layers:
+            raise E2UError(f"hparam layer={self.layer} is out of range for this model "
+                           f"({n_layers} layers: accepted 0..{n_layers - 1})")
+        return self.layer
+
+    def check_model(self, config) -> None:
+        n_layers = getattr(config, "num_hidden_layers", None)
+        if n_layers is not None:
+            self.resolved_layer(int(n_layers))
+
+
 def merge_requests(requests: Sequence[EditRequest], n: int, render: Callable[[str], str]) -> list[EditRequest]:
     """Query merging: consecutive groups of ``n`` questions become one prompt (questions joined
     by a space) with the first request's target; the key sits at the merged question's end."""

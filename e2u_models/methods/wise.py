@@ -43,7 +43,7 @@ from tqdm import tqdm
 from e2u_models.adapters import Adapter
 from e2u_models.methods.base import EditRequest, MethodEnv, MethodReport
 from e2u_models.methods.locate import (
-    LocateHParams, _pad_right, check_finite, module_named, pad_id_of, prepare_requests,
+    LocateHParams, _pad_right, check_finite, module_named, OneLayerChoice, pad_id_of, prepare_requests,
     target_nll, verification)
 from e2u_models.methods.vstar import UpperStack
 from e2u_tasks.errors import E2UError
@@ -54,7 +54,7 @@ USES_RETAIN = False
 
 
 @dataclass(frozen=True)
-class HyperParams:
+class HyperParams(OneLayerChoice):
     """EasyEdit's WISE names where they mean the same (``edit_lr``, ``n_iter``, ``act_margin``,
     ``act_ratio``, ``mask_ratio``, ``norm_constraint``, ``save_freq``)."""
 
@@ -95,19 +95,6 @@ class HyperParams:
         if self.irrelevant_file is not None and not Path(self.irrelevant_file).expanduser().is_file():
             raise E2UError(f"hparam irrelevant_file={self.irrelevant_file!r} does not exist; give a "
                            "text file with one prompt a line")
-
-    def resolved_layer(self, n_layers: int) -> int:
-        if self.layer is None:
-            return round(self.layer_fraction * (n_layers - 1))
-        if not 0 <= self.layer < n_layers:
-            raise E2UError(f"hparam layer={self.layer} is out of range for this model "
-                           f"({n_layers} layers: accepted 0..{n_layers - 1})")
-        return self.layer
-
-    def check_model(self, config) -> None:
-        n_layers = getattr(config, "num_hidden_layers", None)
-        if n_layers is not None:
-            self.resolved_layer(int(n_layers))
 
     def locate_view(self, layer: int) -> LocateHParams:
         return LocateHParams(layers=[layer], rewrite_module_tmp=self.inner_module_tmp,
