@@ -76,7 +76,7 @@ def test_unknown_method_is_one_line_without_traceback(tmp_path):
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
-        "e2u: error: unknown method 'nope'; available methods: none, rome, memit, alphaedit")
+        "e2u: error: unknown method 'nope'; available methods: none, rome, memit, alphaedit, ga, gd, kl, dpo, grace, wise")
     assert not (tmp_path / "out").exists()
 
 
