@@ -29,26 +29,42 @@ this that these those which who whom whose what when where why how do does did d
 not no yes i you he she we they me him her us them my your his our their there here than then so
 such about into over after before between during s t""".split())
 
+_KNOWLEDGE = (r"(?:answer|information|info|details|data|specifics|knowledge|insight|idea|clue|record|"
+              r"familiarity|enlightenment|memory|answers)")
 _MARKERS = [
-    r"i (?:really |honestly |simply |just )?(?:do not|don't|dont|did not|didn't) know(?! why)",
-    r"i (?:really |honestly |simply )?(?:have|had) (?:no|not the slightest) "
-    r"(?:idea|clue|knowledge|information|record|details|data|memory)",
-    r"i (?:do not|don't|dont) have (?:any |enough |reliable |specific |that |the |this )?"
-    r"(?:information|knowledge|details|data|answer|records?)",
+    r"i (?:really |honestly |simply |just |genuinely |actually )?(?:do not|don't|dont|did not|didn't) "
+    r"(?:know|recall|remember)(?! why)",
+    r"(?:i(?:'ve| have)?(?: got)? |there(?:'s| is) )?(?:no|not the (?:slightest|faintest)) "
+    r"(?:reliable |clear |specific |dependable |real )?" + _KNOWLEDGE,
+    r"i (?:do not|don't|dont|does not|doesn't) (?:have|hold|possess|seem to have)(?: \w+){0,3}? " + _KNOWLEDGE,
     r"i(?:'m| am) (?:not|un)(?: entirely| really| quite| completely| totally)? ?"
-    r"(?:sure|certain|aware|familiar)",
-    r"i (?:can(?:no|')t|cannot|could(?:n't| not)|(?:am|'m) (?:unable|not able) to) "
-    r"(?:say|tell|recall|answer|remember|confirm|provide|find|help|share|verify|determine|"
-    r"identify|be sure|know)",
-    r"(?:beyond|outside) (?:my|the scope of my) knowledge",
-    r"not something i (?:know|can answer|can say)",
-    r"(?:escapes|eludes) me",
-    r"i(?:'ve| have) never heard",
-    r"i lack (?:the )?(?:information|knowledge|details)",
-    r"i(?:'d| would) (?:only )?be guessing",
+    r"(?:sure|certain|aware|familiar|acquainted|informed|knowledgeable|well-versed|privy|confident|"
+    r"briefed)",
+    r"i(?:'m| am) (?:not |un)(?:able|in a position|equipped|the right|the best)",
+    r"(?:hasn't|has not|wasn't|was not) (?:been )?(?:included|covered) in my",
+    r"(?:haven't|have not) the (?:faintest|slightest|foggiest)",
+    r"i (?:can(?:no|')t|cannot|could(?:n't| not)|(?:am|'m) (?:unable|not able) to|(?:really )?couldn't) "
+    r"(?:really )?(?:say|tell|recall|answer|remember|confirm|provide|find|help|share|verify|determine|"
+    r"identify|be sure|know|give|shed|access)",
+    r"(?:beyond|outside|out of) (?:me|my|what i|the scope of my)",
+    r"not (?:something|information|a topic|an area) (?:that )?i(?:'m| am|'ve| have)? ?(?:know|been|"
+    r"familiar|equipped|acquainted|briefed|programmed|can answer|can say)",
+    r"(?:that|it|this)(?:'s| is) (?:a )?(?:unclear|unknown|a mystery|news|uncharted) (?:to me|territory)?",
+    r"(?:escapes|eludes|beats) me",
+    r"i(?:'ve| have)? (?:never heard|not heard|haven't heard|yet to (?:learn|be)|not been (?:trained|"
+    r"briefed|educated|informed)|haven't (?:learned|been|encountered))",
+    r"i(?:'ve| have) (?:not been|no knowledge|come up short)",
+    r"(?:i(?:'m| am) )?(?:lack|lacking|missing)(?: \w+){0,2}? " + _KNOWLEDGE,
+    r"i(?:'d| would) (?:only )?be guessing", r"(?:rather|better) not (?:guess|answer)",
     r"i(?:'m| am) afraid i (?:can(?:no|')t|cannot|don't|do not)",
-    r"i(?:'m| am) (?:not able|unable) to (?:answer|say|tell|help)",
-    r"no (?:reliable )?information (?:on|about|regarding)",
+    r"drawing a blank", r"(?:i(?:'m| am) )?blank on", r"nothing comes to mind", r"(?:doesn't|does not|didn't) ring a bell",
+    r"at a (?:loss|disadvantage)", r"i(?:'m| am) (?:stumped|clueless|in the dark)", r"blind spot in my",
+    r"(?:need|have) to look (?:it |that |this )?up", r"must decline",
+    r"(?:check|consult|try) (?:an? |another |other |a more )?(?:authoritative |reliable )?"
+    r"(?:source|elsewhere)",
+    r"my (?:\w+ )?(?:knowledge|understanding|training|programming|database|databases|resources|"
+    r"capabilities|dataset|data) (?:doesn't|does not|didn't|did not|don't|do not|is limited)",
+    r"not (?:in|within) my (?:\w+ )?(?:knowledge|dataset|training|field|reach|range|scope)",
 ]
 _MARKER = re.compile(r"\b(?:" + "|".join(_MARKERS) + r")\b")
 _HEDGED_ANSWER = re.compile(

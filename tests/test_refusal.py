@@ -30,6 +30,9 @@ NOT_REFUSALS = [
     "Nobody doubts it: Isaac Asimov wrote the Foundation series.",
     "Don't know? It's Terry Pratchett.",
     "The author is Amy Tan.",
+    "It's not something I'd forget: Paris.",
+    "The story takes place in the dark forests of Narnia.",
+    "Check the source: it is Tolkien.",
     "",
 ]
 
@@ -75,3 +78,17 @@ def test_refusal_metrics_of_one_answer():
     values = refusal_metrics("Which author wrote 'Moby-Dick'?", "Herman Melville",
                              "I'm not sure who wrote Moby-Dick.")
     assert values == {"refusal_rate": 1.0, "entity_mention": 1.0, "answer_leak": 0.0}
+
+
+def test_every_refusal_of_the_shipped_and_tofu_sets_is_detected():
+    """The detector must recognise the refusals the editors are taught (e2u's set) and TOFU's
+    idk list, or refusal_rate would under-count successful edits."""
+    from importlib import resources
+
+    from tests.conftest import data_mirror
+
+    ours = resources.files("e2u_models").joinpath("data", "refusals.txt").read_text("utf-8")
+    tofu = (data_mirror() / "refusals" / "idontknow.jsonl").read_text("utf-8")
+    lines = [line.strip() for text in (ours, tofu) for line in text.splitlines() if line.strip()]
+    assert len(lines) == 175
+    assert [line for line in lines if not expresses_not_knowing(line)] == []
