@@ -186,6 +186,7 @@ class OneLayerChoice:
 
     layer: int | None
     layer_fraction: float
+    inner_module_tmp: str
 
     def resolved_layer(self, n_layers: int) -> int:
         if self.layer is None:
@@ -199,6 +200,15 @@ class OneLayerChoice:
         n_layers = getattr(config, "num_hidden_layers", None)
         if n_layers is not None:
             self.resolved_layer(int(n_layers))
+
+    def edit_site(self, model):
+        """(layer, the shared engine's view of these hparams, module name, module): the linear
+        layer the method attaches to (``inner_module_tmp``), checked to be one."""
+        layer = self.resolved_layer(int(model.config.num_hidden_layers))
+        module = module_named(model, self.inner_module_tmp, layer, "inner_module_tmp")
+        if not isinstance(getattr(module, "weight", None), torch.nn.Parameter) or module.weight.dim() != 2:
+            raise E2UError(f"hparam inner_module_tmp={self.inner_module_tmp!r} does not name a linear layer")
+        return layer, self.locate_view(layer), self.inner_module_tmp.format(layer), module
 
 
 def merge_requests(requests: Sequence[EditRequest], n: int, render: Callable[[str], str]) -> list[EditRequest]:

@@ -268,12 +268,7 @@ def train_shard(model, tokenizer, prepared, irrelevant_ids, hparams: HyperParams
 
 def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperParams, *,
           seed: int = 0, env: MethodEnv) -> MethodReport:
-    layer = hparams.resolved_layer(int(model.config.num_hidden_layers))
-    view = hparams.locate_view(layer)
-    module_name = hparams.inner_module_tmp.format(layer)
-    module = module_named(model, hparams.inner_module_tmp, layer, "inner_module_tmp")
-    if not isinstance(getattr(module, "weight", None), torch.nn.Parameter) or module.weight.dim() != 2:
-        raise E2UError(f"hparam inner_module_tmp={hparams.inner_module_tmp!r} does not name a linear layer")
+    layer, view, module_name, module = hparams.edit_site(model)
     prepared = prepare_requests(model, tokenizer, forget, view, env, seed)
     before = target_nll(model, tokenizer, prepared)
     activation, _ = activation_of(model)
