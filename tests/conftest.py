@@ -104,3 +104,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The tiny tokenizer, for tests that drive the methods directly."""
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def env(tokenizer):
+    """The method environment the e2u model would give, on the tiny tokenizer."""
+    from e2u_models.methods.base import MethodEnv
+    from e2u_models.prompts import PromptFormat
+
+    fmt = PromptFormat.for_tokenizer(tokenizer)
+    return MethodEnv(encode=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+                     render=lambda q: fmt.render(tokenizer, q), answer_delimiter=fmt.answer_delimiter,
+                     log=lambda *_: None)

@@ -7,14 +7,13 @@ import pytest
 import torch
 
 from e2u_models.methods import alphaedit, get_method, memit, rome
-from e2u_models.methods.base import EditRequest, MethodEnv, load_hparams
+from e2u_models.methods.base import EditRequest, load_hparams
 from e2u_models.methods.locate import (
     merge_requests, prepare_requests, read_at_keys)
 from e2u_models.methods.vstar import UpperStack, optimise_targets
-from e2u_models.prompts import PromptFormat
 from e2u_tasks.errors import E2UError
 from e2u_tasks.refusal import key_entity
-from tests.conftest import build_tiny_model, build_tiny_tokenizer
+from tests.conftest import build_tiny_model
 
 QUESTIONS = [
     ("Who wrote the play about two young lovers?", "William Shakespeare"),
@@ -27,19 +26,6 @@ STRONG = {"v_num_grad_steps": 12, "v_lr": 2.0, "clamp_norm_factor": 10.0, "kl_fa
           "mom2_n_tokens": 3000, "mom2_max_length": 64, "stats_corpus": "python-docs",
           "context_template_length_params": "[]"}
 LAYERS = {"rome": [1]}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def env(tokenizer):
-    fmt = PromptFormat.for_tokenizer(tokenizer)
-    return MethodEnv(encode=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
-                     render=lambda q: fmt.render(tokenizer, q), answer_delimiter=fmt.answer_delimiter,
-                     log=lambda *_: None)
 
 
 def make_requests(env, n=4, target="I do not know that."):

@@ -7,29 +7,15 @@ from lm_eval.api.instance import Instance
 
 from e2u_models.adapters import adapters_of
 from e2u_models.methods import get_method, grace
-from e2u_models.methods.base import EditRequest, MethodEnv, load_hparams
+from e2u_models.methods.base import EditRequest, load_hparams
 from e2u_models.model import E2ULM
-from e2u_models.prompts import PromptFormat
 from e2u_tasks.errors import E2UError
-from tests.conftest import build_tiny_model, build_tiny_tokenizer
+from tests.conftest import build_tiny_model
 
 EDITED = ["Who wrote the play about two young lovers?", "What is the capital of France?"]
 UNRELATED = ["Which author is known for the novel about a farm?",
              "What was the effective date of the contract?"]
 FAST = {"forget_size": 3, "n_iter": 4, "layer": 1, "device": "cpu", "batch_size": 4}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def env(tokenizer):
-    fmt = PromptFormat.for_tokenizer(tokenizer)
-    return MethodEnv(encode=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
-                     render=lambda q: fmt.render(tokenizer, q), answer_delimiter=fmt.answer_delimiter,
-                     log=lambda *_: None)
 
 
 def generate(model, tokenizer, env, questions, use_cache=True, new_tokens=6):

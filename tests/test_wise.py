@@ -8,8 +8,7 @@ from e2u_models.methods import get_method, wise
 from e2u_models.methods.base import EditRequest, load_hparams
 from e2u_models.model import E2ULM
 from tests.conftest import build_tiny_model
-from tests.test_grace import (EDITED, UNRELATED, answer_request, env, generate, logits_of,  # noqa: F401
-                              tokenizer)
+from tests.test_grace import EDITED, UNRELATED, answer_request, generate, logits_of
 
 FAST = {"forget_size": 3, "n_iter": 6, "layer": 1, "act_margin": "[1.0, 4.0, 2.0]", "device": "cpu",
         "batch_size": 4}
