@@ -3,6 +3,7 @@
 Writes ``report.md`` (every table, the figures inline, the run cards, how the intervals were
 computed), ``table1.csv`` (forget and retain x ROUGE-1 / prob / MRR / hit, composite),
 ``table2.csv`` (rephrased forget set and its increase over the plain forget set),
+``refusal.csv`` (refusal quality of the answers: refusal rate, entity mention, answer leak),
 ``runcards.csv``, ``case_study.md`` (answers before / after, Fig. 5) and, with matplotlib
 (``pip install e2u[report]``), the PNG figures: composite bars and forget/retain/rephrase radar
 (Fig. 3), composite vs number of forget samples (Fig. 4), query merging (Fig. 6 right).
@@ -20,10 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from e2u_experiments import estimates as est
-from e2u_experiments.runs import METRICS, Run, load_runs
+from e2u_experiments.runs import METRICS, REFUSAL_METRICS, Run, load_runs
 from e2u_tasks.errors import E2UError
 
-METRIC_TITLES = {"rouge1_recall": "ROUGE-1", "prob": "Prob", "mrr": "MRR", "hit_rate": "Hit"}
+METRIC_TITLES = {"rouge1_recall": "ROUGE-1", "prob": "Prob", "mrr": "MRR", "hit_rate": "Hit",
+                 "refusal_rate": "refusal", "entity_mention": "entity", "answer_leak": "leak"}
+# The refusal-quality table: ROUGE-1 of the three splits, then how the answers refuse.
+REFUSAL_COLUMNS = ([(split, "rouge1_recall") for split in ("forget", "rephrase", "retain")]
+                   + [(split, m) for split in ("forget", "rephrase") for m in REFUSAL_METRICS])
 
 
 @dataclass
@@ -136,6 +141,21 @@ def table2_markdown(block: Block) -> list[str]:
         cells = [row.label + _seeds_note(row)]
         for m in METRICS:
             cells.append(f"{_cell(row.metric('rephrase', m))} ({_cell(row.increase(m), signed=True)})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def refusal_rows(block: Block) -> list[Row]:
+    """Rows whose results carry the refusal-quality metrics (results written before they existed
+    have none)."""
+    return [row for row in block.rows if row.metric("forget", "refusal_rate") is not None]
+
+
+def refusal_table_markdown(block: Block) -> list[str]:
+    head = ["method"] + [f"{split} {METRIC_TITLES[m]}" for split, m in REFUSAL_COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in refusal_rows(block):
+        cells = [row.label + _seeds_note(row)] + [_cell(row.metric(split, m)) for split, m in REFUSAL_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -259,11 +279,15 @@ def write_report(folders: list[str], out: str, bootstrap: int = 1000, seed: int 
           "interval from lm-eval's standard error (no `--log_samples`). With several seeds: "
           "mean ± standard deviation across seeds. Forget/rephrase: lower is better; retain and "
           "composite (1 − R1@forget + R1@retain): higher is better.", ""]
-    t1_rows, t2_rows, card_rows = [], [], []
+    t1_rows, t2_rows, refusal_csv, card_rows = [], [], [], []
     for block in blocks:
         md += [f"## {block.title}", "", "### Table 1: forget and retain sets", ""]
         md += table1_markdown(block) + ["", "### Table 2: rephrased forget set (increase over the plain forget set)", ""]
         md += table2_markdown(block) + [""]
+        if refusal_rows(block):
+            md += ["### Refusal quality: how the answers refuse (refusal: says it does not know; "
+                   "entity: names the question's key entity; leak: contains the gold answer)", ""]
+            md += refusal_table_markdown(block) + [""]
         for name in figure_files.get(block.slug, []):
             md += [f"![{name}]({name})", ""]
         md += ["### Run cards", ""] + runcard_markdown(block) + [""]
@@ -280,6 +304,11 @@ def write_report(folders: list[str], out: str, bootstrap: int = 1000, seed: int 
                 t2.update(_estimate_columns(f"rephrase_{m}", row.metric("rephrase", m)))
                 t2.update(_estimate_columns(f"rephrase_{m}_increase", row.increase(m)))
             t2_rows.append(t2)
+            if row in refusal_rows(block):
+                refusal = dict(base)
+                for split, m in REFUSAL_COLUMNS:
+                    refusal.update(_estimate_columns(f"{split}_{m}", row.metric(split, m)))
+                refusal_csv.append(refusal)
             for run in row.runs:
                 card_rows.append({**base, "seed": run.seed, **_card_numbers(run)})
     for name in figure_files.get("", []):
@@ -289,6 +318,7 @@ def write_report(folders: list[str], out: str, bootstrap: int = 1000, seed: int 
     (out_dir / "case_study.md").write_text("\n".join(case_study_markdown(blocks, case_study)), encoding="utf-8")
     _write_csv(out_dir / "table1.csv", t1_rows)
     _write_csv(out_dir / "table2.csv", t2_rows)
+    _write_csv(out_dir / "refusal.csv", refusal_csv)
     _write_csv(out_dir / "runcards.csv", card_rows)
     (out_dir / "bootstrap.json").write_text(json.dumps(
         {"iters": bootstrap, "seed": seed, "level": est.LEVEL, "method": "percentile, documents "

@@ -25,6 +25,8 @@ IDENTITY_ARGS = frozenset({
 })
 SPLITS = ("forget", "retain", "rephrase")
 METRICS = ("rouge1_recall", "prob", "mrr", "hit_rate")
+# Refusal quality of the generated answers (e2u_tasks.refusal); in results since issue #6.
+REFUSAL_METRICS = ("refusal_rate", "entity_mention", "answer_leak")
 TIMESTAMP = re.compile(r"results_(.+)\.json$")
 
 
@@ -247,7 +249,7 @@ def _sample_row(file: Path, number: int, record: dict) -> dict:
     doc = record.get("doc") or {}
     row = {"doc_id": record.get("doc_id", number - 1), "index": doc.get("index"),
            "question": doc.get("question"), "answer": doc.get("answer", record.get("target"))}
-    for metric in (*METRICS, "composite"):
+    for metric in (*METRICS, *REFUSAL_METRICS, "composite"):
         if metric in record:
             row[metric] = float(record[metric])
     response = (record.get("filtered_resps") or record.get("resps") or [None])[0]

@@ -22,7 +22,7 @@ STAMP = "2026-11-28T10-00-00.000000"
 def write_result(folder: Path, method: str = "none", options: dict | None = None, seed: int = 0,
                  forget: list[float] | None = None, retain: list[float] | None = None,
                  rephrase: list[float] | None = None, samples: bool = True, forget_size: int | None = None,
-                 limit=None, stamp: str = STAMP) -> Path:
+                 limit=None, stamp: str = STAMP, refusal: bool = False) -> Path:
     """One run's results_*.json (+ samples_*.jsonl) with per-document ROUGE-1 values given;
     prob/mrr/hit are derived from them so every metric differs between documents."""
     forget = forget if forget is not None else [1.0, 0.5, 0.0, 1.0]
@@ -37,7 +37,7 @@ def write_result(folder: Path, method: str = "none", options: dict | None = None
     results = {}
     for split, rows in docs.items():
         task = f"tofu_{split}"
-        per_doc = [_doc_metrics(split, r1) for _, r1 in rows]
+        per_doc = [_doc_metrics(split, r1, refusal) for _, r1 in rows]
         row = {"name": task, "alias": task, "sample_len": len(rows)}
         for metric in per_doc[0]:
             values = [d[metric] for d in per_doc]
@@ -79,8 +79,11 @@ def write_result(folder: Path, method: str = "none", options: dict | None = None
     return path
 
 
-def _doc_metrics(split: str, r1: float) -> dict[str, float]:
+def _doc_metrics(split: str, r1: float, refusal: bool = False) -> dict[str, float]:
     metrics = {"rouge1_recall": r1, "prob": 0.1 * r1 + 0.01, "mrr": 0.5 * r1 + 0.1, "hit_rate": 0.2 + 0.8 * r1}
+    if refusal:  # as e2u_tasks.refusal scores them: a refusal has no answer word in it
+        metrics.update({"refusal_rate": float(r1 == 0.0), "entity_mention": float(r1 < 1.0),
+                        "answer_leak": float(r1 == 1.0)})
     if split != "rephrase":
         metrics["composite"] = 2 * (1 - r1) if split == "forget" else 2 * r1
     return metrics
@@ -138,6 +141,30 @@ def test_report_writes_tables_with_bootstrap_intervals(results_dir, tmp_path, ca
     case = (out / "case_study.md").read_text()
     assert "Question 0?" in case and "answer rome 0" in case and "answer none 0" in case
     assert json.loads((out / "bootstrap.json").read_text())["iters"] == 1000
+
+
+def test_report_has_a_refusal_quality_table_for_runs_that_carry_it(results_dir, tmp_path, capsys):
+    write_result(results_dir / "alphaedit_self", "alphaedit", {"target": "self"},
+                 forget=[0.0, 0.0, 1.0, 0.5], rephrase=[0.0, 1.0, 1.0, 0.0], refusal=True)
+    out = tmp_path / "report"
+    assert run_cli(capsys, "report", str(results_dir), "--out", str(out), "--no-figures")[0] == 0
+    rows = {r["label"]: r for r in csv.DictReader(open(out / "refusal.csv"))}
+    assert list(rows) == ["alphaedit (target=self)"]  # the older runs have no refusal metrics
+    row = rows["alphaedit (target=self)"]
+    assert float(row["forget_refusal_rate"]) == pytest.approx(0.5)
+    assert float(row["forget_answer_leak"]) == pytest.approx(0.25)
+    assert float(row["rephrase_refusal_rate"]) == pytest.approx(0.5)
+    assert float(row["rephrase_entity_mention"]) == pytest.approx(0.5)
+    assert float(row["retain_rouge1_recall"]) == pytest.approx(0.6)
+    assert float(row["forget_refusal_rate_low"]) < float(row["forget_refusal_rate_high"])
+    md = (out / "report.md").read_text()
+    assert "Refusal quality" in md and "| alphaedit (target=self) | 0.375" in md
+
+
+def test_without_refusal_metrics_there_is_no_refusal_table(results_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert run_cli(capsys, "report", str(results_dir), "--out", str(out), "--no-figures")[0] == 0
+    assert not (out / "refusal.csv").exists() and "Refusal quality" not in (out / "report.md").read_text()
 
 
 def test_report_is_reproducible_and_seeded(results_dir, tmp_path, capsys):
