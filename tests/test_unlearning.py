@@ -196,6 +196,24 @@ def test_lora_trains_an_adapter_and_merges_it_into_plain_weights(method, tokeniz
     assert all(p.requires_grad for p in model.parameters())  # as before training (a fresh module)
 
 
+def test_train_from_layer_trains_only_the_upper_layers(tokenizer):
+    """Partial fine-tuning: layer 0 and the (tied) embeddings keep their values, layer 1 and the
+    final norm change, and the forget answers still move."""
+    reference = build_tiny_model(tokenizer)
+    before = weights(reference)
+    model, report, forget, _ = run("ga", tokenizer, model=build_tiny_model(tokenizer), train_from_layer=1)
+    changed = set(report.changed_parameters)
+    assert changed and all(".layers.1." in n or n == "model.norm.weight" for n in changed)
+    after = weights(model)
+    assert all(torch.equal(after[n], before[n]) for n in after if ".layers.0." in n or "embed" in n)
+    assert forget_nll(model, tokenizer, forget) > forget_nll(reference, tokenizer, forget)
+    assert all(p.requires_grad for p in model.parameters())  # flags as they were before training
+    with pytest.raises(E2UError, match=r"train_from_layer=2 is out of range: the model has 2 layers"):
+        run("ga", tokenizer, train_from_layer=2)
+    with pytest.raises(E2UError, match="train_from_layer=-1 must be >= 0"):
+        hparams_of("ga", train_from_layer=-1)
+
+
 def test_bad_training_hparams_are_one_line_errors(tokenizer, monkeypatch):
     with pytest.raises(E2UError, match=r"hparam lr=0.0 must be > 0"):
         hparams_of("gd", lr=0)

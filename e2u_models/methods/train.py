@@ -17,6 +17,7 @@ import contextlib
 import copy
 import importlib.util
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +56,9 @@ class TrainHParams:
     lora_dropout: float = 0.05
     lora_targets: list[str] = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
     max_train_length: int = 512
+    # 0: every parameter trains. k > 0: only decoder layers k.. and the final norm (embeddings and
+    # head frozen), so the backward pass stops at layer k: fewer FLOPs per step on a CPU.
+    train_from_layer: int = 0
 
     def validate(self) -> None:
         if not self.lr > 0 or not math.isfinite(self.lr):
@@ -62,6 +66,11 @@ class TrainHParams:
         for name in ("epochs", "train_batch_size", "grad_accum_steps", "max_train_length"):
             if getattr(self, name) < 1:
                 raise E2UError(f"hparam {name}={getattr(self, name)} must be >= 1")
+        if self.train_from_layer < 0:
+            raise E2UError(f"hparam train_from_layer={self.train_from_layer} must be >= 0 (0 = every layer)")
+        if self.train_from_layer and self.lora:
+            raise E2UError("hparam train_from_layer applies to full fine-tuning; with lora=true choose "
+                           "the adapted modules with lora_targets")
         if self.max_steps < 0:
             raise E2UError(f"hparam max_steps={self.max_steps} must be >= 0 (0 = from epochs)")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -254,6 +263,29 @@ def _schedule(total_steps: int, warmup_ratio: float):
     return factor, warmup
 
 
+_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+
+
+def _full_trainable(model, from_layer: int) -> list:
+    """Parameters of full fine-tuning: all, or (``from_layer`` > 0) the decoder layers from
+    ``from_layer`` on and the other non-embedding parameters after them (the final norm)."""
+    if not from_layer:
+        return list(model.parameters())
+    count = model.config.num_hidden_layers
+    if from_layer >= count:
+        raise E2UError(f"hparam train_from_layer={from_layer} is out of range: the model has "
+                       f"{count} layers (0..{count - 1})")
+    embeddings = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                  if m is not None}
+    trainable = []
+    for name, p in model.named_parameters():
+        layer = _LAYER_INDEX.search(f".{name}")
+        if (layer is not None and int(layer.group(1)) >= from_layer) or \
+                (layer is None and id(p) not in embeddings):
+            trainable.append(p)
+    return trainable
+
+
 def _attach_lora(model, hparams: TrainHParams):
     from peft import LoraConfig, get_peft_model
 
@@ -333,9 +365,11 @@ def train(model, tokenizer, setup: TrainSetup, hparams: TrainHParams, *, seed: i
             peft_model = _attach_lora(model, hparams)
             trainable = [p for p in peft_model.parameters() if p.requires_grad]
         else:
+            trainable = _full_trainable(model, hparams.train_from_layer)
             for p in model.parameters():
+                p.requires_grad_(False)
+            for p in trainable:
                 p.requires_grad_(True)
-            trainable = list(model.parameters())
         reference = _Reference(model, peft_model) if setup.needs_reference else None
         network = peft_model if peft_model is not None else model
         if setup.prepare is not None:
