@@ -26,9 +26,11 @@ from e2u_tasks.errors import E2UError
 
 METRIC_TITLES = {"rouge1_recall": "ROUGE-1", "prob": "Prob", "mrr": "MRR", "hit_rate": "Hit",
                  "refusal_rate": "refusal", "entity_mention": "entity", "answer_leak": "leak"}
-# The refusal-quality table: ROUGE-1 of the three splits, then how the answers refuse.
+# The refusal-quality table: ROUGE-1 of the three splits, how the answers refuse, and how often
+# retain questions are refused (over-refusal).
 REFUSAL_COLUMNS = ([(split, "rouge1_recall") for split in ("forget", "rephrase", "retain")]
-                   + [(split, m) for split in ("forget", "rephrase") for m in REFUSAL_METRICS])
+                   + [(split, m) for split in ("forget", "rephrase") for m in REFUSAL_METRICS]
+                   + [("retain", "refusal_rate")])
 
 
 @dataclass

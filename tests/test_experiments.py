@@ -156,6 +156,7 @@ def test_report_has_a_refusal_quality_table_for_runs_that_carry_it(results_dir, 
     assert float(row["rephrase_refusal_rate"]) == pytest.approx(0.5)
     assert float(row["rephrase_entity_mention"]) == pytest.approx(0.5)
     assert float(row["retain_rouge1_recall"]) == pytest.approx(0.6)
+    assert float(row["retain_refusal_rate"]) == pytest.approx(0.2)  # over-refusal: 1 of 5
     assert float(row["forget_refusal_rate_low"]) < float(row["forget_refusal_rate_high"])
     md = (out / "report.md").read_text()
     assert "Refusal quality" in md and "| alphaedit (target=self) | 0.375" in md
