@@ -84,9 +84,11 @@ def radar(block, path: Path) -> str | None:
     ax = fig.add_subplot(polar=True)
     ax.set_rlabel_position(75)
     ax.tick_params(axis="y", labelsize=6)
-    for label, values in series:
-        ax.plot(angles + angles[:1], values + values[:1], linewidth=1.4, label=label)
-        ax.fill(angles + angles[:1], values + values[:1], alpha=0.06)
+    for number, (label, values) in enumerate(series):
+        # tab10 repeats after ten methods: the next ten get the same colours, dashed
+        style = {"color": f"C{number % 10}", "linestyle": "-" if number < 10 else "--"}
+        ax.plot(angles + angles[:1], values + values[:1], linewidth=1.4, label=label, **style)
+        ax.fill(angles + angles[:1], values + values[:1], alpha=0.06, color=style["color"])
     ax.set_xticks(angles, labels, fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_title(f"Forget / rephrase / retain (larger = better)\n{block.title}", fontsize=9)

@@ -220,6 +220,24 @@ def test_report_figures(results_dir, tmp_path, capsys):
     assert all((tmp_path / "r" / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names)
 
 
+def test_radar_lines_stay_distinguishable_beyond_ten_methods(tmp_path, capsys, monkeypatch):
+    import matplotlib.axes
+
+    root = tmp_path / "results"
+    for number in range(12):
+        write_result(root / f"m{number}", f"method{number:02d}")
+    styles = []
+    real_plot = matplotlib.axes.Axes.plot
+
+    def record(self, *args, **kwargs):
+        styles.append((kwargs.get("color"), kwargs.get("linestyle")))
+        return real_plot(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", record)
+    run_cli(capsys, "report", str(root), "--out", str(tmp_path / "r"))
+    assert len(styles) >= 12 and len(set(styles[-12:])) == 12
+
+
 # ------------------------------------------------------------------ leaderboard and regress
 
 @pytest.fixture
