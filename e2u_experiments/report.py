@@ -286,7 +286,8 @@ def write_report(folders: list[str], out: str, bootstrap: int = 1000, seed: int 
         md += [f"## {block.title}", "", "### Table 1: forget and retain sets", ""]
         md += table1_markdown(block) + ["", "### Table 2: rephrased forget set (increase over the plain forget set)", ""]
         md += table2_markdown(block) + [""]
-        if refusal_rows(block):
+        with_refusal = refusal_rows(block)
+        if with_refusal:
             md += ["### Refusal quality: how the answers refuse (refusal: says it does not know; "
                    "entity: names the question's key entity; leak: contains the gold answer)", ""]
             md += refusal_table_markdown(block) + [""]
@@ -306,7 +307,7 @@ def write_report(folders: list[str], out: str, bootstrap: int = 1000, seed: int 
                 t2.update(_estimate_columns(f"rephrase_{m}", row.metric("rephrase", m)))
                 t2.update(_estimate_columns(f"rephrase_{m}_increase", row.increase(m)))
             t2_rows.append(t2)
-            if row in refusal_rows(block):
+            if row in with_refusal:
                 refusal = dict(base)
                 for split, m in REFUSAL_COLUMNS:
                     refusal.update(_estimate_columns(f"{split}_{m}", row.metric(split, m)))
