@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from e2u_models.cache import atomic_directory, cache_root, json_sha256, verified_entry
-from e2u_models.shared_prefix import SharedPrefixRunner, common_prefix_length
+from e2u_models.shared_prefix import continue_greedily, stop_token_ids
 from e2u_tasks.errors import E2UError
 from e2u_tasks.refusal import answer_leak, expresses_not_knowing, key_entity, mentions
 
@@ -112,11 +112,8 @@ def _generate(model, tokenizer, prompts: list[str], sample_seed: int | None, bat
     The instruction and examples are a prefix shared by every prompt: computed once."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    stops = {t for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>"))
-             if isinstance(t, int) and t != tokenizer.unk_token_id}
+    stops = stop_token_ids(tokenizer)
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    prefix = common_prefix_length(encoded)
-    runner = SharedPrefixRunner(model, encoded[0][:prefix], pad, device)
     pick = None
     if sample_seed is not None:
         generator = torch.Generator(device=device).manual_seed(sample_seed)
@@ -125,14 +122,9 @@ def _generate(model, tokenizer, prompts: list[str], sample_seed: int | None, bat
     def is_done(_row, tokens):
         return tokens[-1] in stops or "\n" in tokenizer.decode(tokens[-1:])
 
-    texts = []
-    for start in range(0, len(encoded), batch_size):
-        chunk = [row[prefix:] for row in encoded[start:start + batch_size]]
-        logits, cache, mask = runner.score_answers(chunk, [[pad]] * len(chunk))
-        generated = runner.greedy(logits[:, 0], cache, mask, MAX_NEW_TOKENS, is_done, pick)
-        texts += [_first_sentences(tokenizer.decode([t for t in row if t not in stops],
-                                                    skip_special_tokens=True)) for row in generated]
-    return texts
+    generated = continue_greedily(model, encoded, pad, MAX_NEW_TOKENS, is_done, pick, batch_size)
+    return [_first_sentences(tokenizer.decode([t for t in row if t not in stops],
+                                              skip_special_tokens=True)) for row in generated]
 
 
 def prompt_identity(prompt_format) -> dict:

@@ -119,3 +119,26 @@ class SharedPrefixRunner:
                              **{self._cache_arg: cache})
             logits, cache = out.logits[:, -1, :], _cache_of(out)
         return generated
+
+
+def continue_greedily(model, encoded: Sequence[Sequence[int]], pad_id: int, max_new_tokens: int,
+                      is_done, pick=None, batch_size: int = 16) -> list[list[int]]:
+    """The continuation tokens of each encoded prompt (greedy, or ``pick``), in batches, the
+    prompts' common prefix computed once; ``is_done(row, tokens)`` says when a row stops."""
+    if not encoded:
+        return []
+    device = next(model.parameters()).device
+    prefix = common_prefix_length(encoded)
+    runner = SharedPrefixRunner(model, encoded[0][:prefix], pad_id, device)
+    generated: list[list[int]] = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = [list(row[prefix:]) for row in encoded[start:start + batch_size]]
+        logits, cache, mask = runner.score_answers(chunk, [[pad_id]] * len(chunk))
+        generated += runner.greedy(logits[:, 0], cache, mask, max_new_tokens, is_done, pick)
+    return generated
+
+
+def stop_token_ids(tokenizer) -> set[int]:
+    """Tokens that end a reply: EOS and the chat format's end-of-turn token when it has one."""
+    return {t for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>"))
+            if isinstance(t, int) and t != tokenizer.unk_token_id}

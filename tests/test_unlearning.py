@@ -196,12 +196,13 @@ def test_lora_trains_an_adapter_and_merges_it_into_plain_weights(method, tokeniz
     assert all(p.requires_grad for p in model.parameters())  # as before training (a fresh module)
 
 
-def test_train_from_layer_trains_only_the_upper_layers(tokenizer):
-    """Partial fine-tuning: layer 0 and the (tied) embeddings keep their values, layer 1 and the
-    final norm change, and the forget answers still move."""
+@pytest.mark.parametrize("method", UNLEARNING)
+def test_train_from_layer_trains_only_the_upper_layers(method, tokenizer):
+    """Partial fine-tuning (through the frozen-layer cache): layer 0 and the (tied) embeddings keep
+    their values, layer 1 and the final norm change, and the forget answers still move."""
     reference = build_tiny_model(tokenizer)
     before = weights(reference)
-    model, report, forget, _ = run("ga", tokenizer, model=build_tiny_model(tokenizer), train_from_layer=1)
+    model, report, forget, _ = run(method, tokenizer, model=build_tiny_model(tokenizer), train_from_layer=1)
     changed = set(report.changed_parameters)
     assert changed and all(".layers.1." in n or n == "model.norm.weight" for n in changed)
     after = weights(model)
@@ -212,6 +213,35 @@ def test_train_from_layer_trains_only_the_upper_layers(tokenizer):
         run("ga", tokenizer, train_from_layer=2)
     with pytest.raises(E2UError, match="train_from_layer=-1 must be >= 0"):
         hparams_of("ga", train_from_layer=-1)
+
+
+def test_the_frozen_lower_stack_computes_what_the_model_computes(tokenizer):
+    """train_from_layer caches the residual entering layer k per sequence (computed in padded
+    batches) and runs only layers k..: on a left-padded batch its logits (all positions, and the
+    kept tail) are the model's."""
+    from e2u_models.methods.train import FrozenLowerStack
+
+    model = build_tiny_model(tokenizer, layers=3)
+    env = env_for(tokenizer)
+    examples = [encode_example(tokenizer, env, i, env.render(q), a, 512) for i, (q, a) in enumerate(QUESTIONS)]
+    batch = collate(examples, tokenizer.pad_token_id, "cpu")
+    stack = FrozenLowerStack(model, 2, tokenizer.pad_token_id)
+    stack.precompute(examples + examples[:2], batch_size=4)
+    with torch.no_grad():
+        full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                     position_ids=batch.position_ids).logits
+        cached = stack(batch.input_ids, batch.attention_mask, batch.position_ids).logits
+        tail = stack(batch.input_ids, batch.attention_mask, batch.position_ids, logits_to_keep=batch.keep).logits
+    real = batch.attention_mask.bool()
+    assert torch.allclose(cached[real], full[real], atol=1e-5)
+    assert torch.allclose(tail, full[:, -batch.keep:], atol=1e-5)
+    assert len(stack.states) == len(QUESTIONS)  # one cached state per distinct sequence
+    lazy = FrozenLowerStack(model, 2, tokenizer.pad_token_id)  # states computed on first sight
+    with torch.no_grad():
+        assert torch.allclose(lazy(batch.input_ids, batch.attention_mask, batch.position_ids).logits[real],
+                              full[real], atol=1e-5)
+    with torch.no_grad():
+        assert float(nll(stack, batch)) == pytest.approx(float(nll(model, batch)), abs=1e-5)
 
 
 def test_bad_training_hparams_are_one_line_errors(tokenizer, monkeypatch):

@@ -1,12 +1,14 @@
 """WISE on tiny random llamas: per-token routing, edits acting in free-running generation, the
 e2u decoding path, the edit cache, save_edited and reloading, bad input."""
 
+import pytest
 import torch
 
 from e2u_models.adapters import adapters_of
 from e2u_models.methods import get_method, wise
 from e2u_models.methods.base import EditRequest, load_hparams
 from e2u_models.model import E2ULM
+from e2u_tasks.errors import E2UError
 from tests.conftest import build_tiny_model
 from tests.test_grace import EDITED, UNRELATED, answer_request, generate, logits_of
 
@@ -87,6 +89,25 @@ def test_irrelevant_prompts_are_generic_or_the_users_file(tmp_path):
     own.write_text("first?\nsecond?\n")
     hp = load_hparams(wise.HyperParams, "wise", None, {"irrelevant_file": str(own)})
     assert sorted(wise.irrelevant_prompts(hp, 4, 0, str)) == ["first?", "first?", "second?", "second?"]
+
+
+def test_irrelevant_rows_carry_the_models_own_greedy_answer(tokenizer, env):
+    """The "out" side of the router sees assistant-turn tokens too: each irrelevant prompt is
+    followed by the unedited model's greedy continuation (what ``generate`` gives), cut at
+    ``irrelevant_answer_tokens``; 0 keeps the prompts alone."""
+    model = build_tiny_model(tokenizer, layers=2)
+    prompts = [env.encode(env.render(q)) for q in UNRELATED]
+    rows = wise.with_own_answers(model, tokenizer, prompts, 5)
+    expected = generate(model, tokenizer, env, UNRELATED, new_tokens=5)
+    stops = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    for prompt, row, text in zip(prompts, rows, expected):
+        assert row[:len(prompt)] == prompt and 1 <= len(row) - len(prompt) <= 5
+        answer = row[len(prompt):]
+        assert all(t not in stops for t in answer[:-1])  # it stops at its first end token
+        assert text.startswith(tokenizer.decode(answer))
+    assert wise.with_own_answers(model, tokenizer, prompts, 0) == prompts
+    with pytest.raises(E2UError, match="irrelevant_answer_tokens=-1 must be >= 0"):
+        load_hparams(wise.HyperParams, "wise", None, {"irrelevant_answer_tokens": -1})
 
 
 def test_wise_is_registered():

@@ -286,6 +286,89 @@ def _full_trainable(model, from_layer: int) -> list:
     return trainable
 
 
+class FrozenLowerStack(torch.nn.Module):
+    """The model with its frozen lower layers replaced by a cache of their output.
+
+    With ``train_from_layer=k`` nothing below layer k changes during training, so the residual
+    entering layer k is a fixed function of each sequence: one no-grad pass computes it for every
+    example (:meth:`precompute`) and every step then runs only layers k.. on it. Called
+    like the model (``input_ids``, ``attention_mask``, ``position_ids``, ``logits_to_keep``) on
+    left-padded batches; it returns an object with ``.logits``. Each row's cached states fill the
+    last positions of its row, exactly where left padding puts its tokens."""
+
+    def __init__(self, model, from_layer: int, pad_id: int) -> None:
+        super().__init__()
+        base = model.base_model
+        if not all(hasattr(base, name) for name in ("layers", "norm", "rotary_emb")):
+            raise E2UError("train_from_layer needs a llama-style decoder (layers, norm, rotary_emb); "
+                           "use train_from_layer=0 for this architecture")
+        self.model, self.base, self.from_layer, self.pad_id = model, base, from_layer, pad_id
+        self.upper = list(base.layers)[from_layer:]
+        self.states: dict[tuple[int, ...], torch.Tensor] = {}
+
+    @torch.no_grad()
+    def precompute(self, examples: Sequence[Example], batch_size: int = 16) -> None:
+        """Cache the states of these examples in left-padded batches (one pass, not one per row)."""
+        device = next(self.model.parameters()).device
+        todo = [e for e in {e.ids: e for e in examples}.values() if e.ids not in self.states]
+        captured = {}
+
+        def capture(module, args, kwargs):
+            captured["h"] = (args[0] if args else kwargs["hidden_states"]).detach()
+            raise _Reached
+
+        handle = self.upper[0].register_forward_pre_hook(capture, with_kwargs=True)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start:start + batch_size]
+                batch = collate(chunk, self.pad_id, device)
+                try:
+                    self.base(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                              position_ids=batch.position_ids)
+                except _Reached:
+                    pass
+                for row, example in enumerate(chunk):
+                    self.states[example.ids] = captured["h"][row, -len(example.ids):].clone()
+        finally:
+            handle.remove()
+            self.model.train(was_training)
+
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int = 0):
+        rows, width = input_ids.shape
+        hidden = torch.zeros((rows, width, self.base.config.hidden_size),
+                             device=input_ids.device, dtype=next(self.base.parameters()).dtype)
+        sequences = [tuple(input_ids[row, width - int(attention_mask[row].sum()):].tolist())
+                     for row in range(rows)]
+        # Sequences not precomputed (e.g. DPO's preferred answers) are computed on first sight.
+        self.precompute([Example(-1, ids, 0) for ids in sequences if ids not in self.states])
+        for row, ids in enumerate(sequences):
+            hidden[row, width - len(ids):] = self.states[ids]
+        dtype = hidden.dtype
+        allowed = torch.ones(width, width, dtype=torch.bool, device=hidden.device).tril()[None] \
+            & attention_mask[:, None, :].bool()
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=hidden.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)[:, None]
+        embeddings = self.base.rotary_emb(hidden, position_ids)
+        for layer in self.upper:
+            out = layer(hidden, attention_mask=mask, position_ids=position_ids,
+                        position_embeddings=embeddings)
+            hidden = out[0] if isinstance(out, tuple) else out
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return _Logits(self.model.get_output_embeddings()(self.base.norm(hidden)))
+
+
+class _Reached(Exception):
+    """Stops the lower-layer pass once the cached layer's input is captured."""
+
+
+@dataclass
+class _Logits:
+    logits: torch.Tensor
+
+
 def _attach_lora(model, hparams: TrainHParams):
     from peft import LoraConfig, get_peft_model
 
@@ -372,6 +455,9 @@ def train(model, tokenizer, setup: TrainSetup, hparams: TrainHParams, *, seed: i
                 p.requires_grad_(True)
         reference = _Reference(model, peft_model) if setup.needs_reference else None
         network = peft_model if peft_model is not None else model
+        if hparams.train_from_layer and peft_model is None:
+            network = FrozenLowerStack(model, hparams.train_from_layer, pad_id)
+            network.precompute(setup.forget + (setup.retain or []))
         if setup.prepare is not None:
             network.eval()
             setup.prepare(network, reference)

@@ -3,7 +3,8 @@
 Training, per shard of ``save_freq`` edits (one shard for TOFU/PISTOL sizes), on the edit rows
 (prompt + target, labels on the target) and one *irrelevant* prompt per edit (e2u's generic
 questions, ``e2u_models/data/generic_questions.txt``, or ``irrelevant_file``; never the retain
-split, which the paper notes would be unfair to the other methods):
+split, which the paper notes would be unfair to the other methods), followed by the unedited
+model's own greedy answer to it (``irrelevant_answer_tokens``) as WISE's rows carry answers:
 
     dist(x) = ‖act(W'x) − act(Wx)‖₂  per token (act = the model's hidden activation)
     L = CE(target | side memory on from the key token on)
@@ -46,6 +47,7 @@ from e2u_models.methods.locate import (
     LocateHParams, _pad_right, check_finite, module_named, OneLayerChoice, pad_id_of, prepare_requests,
     target_nll, verification)
 from e2u_models.methods.vstar import UpperStack
+from e2u_models.shared_prefix import continue_greedily, stop_token_ids
 from e2u_tasks.errors import E2UError
 
 NAME = "wise"
@@ -75,6 +77,11 @@ class HyperParams(OneLayerChoice):
     irrelevant_file: str | None = None
     # Irrelevant prompts per edit (WISE: 1).
     irrelevant_per_edit: int = 1
+    # Up to this many tokens of the unedited model's own greedy answer follow each irrelevant
+    # prompt (0 = the prompt alone). WISE's irrelevant rows carry answers; without them every
+    # assistant-turn token the router sees is an edit's, and it learns "answering" rather than
+    # "answering *this* question", refusing retain questions too.
+    irrelevant_answer_tokens: int = 24
     target_eos: bool = True
     verify_nll: float = 1.0
 
@@ -84,6 +91,8 @@ class HyperParams(OneLayerChoice):
                 raise E2UError(f"hparam {name}={getattr(self, name)} must be > 0")
         if not 0.0 < self.mask_ratio <= 1.0:
             raise E2UError(f"hparam mask_ratio={self.mask_ratio} must be in (0, 1]")
+        if self.irrelevant_answer_tokens < 0:
+            raise E2UError(f"hparam irrelevant_answer_tokens={self.irrelevant_answer_tokens} must be >= 0")
         if self.n_iter < 1 or self.save_freq < 1 or self.irrelevant_per_edit < 1:
             raise E2UError("hparams n_iter, save_freq and irrelevant_per_edit must be >= 1")
         if len(self.act_margin) != 3 or min(self.act_margin) < 0:
@@ -172,6 +181,22 @@ def irrelevant_prompts(hparams: HyperParams, count: int, seed: int, render) -> l
     order = list(range(len(lines)))
     random.Random(seed).shuffle(order)
     return [render(lines[order[i % len(order)]]) for i in range(count)]
+
+
+def with_own_answers(model, tokenizer, prompts_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Each prompt followed by the model's greedy answer (up to ``max_new_tokens``, its end-of-turn
+    token included): irrelevant rows as the model itself would continue them."""
+    if max_new_tokens == 0:
+        return prompts_ids
+    stops = stop_token_ids(tokenizer)
+    was_training = model.training
+    model.eval()
+    try:
+        answers = continue_greedily(model, prompts_ids, pad_id_of(tokenizer), max_new_tokens,
+                                    lambda _row, tokens: tokens[-1] in stops)
+    finally:
+        model.train(was_training)
+    return [list(p) + a for p, a in zip(prompts_ids, answers)]
 
 
 @torch.no_grad()
@@ -279,7 +304,8 @@ def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperPar
         chunk = prepared[start: start + hparams.save_freq]
         prompts = irrelevant_prompts(hparams, len(chunk) * hparams.irrelevant_per_edit, seed + number,
                                      env.render)
-        irrelevant_ids = [env.encode(p) for p in prompts]
+        irrelevant_ids = with_own_answers(model, tokenizer, [env.encode(p) for p in prompts],
+                                          hparams.irrelevant_answer_tokens)
         delta, threshold, record = train_shard(
             model, tokenizer, chunk, irrelevant_ids, hparams, view, layer, module_name,
             seed + number, desc=f"WISE shard {number + 1} ({len(chunk)} edits)")
