@@ -91,6 +91,30 @@ def test_irrelevant_prompts_are_generic_or_the_users_file(tmp_path):
     assert sorted(wise.irrelevant_prompts(hp, 4, 0, str)) == ["first?", "first?", "second?", "second?"]
 
 
+def test_the_factual_irrelevant_set_is_ours_and_not_tofus():
+    """WISE may not see the retain split: no shipped factual question is a TOFU question or shares
+    half its words with one (word-set Jaccard < 0.5)."""
+    import re
+
+    from e2u_tasks.data import load_benchmark
+    from tests.conftest import data_mirror
+
+    hp = load_hparams(wise.HyperParams, "wise", None, {"irrelevant_set": "factual"})
+    ours = wise.irrelevant_prompts(hp, 300, 0, str)
+    assert len(set(ours)) == 300 and set(ours).isdisjoint(wise.irrelevant_prompts(
+        load_hparams(wise.HyperParams, "wise", None, {}), 600, 0, str))
+
+    def words(text):
+        return set(re.findall(r"[a-z0-9']+", text.lower()))
+
+    tofu = [words(row["question"]) for row in load_benchmark("tofu_factual", data_mirror())]
+    assert len(tofu) == 217
+    worst = max(len(a & b) / len(a | b) for a in map(words, ours) for b in tofu)
+    assert worst < 0.5
+    with pytest.raises(E2UError, match="irrelevant_set='retain' is not accepted; use one of generic, factual"):
+        load_hparams(wise.HyperParams, "wise", None, {"irrelevant_set": "retain"})
+
+
 def test_irrelevant_rows_carry_the_models_own_greedy_answer(tokenizer, env):
     """The "out" side of the router sees assistant-turn tokens too: each irrelevant prompt is
     followed by the unedited model's greedy continuation (what ``generate`` gives), cut at

@@ -51,6 +51,7 @@ from e2u_models.shared_prefix import continue_greedily, stop_token_ids
 from e2u_tasks.errors import E2UError
 
 NAME = "wise"
+IRRELEVANT_SETS = {"generic": "generic_questions.txt", "factual": "factual_questions.txt"}
 KIND = "editing"
 USES_RETAIN = False
 
@@ -73,20 +74,25 @@ class HyperParams(OneLayerChoice):
     weight_decay: float = 1e-5
     # Edits per side-memory shard (WISE's save_freq).
     save_freq: int = 500
-    # One prompt a line; None = e2u's generic questions.
+    # e2u's own irrelevant questions: "generic" (600 everyday how/why questions) or "factual"
+    # (300 trivia questions in the style of TOFU's, none of them TOFU's); irrelevant_file
+    # (one prompt a line) replaces them.
+    irrelevant_set: str = "generic"
     irrelevant_file: str | None = None
     # Irrelevant prompts per edit (WISE: 1).
     irrelevant_per_edit: int = 1
     # Up to this many tokens of the unedited model's own greedy answer follow each irrelevant
     # prompt (0 = the prompt alone). WISE's irrelevant rows carry answers; without them every
-    # assistant-turn token the router sees is an edit's, and it learns "answering" rather than
-    # "answering *this* question", refusing retain questions too.
-    irrelevant_answer_tokens: int = 24
+    # assistant-turn token the router sees out of scope is a prompt token.
+    irrelevant_answer_tokens: int = 0
     target_eos: bool = True
     verify_nll: float = 1.0
+    # Weight of the CE against the margin terms. WISE trains one edit at a time, n_iter steps
+    # each; trained together (n edits), ce_scale = n would push each edit as hard as alone.
+    ce_scale: float = 1.0
 
     def validate(self) -> None:
-        for name in ("edit_lr", "act_ratio", "norm_constraint", "verify_nll"):
+        for name in ("edit_lr", "act_ratio", "norm_constraint", "verify_nll", "ce_scale"):
             if not getattr(self, name) > 0:
                 raise E2UError(f"hparam {name}={getattr(self, name)} must be > 0")
         if not 0.0 < self.mask_ratio <= 1.0:
@@ -101,6 +107,9 @@ class HyperParams(OneLayerChoice):
             raise E2UError(f"hparam weight_decay={self.weight_decay} must be >= 0")
         if not 0.0 <= self.layer_fraction <= 1.0:
             raise E2UError(f"hparam layer_fraction={self.layer_fraction} must be in [0, 1]")
+        if self.irrelevant_set not in IRRELEVANT_SETS:
+            raise E2UError(f"hparam irrelevant_set={self.irrelevant_set!r} is not accepted; use one of "
+                           f"{', '.join(IRRELEVANT_SETS)} (or irrelevant_file=<your file>)")
         if self.irrelevant_file is not None and not Path(self.irrelevant_file).expanduser().is_file():
             raise E2UError(f"hparam irrelevant_file={self.irrelevant_file!r} does not exist; give a "
                            "text file with one prompt a line")
@@ -172,7 +181,8 @@ def irrelevant_prompts(hparams: HyperParams, count: int, seed: int, render) -> l
     """``count`` irrelevant questions (seeded draw, recycled when too few), rendered like the
     evaluation renders questions."""
     if hparams.irrelevant_file is None:
-        text = resources.files("e2u_models").joinpath("data", "generic_questions.txt").read_text("utf-8")
+        text = resources.files("e2u_models").joinpath(
+            "data", IRRELEVANT_SETS[hparams.irrelevant_set]).read_text("utf-8")
     else:
         text = Path(hparams.irrelevant_file).expanduser().read_text("utf-8")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -265,7 +275,7 @@ def train_shard(model, tokenizer, prepared, irrelevant_ids, hparams: HyperParams
                 nll = -logprobs.gather(-1, labels[:, None]).mean()
                 margin = (hinge_mean(d_out - alpha) + hinge_mean(beta - d_in)
                           + hinge_mean(d_out[:, None] - d_in[None, :] + gamma))
-                loss = nll + margin
+                loss = hparams.ce_scale * nll + margin
                 if not torch.isfinite(loss):
                     raise E2UError(f"WISE loss is not finite (NaN/inf) at step {step}; the model was left unedited")
                 value, nll_value = float(loss.detach()), float(nll.detach())
@@ -304,8 +314,12 @@ def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperPar
         chunk = prepared[start: start + hparams.save_freq]
         prompts = irrelevant_prompts(hparams, len(chunk) * hparams.irrelevant_per_edit, seed + number,
                                      env.render)
+        answering = time.perf_counter()
         irrelevant_ids = with_own_answers(model, tokenizer, [env.encode(p) for p in prompts],
                                           hparams.irrelevant_answer_tokens)
+        if hparams.irrelevant_answer_tokens:
+            env.log(f"e2u: WISE: the model answered {len(prompts)} irrelevant prompts (up to "
+                    f"{hparams.irrelevant_answer_tokens} tokens) in {time.perf_counter() - answering:.1f} s")
         delta, threshold, record = train_shard(
             model, tokenizer, chunk, irrelevant_ids, hparams, view, layer, module_name,
             seed + number, desc=f"WISE shard {number + 1} ({len(chunk)} edits)")
@@ -321,7 +335,8 @@ def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperPar
     details: dict[str, Any] = {
         "layer": layer, "module": module_name, "requests": len(prepared),
         "protocol": f"shards of up to {hparams.save_freq} edits trained together",
-        "routing": "per token", "irrelevant_source": hparams.irrelevant_file or "e2u generic questions",
+        "routing": "per token",
+        "irrelevant_source": hparams.irrelevant_file or f"e2u {hparams.irrelevant_set} questions",
         "shards": shards, "training_seconds": round(time.perf_counter() - started, 2),
         "adapters": [{"kind": memory.kind, "module": module_name}],
     }
