@@ -1,13 +1,13 @@
 """WISE: a side memory (a trainable copy W' = W + D of one MLP output projection) and a router.
 
 Training, per shard of ``save_freq`` edits (one shard for TOFU/PISTOL sizes), on the edit rows
-(prompt + target, labels on the target) and one *irrelevant* prompt per edit (e2u's generic
-questions, ``e2u_models/data/generic_questions.txt``, or ``irrelevant_file``; never the retain
-split, which the paper notes would be unfair to the other methods), followed by the unedited
-model's own greedy answer to it (``irrelevant_answer_tokens``) as WISE's rows carry answers:
+(prompt + target, labels on the target) and ``irrelevant_per_edit`` *irrelevant* prompts per edit
+(e2u's own questions, ``irrelevant_set`` generic or factual, or ``irrelevant_file``; never the
+retain split, which the paper notes would be unfair to the other methods), optionally followed by
+the unedited model's own greedy answer (``irrelevant_answer_tokens``), as WISE's rows carry answers:
 
     dist(x) = ‖act(W'x) − act(Wx)‖₂  per token (act = the model's hidden activation)
-    L = CE(target | side memory on from the key token on)
+    L = ce_scale · CE(target | side memory on from the key token on)
         + mean₊(out − α) + mean₊(β − in) + mean₊(out − in + γ)
 
 with [α, β, γ] = ``act_margin``, "in" the distances at the edit rows' tokens from the key (the
@@ -51,9 +51,9 @@ from e2u_models.shared_prefix import continue_greedily, stop_token_ids
 from e2u_tasks.errors import E2UError
 
 NAME = "wise"
-IRRELEVANT_SETS = {"generic": "generic_questions.txt", "factual": "factual_questions.txt"}
 KIND = "editing"
 USES_RETAIN = False
+IRRELEVANT_SETS = {"generic": "generic_questions.txt", "factual": "factual_questions.txt"}
 
 
 @dataclass(frozen=True)
