@@ -30,6 +30,36 @@ def common_prefix_length(rows: Sequence[Sequence[int]], keep: int = 1) -> int:
     return max(length, 0)
 
 
+def cache_keyword(module) -> str:
+    """The name of ``module.forward``'s key/value cache argument: ``cache`` in transformers >=
+    5.2x, ``past_key_values`` in older releases (deprecated since)."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+class FixedPrefixKV:
+    """Cache stand-in for decoder layers called directly: returns fixed prefix keys/values (per
+    layer index) followed by the call's own, storing nothing, so every call sees the same prefix."""
+
+    def __init__(self, prefix: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+        self.prefix = prefix
+
+    def update(self, keys, values, layer_idx, *args, **kwargs):
+        prefix_keys, prefix_values = self.prefix[layer_idx]
+        return torch.cat([prefix_keys, keys], dim=2), torch.cat([prefix_values, values], dim=2)
+
+
+class RecordingKV:
+    """Cache stand-in that records each layer's keys/values of one pass (gradients kept), for a
+    :class:`FixedPrefixKV` of later passes."""
+
+    def __init__(self):
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, keys, values, layer_idx, *args, **kwargs):
+        self.layers[layer_idx] = (keys, values)
+        return keys, values
+
+
 def _cache_of(output):
     cache = getattr(output, "cache", None)
     return cache if cache is not None else output.past_key_values
@@ -43,10 +73,7 @@ class SharedPrefixRunner:
         self.pad_id = pad_id
         self.device = device
         self.prefix_length = len(prefix)
-        # transformers >= 5.2x calls the key/value cache argument ``cache``; older releases
-        # ``past_key_values`` (deprecated since).
-        parameters = inspect.signature(model.forward).parameters
-        self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
+        self._cache_arg = cache_keyword(model)
         self._prefix_cache = None
         if prefix:
             with torch.no_grad():

@@ -244,6 +244,48 @@ def test_the_frozen_lower_stack_computes_what_the_model_computes(tokenizer):
         assert float(nll(stack, batch)) == pytest.approx(float(nll(model, batch)), abs=1e-5)
 
 
+def test_the_frozen_lower_stack_runs_the_shared_prefix_once_with_the_same_gradients(tokenizer):
+    """The losses ask for the last positions only; then the rows' common prefix (the chat
+    template) runs once and the rows' own tokens run packed, without padding: same loss and same
+    gradients of every trained parameter as the full model, fewer tokens through the upper layers."""
+    from e2u_models.methods.train import FrozenLowerStack
+    from e2u_models.shared_prefix import common_prefix_length
+
+    model = build_tiny_model(tokenizer, layers=3)
+    env = env_for(tokenizer)
+    examples = [encode_example(tokenizer, env, i, env.render(q), a, 512) for i, (q, a) in enumerate(QUESTIONS)]
+    batch = collate(examples, tokenizer.pad_token_id, "cpu")
+    shared = common_prefix_length([e.ids for e in examples], keep=batch.keep)
+    assert shared >= 5  # the rendered chat template
+    trained = [p for n, p in model.named_parameters() if ".layers.2." in n or n == "model.norm.weight"]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in trained:
+        p.requires_grad_(True)
+    stack = FrozenLowerStack(model, 2, tokenizer.pad_token_id)
+    stack.precompute(examples)
+    seen = []
+    hook = model.model.layers[2].register_forward_pre_hook(lambda m, a, k: seen.append(
+        (a[0] if a else k["hidden_states"]).shape[:2]), with_kwargs=True)
+    try:
+        grads = []
+        for network in (model, stack):
+            seen.clear()
+            loss = nll(network, batch)
+            grads.append([g.clone() for g in torch.autograd.grad(loss, trained)])
+            if network is stack:
+                real = sum(len(e.ids) - shared for e in examples)  # packed: no padding
+                assert seen == [(1, shared), (1, real)]
+            else:
+                first_loss = float(loss.detach())
+    finally:
+        hook.remove()
+    assert float(loss.detach()) == pytest.approx(first_loss, abs=1e-5)
+    for full, cached in zip(*grads):
+        assert torch.allclose(full, cached, atol=1e-5, rtol=1e-4)
+    assert any(g.abs().sum() > 0 for g in grads[1])
+
+
 def test_bad_training_hparams_are_one_line_errors(tokenizer, monkeypatch):
     with pytest.raises(E2UError, match=r"hparam lr=0.0 must be > 0"):
         hparams_of("gd", lr=0)

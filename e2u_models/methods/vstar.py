@@ -23,7 +23,6 @@ with full-vocabulary logits at every position.
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from tqdm import tqdm
 
 from e2u_models.methods.locate import (
     EditRow, LocateHParams, PreparedRequest, _pad_right, module_named, pad_id_of, read_at_keys)
+from e2u_models.shared_prefix import FixedPrefixKV, cache_keyword
 from e2u_tasks.errors import E2UError
 
 
@@ -56,23 +56,6 @@ def _rows(prepared: Sequence[PreparedRequest], with_kl: bool) -> tuple[list[Edit
     return nll, kl
 
 
-def _cache_keyword(module) -> str:
-    names = inspect.signature(module.forward).parameters
-    return "cache" if "cache" in names else "past_key_values"
-
-
-class _PrefixKV:
-    """Cache stand-in for the upper layers: returns the fixed prefix keys/values followed by the
-    step's own, never storing anything (so every step starts from the same prefix)."""
-
-    def __init__(self, prefix: dict[int, tuple[torch.Tensor, torch.Tensor]]):
-        self.prefix = prefix
-
-    def update(self, keys, values, layer_idx, *args, **kwargs):
-        prefix_keys, prefix_values = self.prefix[layer_idx]
-        return torch.cat([prefix_keys, keys], dim=2), torch.cat([prefix_values, values], dim=2)
-
-
 class UpperStack:
     """The network above the injection layer, run on the tokens from each row's key on.
 
@@ -90,7 +73,7 @@ class UpperStack:
         self.model, self.base, self.layer = model, base, layer
         self.upper = list(layers)[layer + 1:]
         self.head = model.get_output_embeddings()
-        self.cache_keyword = _cache_keyword(self.upper[0]) if self.upper else "cache"
+        self.cache_keyword = cache_keyword(self.upper[0]) if self.upper else "cache"
         device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         prefix = max(r.key for r in rows)
@@ -140,7 +123,7 @@ class UpperStack:
     def select(self, rows: torch.Tensor) -> None:
         """Restrict the following runs to these rows (index tensor)."""
         kv = {i: (k[rows], v[rows]) for i, (k, v) in self.prefix_kv.items()}
-        self._selection = (rows, self.hidden[rows], self.mask[rows], self.positions[rows], _PrefixKV(kv))
+        self._selection = (rows, self.hidden[rows], self.mask[rows], self.positions[rows], FixedPrefixKV(kv))
 
     def run(self, row_deltas: torch.Tensor) -> torch.Tensor:
         """Final hidden states (before the final norm) of the selected rows, δ added at the key
