@@ -108,6 +108,44 @@ def test_fast_v_star_equals_classic(tokenizer, env, layer, module):
     torch.testing.assert_close(torch.tensor(fast.losses), torch.tensor(classic.losses), atol=1e-4, rtol=1e-4)
 
 
+def test_length_buckets_group_similar_lengths_and_cover_every_row_once():
+    """v*'s rows run in groups of similar length: padded tokens fall, every row is in one group."""
+    from e2u_models.methods.vstar import length_buckets
+
+    lengths = [30, 5, 6, 31, 5, 29, 7, 30]
+    groups = length_buckets(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert [sorted(lengths[i] for i in g) for g in groups] == [[5, 5, 6, 7], [29, 30, 30, 31]]
+    padded = sum(len(g) * max(lengths[i] for i in g) for g in groups)
+    assert padded < len(lengths) * max(lengths)
+    assert length_buckets([10, 11, 10, 12]) == [[0, 2, 1, 3]]  # nearly equal: one group
+    assert length_buckets([]) == []
+
+
+def test_fast_v_star_with_rows_of_different_lengths_equals_classic(tokenizer, env):
+    """Refusals of very different lengths put v*'s rows in several groups; each request still
+    follows its own classic path."""
+    from e2u_models.methods.vstar import length_buckets
+
+    model = fresh_model(tokenizer)
+
+    targets = ["No.", "I really do not know anything at all about that, I am afraid, sorry.", "Not sure.",
+               "I cannot tell you that because I do not have that piece of information with me."]
+    requests = [EditRequest(index=i, question=q, answer=a, prompt=env.render(q), target=t)
+                for i, ((q, a), t) in enumerate(zip(QUESTIONS, targets))]
+    results = {}
+    for mode in ("fast", "classic"):
+        hp = hparams("memit", v_mode=mode, v_loss_threshold=3.0)
+        prepared = prepare_requests(model, tokenizer, requests, hp, env, seed=0)
+        rows = [row for i, p in enumerate(prepared) for row in p.nll_rows(i)]
+        assert len(length_buckets([len(r.ids) - r.key for r in rows])) >= 2
+        results[mode] = optimise_targets(model, tokenizer, prepared, hp, 1, "model.layers.1", log=lambda *_: None)
+    fast, classic = results["fast"], results["classic"]
+    assert fast.steps == classic.steps
+    torch.testing.assert_close(fast.deltas, classic.deltas, atol=2e-4, rtol=1e-3)
+    torch.testing.assert_close(torch.tensor(fast.losses), torch.tensor(classic.losses), atol=1e-4, rtol=1e-4)
+
+
 def test_rome_writes_v_star_at_the_key_exactly(tokenizer, env):
     model = fresh_model(tokenizer)
     hp = hparams("rome")

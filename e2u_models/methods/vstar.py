@@ -16,8 +16,8 @@ Adam is elementwise every δ_i follows exactly the path it would alone; requests
 frozen and leave the batch. Nothing below the injection point depends on δ, and neither does any
 position before the key token, so one no-grad pass caches the prefix keys/values of every upper
 layer and the residual entering the upper layers; each step then runs only the upper layers, only
-over the tokens from the key on, and applies the final norm and the vocabulary head only where the
-loss reads logits. ``v_mode=classic`` is the reference: one request at a time, full forward passes
+over the tokens from the key on (rows grouped by length, so little is padding), and applies the
+final norm and the vocabulary head only where the loss reads logits. ``v_mode=classic`` is the reference: one request at a time, full forward passes
 with full-vocabulary logits at every position.
 """
 
@@ -222,12 +222,36 @@ def _step_loop(n: int, hparams: LocateHParams, deltas: torch.Tensor, v0_norms: t
         active = stepping
 
 
+def length_buckets(lengths: Sequence[int], row_overhead: float = 4.0) -> list[list[int]]:
+    """Split rows into groups of similar length (indices into ``lengths``) so that padding every
+    group to its longest row wastes the least: groups of consecutive rows in length order, chosen
+    by dynamic programming over cost = padded tokens + ``row_overhead`` × rows per extra group
+    (the fixed cost of another pass through the layers, in tokens)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    sorted_lengths = [lengths[i] for i in order]
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j rows (sorted)
+    cut = [0] * (n + 1)
+    for end in range(1, n + 1):
+        for start in range(end):
+            cost = best[start] + (end - start) * sorted_lengths[end - 1] + (row_overhead * n if start else 0.0)
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups, end = [], n
+    while end > 0:
+        groups.append(order[cut[end]:end])
+        end = cut[end]
+    return groups[::-1]
+
+
 def _fast(model, tokenizer, prepared, nll_rows, kl_rows, hparams, layer, deltas, v0_norms, result, desc):
-    # Two stacks: the KL rows need one token from the key on, the NLL rows the whole target.
-    nll_stack = UpperStack(model, tokenizer, nll_rows, hparams, layer)
+    # The NLL rows run in groups of similar length (refusals differ in length; padding them all to
+    # the longest wastes a third of the tokens); the KL rows need one token from the key on.
+    groups = length_buckets([len(r.ids) - r.key for r in nll_rows])
+    nll_stacks = [(group, UpperStack(model, tokenizer, [nll_rows[j] for j in group], hparams, layer))
+                  for group in groups]
     kl_stack = UpperStack(model, tokenizer, kl_rows, hparams, layer) if kl_rows else None
     device = deltas.device
-    nll_owner = torch.tensor([r.request for r in nll_rows], device=device)
     kl_init = None
     if kl_stack is not None:
         kl_stack.select(torch.arange(len(kl_rows), device=device))
@@ -237,24 +261,28 @@ def _fast(model, tokenizer, prepared, nll_rows, kl_rows, hparams, layer, deltas,
     def compute(active):
         index = torch.tensor(active, device=device)
         active_set = set(active)
-        chosen = [j for j, row in enumerate(nll_rows) if row.request in active_set]
-        nll_stack.select(torch.tensor(chosen, device=device))
-        hidden = nll_stack.run(deltas[nll_owner[chosen]])
-        picks, label_ids, spans = [], [], []
-        for k, j in enumerate(chosen):
-            row = nll_rows[j]
-            start = row.label_start - row.key
-            picks.append(hidden[k, start: start + len(row.labels)])
-            label_ids.extend(row.labels)
-            spans.append(len(row.labels))
-        logprobs = nll_stack.logprobs(torch.cat(picks))
+        picks, label_ids, spans, owners = [], [], [], []
+        for group, stack in nll_stacks:
+            chosen = [k for k, j in enumerate(group) if nll_rows[j].request in active_set]
+            if not chosen:
+                continue
+            stack.select(torch.tensor(chosen, device=device))
+            hidden = stack.run(deltas[[nll_rows[group[k]].request for k in chosen]])
+            for position, k in enumerate(chosen):
+                row = nll_rows[group[k]]
+                start = row.label_start - row.key
+                picks.append(hidden[position, start: start + len(row.labels)])
+                label_ids.extend(row.labels)
+                spans.append(len(row.labels))
+                owners.append(row.request)
+        logprobs = nll_stacks[0][1].logprobs(torch.cat(picks))
         gold = logprobs.gather(-1, torch.tensor(label_ids, device=device)[:, None]).squeeze(-1)
         kl_lp = kl_ref = None
         if kl_stack is not None:
             kl_stack.select(index)
             kl_lp = kl_stack.logprobs(kl_stack.run(deltas[index])[:, 0])
             kl_ref = kl_init[index]
-        return _request_losses(list(torch.split(gold, spans)), [nll_rows[j].request for j in chosen],
+        return _request_losses(list(torch.split(gold, spans)), owners,
                                kl_lp, kl_ref, deltas[index], v0_norms[index], hparams, active)
 
     with tqdm(total=hparams.v_num_grad_steps, desc=f"{desc} (fast, {len(prepared)} requests)",
