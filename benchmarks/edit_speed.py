@@ -11,6 +11,7 @@ For each method, side by side in one process and on the same requests:
 
     python benchmarks/edit_speed.py                       # SmolLM2-135M, 40 forget facts
     python benchmarks/edit_speed.py --methods alphaedit --forget-size 10 --steps 5
+    python benchmarks/edit_speed.py --methods alphaedit --stats-cache ~/.cache/e2u   # stats cached
 
 Prints one table; ``--json <file>`` also writes the figures.
 """
@@ -43,6 +44,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="v_num_grad_steps (default: preset)")
     parser.add_argument("--no-classic", action="store_true", help="skip the classic-mode timing")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--stats-cache", default=None,
+                        help="use this cache folder for the statistics (e.g. ~/.cache/e2u) instead "
+                             "of a fresh one, to skip the cold collection")
     args = parser.parse_args()
 
     import torch
@@ -58,7 +62,7 @@ def main() -> None:
     model, tokenizer = lm.model, lm.tokenizer
     forget = lm.requests_for(lm.splits.forget, with_targets=True)
     rows = []
-    cold = tempfile.mkdtemp(prefix="e2u-bench-stats-")
+    stats_dir = os.path.expanduser(args.stats_cache) if args.stats_cache else tempfile.mkdtemp(prefix="e2u-bench-stats-")
     for name in args.methods.split(","):
         method = get_method(name)
         overrides = {"v_num_grad_steps": args.steps} if args.steps else {}
@@ -66,7 +70,7 @@ def main() -> None:
         layers = hparams.resolved_layers(model.config.num_hidden_layers)
         row = {"method": name, "requests": len(forget), "layers": layers}
         env = MethodEnv(encode=lm.tok_encode, answer_delimiter=lm.prompt_format.answer_delimiter,
-                        render=lambda q: lm.prompt_format.render(tokenizer, q), cache_dir=cold,
+                        render=lambda q: lm.prompt_format.render(tokenizer, q), cache_dir=stats_dir,
                         log=lambda *_: None)
         needs_stats = name != "rome" or hparams.mom2_adjustment
         for label in ("stats_first_s", "stats_cached_s"):
@@ -103,7 +107,8 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    shutil.rmtree(cold, ignore_errors=True)
+    if not args.stats_cache:
+        shutil.rmtree(stats_dir, ignore_errors=True)
     columns = ["method", "requests", "stats_first_s", "stats_cached_s", "edit_s", "vstar_fast_s",
                "vstar_classic_s", "classic_over_fast", "unreached", "peak_rss_gib"]
     print("\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
