@@ -146,6 +146,25 @@ def test_fast_v_star_with_rows_of_different_lengths_equals_classic(tokenizer, en
     torch.testing.assert_close(torch.tensor(fast.losses), torch.tensor(classic.losses), atol=1e-4, rtol=1e-4)
 
 
+def test_target_nll_with_the_shared_prefix_is_the_full_forward_nll(tokenizer, env):
+    """The edit check scores targets after the prompts' common prefix computed once: the same
+    NLL as one full forward pass per row."""
+    from e2u_models.methods.locate import target_nll
+
+    model = fresh_model(tokenizer)
+    targets = ["No.", "I really do not know anything about that.", "Not sure.", "I cannot tell."]
+    requests = [EditRequest(index=i, question=q, answer=a, prompt=env.render(q), target=t)
+                for i, ((q, a), t) in enumerate(zip(QUESTIONS, targets))]
+    prepared = prepare_requests(model, tokenizer, requests, hparams("memit"), env, seed=0)
+    expected = []
+    with torch.no_grad():
+        for i, p in enumerate(prepared):
+            row = p.nll_rows(i)[0]
+            logits = model(torch.tensor([row.ids])).logits[0, row.label_start: row.label_start + len(row.labels)]
+            expected.append(float(torch.nn.functional.cross_entropy(logits.float(), torch.tensor(row.labels))))
+    assert target_nll(model, tokenizer, prepared, batch_size=3) == pytest.approx(expected, abs=1e-4)
+
+
 def test_rome_writes_v_star_at_the_key_exactly(tokenizer, env):
     model = fresh_model(tokenizer)
     hp = hparams("rome")

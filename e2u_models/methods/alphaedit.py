@@ -16,7 +16,7 @@ import torch
 
 from e2u_models.methods import memit
 from e2u_models.methods.base import EditRequest, MethodEnv, MethodReport
-from e2u_models.methods.locate import LocateHParams
+from e2u_models.methods.locate import LocateHParams, mean_per_request, read_at_keys
 from e2u_tasks.errors import E2UError
 
 NAME = "alphaedit"
@@ -81,10 +81,12 @@ class AlphaEditor:
         return torch.linalg.solve(system, projector @ keys.T @ residual).T
 
     def remember(self, batch):
-        for layer in self.layers:
-            keys, _ = memit.keys_and_outputs(self.model, self.tokenizer, batch, self.hparams, layer,
-                                             self.layers[-1])
-            keys = keys.double()
+        """Add the batch's keys at every edited layer (read in one pass, after the edit)."""
+        rows = [row for i, p in enumerate(batch) for row in p.key_rows(i)]
+        modules = {layer: self.hparams.rewrite_module_tmp.format(layer) for layer in self.layers}
+        read = read_at_keys(self.model, self.tokenizer, rows, {m: "input" for m in modules.values()})
+        for layer, module in modules.items():
+            keys = mean_per_request(read[module], rows, len(batch)).double()
             self.edited_keys[layer] = self.edited_keys[layer] + (keys.T @ keys).to(self.edited_keys[layer].device)
 
 

@@ -404,18 +404,25 @@ def mean_key_per_request(model, tokenizer, prepared: Sequence[PreparedRequest], 
 
 @torch.no_grad()
 def target_nll(model, tokenizer, prepared: Sequence[PreparedRequest], batch_size: int = 16) -> list[float]:
-    """Mean per-token NLL of each request's target after its bare prompt (the edit's check)."""
+    """Mean per-token NLL of each request's target after its bare prompt (the edit's check);
+    the prompts' common prefix (the chat template) is computed once."""
+    from e2u_models.shared_prefix import SharedPrefixRunner, common_prefix_length
+
+    if not prepared:
+        return []
     device = next(model.parameters()).device
     rows = [p.nll_rows(i)[0] for i, p in enumerate(prepared)]
+    prompts = [row.ids[: row.label_start + 1] for row in rows]
+    prefix = common_prefix_length(prompts)
+    runner = SharedPrefixRunner(model, prompts[0][:prefix], pad_id_of(tokenizer), device)
     result = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start: start + batch_size]
-        ids, mask = _pad_right([r.ids for r in chunk], pad_id_of(tokenizer), device)
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        logits, _, _ = runner.score_answers([p[prefix:] for p in prompts[start: start + batch_size]],
+                                            [row.labels for row in chunk])
         for b, row in enumerate(chunk):
-            span = logits[b, row.label_start: row.label_start + len(row.labels)]
             labels = torch.tensor(row.labels, device=device)
-            result.append(float(torch.nn.functional.cross_entropy(span, labels)))
+            result.append(float(torch.nn.functional.cross_entropy(logits[b, : len(row.labels)].float(), labels)))
     return result
 
 
