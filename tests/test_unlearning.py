@@ -244,10 +244,11 @@ def test_the_frozen_lower_stack_computes_what_the_model_computes(tokenizer):
         assert float(nll(stack, batch)) == pytest.approx(float(nll(model, batch)), abs=1e-5)
 
 
-def test_the_frozen_lower_stack_runs_the_shared_prefix_once_with_the_same_gradients(tokenizer):
+def test_the_frozen_lower_stack_runs_the_shared_prefix_once_with_the_same_gradients(tokenizer, monkeypatch):
     """The losses ask for the last positions only; then the rows' common prefix (the chat
     template) runs once and the rows' own tokens run packed, without padding: same loss and same
     gradients of every trained parameter as the full model, fewer tokens through the upper layers."""
+    from e2u_models.methods import train as train_module
     from e2u_models.methods.train import FrozenLowerStack
     from e2u_models.shared_prefix import common_prefix_length
 
@@ -281,6 +282,15 @@ def test_the_frozen_lower_stack_runs_the_shared_prefix_once_with_the_same_gradie
     finally:
         hook.remove()
     assert float(loss.detach()) == pytest.approx(first_loss, abs=1e-5)
+    monkeypatch.setattr(train_module, "PACKED_TOKEN_LIMIT", 10)  # a batch too large to pack
+    seen.clear()
+    hook = model.model.layers[2].register_forward_pre_hook(lambda m, a, k: seen.append(
+        (a[0] if a else k["hidden_states"]).shape[:2]), with_kwargs=True)
+    try:
+        assert float(nll(stack, batch).detach()) == pytest.approx(first_loss, abs=1e-5)
+    finally:
+        hook.remove()
+    assert seen == [tuple(batch.input_ids.shape)]  # left-padded, whole sequences
     for full, cached in zip(*grads):
         assert torch.allclose(full, cached, atol=1e-5, rtol=1e-4)
     assert any(g.abs().sum() > 0 for g in grads[1])

@@ -33,6 +33,9 @@ from e2u_tasks.errors import E2UError
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IGNORE = -100
+# Batches with more tokens (after the shared prefix) than this run left-padded instead of packed:
+# the packed sequence's attention costs (total tokens)², the padded batch's rows × length².
+PACKED_TOKEN_LIMIT = 4096
 
 
 @dataclass(frozen=True)
@@ -357,6 +360,8 @@ class FrozenLowerStack(torch.nn.Module):
         shared = 0
         if self.share_prefix and logits_to_keep and rows > 1:
             shared = common_prefix_length(sequences, keep=logits_to_keep)
+            if sum(len(ids) for ids in sequences) - rows * shared > PACKED_TOKEN_LIMIT:
+                shared = 0  # packed attention grows with the square of the batch's tokens
         if shared:
             hidden = self._run_after_shared_prefix(sequences, shared, logits_to_keep)
         else:

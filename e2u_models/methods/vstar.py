@@ -17,8 +17,8 @@ frozen and leave the batch. Nothing below the injection point depends on δ, and
 position before the key token, so one no-grad pass caches the prefix keys/values of every upper
 layer and the residual entering the upper layers; each step then runs only the upper layers, only
 over the tokens from the key on (rows grouped by length, so little is padding), and applies the
-final norm and the vocabulary head only where the loss reads logits. ``v_mode=classic`` is the reference: one request at a time, full forward passes
-with full-vocabulary logits at every position.
+final norm and the vocabulary head only where the loss reads logits. ``v_mode=classic`` is the
+reference: one request at a time, full forward passes with full-vocabulary logits at every position.
 """
 
 from __future__ import annotations
@@ -224,22 +224,26 @@ def _step_loop(n: int, hparams: LocateHParams, deltas: torch.Tensor, v0_norms: t
 
 def length_buckets(lengths: Sequence[int], row_overhead: float = 4.0) -> list[list[int]]:
     """Split rows into groups of similar length (indices into ``lengths``) so that padding every
-    group to its longest row wastes the least: groups of consecutive rows in length order, chosen
-    by dynamic programming over cost = padded tokens + ``row_overhead`` × rows per extra group
-    (the fixed cost of another pass through the layers, in tokens)."""
+    group to its longest row wastes the least: groups of consecutive lengths, chosen by dynamic
+    programming over the distinct lengths (rows of equal length never gain from being split) with
+    cost = padded tokens + ``row_overhead`` × rows per extra group (the fixed cost of another pass
+    through the layers, in tokens)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    sorted_lengths = [lengths[i] for i in order]
-    n = len(order)
-    best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j rows (sorted)
-    cut = [0] * (n + 1)
-    for end in range(1, n + 1):
+    values = sorted(set(lengths))
+    ends = [0]  # ends[j]: number of rows with one of the first j distinct lengths
+    for value in values:
+        ends.append(ends[-1] + sum(1 for x in lengths if x == value))
+    n, d = len(lengths), len(values)
+    best = [0.0] + [float("inf")] * d  # best[j]: cost of the rows of the first j distinct lengths
+    cut = [0] * (d + 1)
+    for end in range(1, d + 1):
         for start in range(end):
-            cost = best[start] + (end - start) * sorted_lengths[end - 1] + (row_overhead * n if start else 0.0)
+            cost = best[start] + (ends[end] - ends[start]) * values[end - 1] + (row_overhead * n if start else 0.0)
             if cost < best[end]:
                 best[end], cut[end] = cost, start
-    groups, end = [], n
+    groups, end = [], d
     while end > 0:
-        groups.append(order[cut[end]:end])
+        groups.append(order[ends[cut[end]]:ends[end]])
         end = cut[end]
     return groups[::-1]
 
