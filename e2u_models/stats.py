@@ -221,6 +221,25 @@ def _cache_keys(model, corpus: TextCorpus, request: StatsRequest) -> dict[str, s
         for module in request.modules}
 
 
+def load_cached_moments(cache_dir: str | None, keys: dict[str, str], log=print) -> dict[str, torch.Tensor]:
+    """The second moments already in the statistics cache, by module (``keys``: module -> key)."""
+    from safetensors.torch import load_file
+
+    root = cache_root(cache_dir) / "stats"
+    return {module: load_file(str(root / key / "second_moment.safetensors"))["second_moment"]
+            for module, key in keys.items() if verified_entry(root / key, log, "statistics cache entry")}
+
+
+def store_moment(cache_dir: str | None, key: str, moment: torch.Tensor, metadata: dict[str, str]) -> torch.Tensor:
+    """Write one second moment to the statistics cache (atomically); returns it on the CPU."""
+    from safetensors.torch import save_file
+
+    moment = moment.contiguous().cpu()
+    with atomic_directory(cache_root(cache_dir) / "stats" / key) as tmp:
+        save_file({"second_moment": moment}, str(tmp / "second_moment.safetensors"), metadata=metadata)
+    return moment
+
+
 class _StopForward(Exception):
     """Raised after the deepest hooked module: the rest of the network is not needed."""
 
@@ -228,20 +247,14 @@ class _StopForward(Exception):
 def second_moments(model, tokenizer, corpus: TextCorpus, request: StatsRequest,
                    cache_dir: str | None = None, log=print) -> dict[str, torch.Tensor]:
     """E[k kᵀ] of each requested module's input, from the cache or from one corpus pass."""
-    from safetensors.torch import load_file, save_file
-
     named = dict(model.named_modules())
     missing = [m for m in request.modules if m not in named]
     if missing:
         raise E2UError(f"module {missing[0]!r} does not exist in this model; set the method's "
                        "module hparam (e.g. rewrite_module_tmp) to a linear module of this "
                        "architecture, such as model.layers.{}.mlp.down_proj")
-    root = cache_root(cache_dir) / "stats"
     keys = _cache_keys(model, corpus, request)
-    result: dict[str, torch.Tensor] = {}
-    for module, key in keys.items():
-        if verified_entry(root / key, log, "statistics cache entry"):
-            result[module] = load_file(str(root / key / "second_moment.safetensors"))["second_moment"]
+    result = load_cached_moments(cache_dir, keys, log)
     todo = [m for m in request.modules if m not in result]
     if not todo:
         return result
@@ -317,12 +330,9 @@ def second_moments(model, tokenizer, corpus: TextCorpus, request: StatsRequest,
         log(f"e2u: the corpus {corpus.identity} has only {seen} of the {request.n_tokens} tokens asked for")
     storage = getattr(torch, request.dtype)
     for module in todo:
-        moment = (sums[module] / count).to(storage).contiguous().cpu()
-        with atomic_directory(root / keys[module]) as tmp:
-            save_file({"second_moment": moment}, str(tmp / "second_moment.safetensors"),
-                      metadata={"module": module, "tokens": str(int(count.item())),
-                                "corpus": corpus.identity, "corpus_sha256": corpus.content_sha256})
-        result[module] = moment
+        result[module] = store_moment(cache_dir, keys[module], (sums[module] / count).to(storage), {
+            "module": module, "tokens": str(int(count.item())), "corpus": corpus.identity,
+            "corpus_sha256": corpus.content_sha256})
     seconds = time.perf_counter() - started
     log(f"e2u: second moments done in {seconds:.1f} s ({count.item() / seconds:.0f} tokens/s)")
     return result

@@ -54,6 +54,9 @@ class MethodEnv:
     answer_delimiter: str = ""
     cache_dir: str | None = None
     log: Callable[[str], None] = print
+    # (question, answer) of every row of the evaluated dataset: e2u's own question sets drop the
+    # questions about the same entities (see :mod:`e2u_models.question_sets`).
+    dataset_rows: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass

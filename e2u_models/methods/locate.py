@@ -18,6 +18,7 @@ else the last run of capitalised words after the first word, else the whole ques
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -62,6 +63,12 @@ class LocateHParams:
     mom2_n_tokens: int = 100_000
     mom2_max_length: int = 512
     mom2_dtype: str = "float32"
+    # Preserved knowledge besides the corpus (AlphaEdit's K0 are keys of facts): the keys at
+    # ``fact_token`` of e2u's own questions ("factual", "generic") or a file's (one a line), the
+    # questions about the evaluated dataset's entities dropped; their second moment, weighted by
+    # ``preserve_weight``, is added to C. None: the corpus alone.
+    preserve_questions: str | None = None
+    preserve_weight: float = 10.0
     # A request whose per-token target NLL after editing stays above this is reported unreached.
     verify_nll: float = 1.0
 
@@ -92,6 +99,12 @@ class LocateHParams:
         from e2u_models.stats import corpus_kind
 
         corpus_kind(self.stats_corpus)
+        if self.preserve_questions is not None:
+            from e2u_models.question_sets import check_question_source
+
+            check_question_source(self.preserve_questions, "preserve_questions")
+        if self.preserve_weight < 0:
+            raise E2UError(f"hparam preserve_weight={self.preserve_weight} must be >= 0")
         if self.mom2_dtype not in ("float32", "float64"):
             raise E2UError(f"hparam mom2_dtype={self.mom2_dtype!r} is not accepted; use float32 or float64")
         for pair in self.context_template_length_params:
@@ -473,7 +486,8 @@ def weight_change_norms(weights: dict[str, torch.nn.Parameter], saved: dict[str,
 
 
 def statistics_for(model, tokenizer, hparams: LocateHParams, layers: Sequence[int], env: MethodEnv):
-    """Second moments of the rewrite module's input at each edit layer, with their provenance."""
+    """Second moments of the rewrite module's input at each edit layer (plus the preserved
+    questions' key moment when ``preserve_questions`` is set), with their provenance."""
     from e2u_models.stats import StatsRequest, resolve_corpus, second_moments
 
     corpus = resolve_corpus(hparams.stats_corpus, env.render)
@@ -484,4 +498,54 @@ def statistics_for(model, tokenizer, hparams: LocateHParams, layers: Sequence[in
     provenance = {"corpus": corpus.identity, "corpus_sha256": corpus.content_sha256,
                   "n_tokens": hparams.mom2_n_tokens, "max_length": hparams.mom2_max_length,
                   "dtype": hparams.mom2_dtype}
+    if hparams.preserve_questions is not None:
+        preserved, provenance["preserved"] = preserved_key_moments(model, tokenizer, hparams, modules, env)
+        moments = {m: moments[m] + hparams.preserve_weight * preserved[m].to(moments[m].dtype)
+                   for m in modules}
     return {layer: moments[module] for layer, module in zip(layers, modules)}, provenance
+
+
+def question_key_rows(tokenizer, questions: Sequence[str], fact_token: str, env: MethodEnv) -> list[EditRow]:
+    """Key-only rows of bare questions, rendered and keyed exactly like edit requests."""
+    rows = []
+    for number, question in enumerate(questions):
+        request = EditRequest(index=number, question=question, prompt=env.render(question), answer="")
+        _, key_end = _key_text_span(request, request.prompt, fact_token)
+        ids = env.encode(request.prompt)
+        key = _key_index(env, tokenizer, request.prompt, ids, key_end)
+        rows.append(EditRow(number, tuple(ids[: key + 1]), key))
+    return rows
+
+
+def preserved_key_moments(model, tokenizer, hparams: LocateHParams, modules: Sequence[str],
+                          env: MethodEnv) -> tuple[dict[str, torch.Tensor], dict]:
+    """E[k kᵀ] of each module's input at the key token of the preserved questions (those off the
+    evaluated dataset), cached in the statistics cache by a hash of the feeding weights, the
+    module and the key rows (token ids and key positions)."""
+    from e2u_models.cache import json_sha256
+    from e2u_models.question_sets import load_questions, off_dataset
+    from e2u_models.stats import feeding_weights_sha256, load_cached_moments, store_moment
+
+    offered = load_questions(hparams.preserve_questions)
+    questions = off_dataset(offered, env.dataset_rows)
+    if not questions:
+        raise E2UError(f"preserve_questions={hparams.preserve_questions!r}: every question is about an "
+                       "entity of the evaluated dataset; give other questions")
+    rows = question_key_rows(tokenizer, questions, hparams.fact_token, env)
+    rows_sha = json_sha256([[list(r.ids), r.key] for r in rows])
+    weights = feeding_weights_sha256(model, modules)
+    keys = {m: json_sha256({"kind": "key-moment", "weights": weights[m], "module": m, "rows": rows_sha,
+                            "version": 1}) for m in modules}
+    moments = load_cached_moments(env.cache_dir, keys, env.log)
+    todo = [m for m in modules if m not in moments]
+    if todo:
+        started = time.perf_counter()
+        read = read_at_keys(model, tokenizer, rows, {m: "input" for m in todo})
+        for m in todo:
+            k = read[m].double()
+            moments[m] = store_moment(env.cache_dir, keys[m], (k.T @ k / len(rows)).float(),
+                                      {"module": m, "rows": str(len(rows)), "rows_sha256": rows_sha})
+        env.log(f"e2u: keys of {len(rows)} preserved questions read in {time.perf_counter() - started:.1f} s")
+    info = {"questions": hparams.preserve_questions, "offered": len(offered), "kept": len(questions),
+            "rows_sha256": rows_sha, "weight": hparams.preserve_weight, "fact_token": hparams.fact_token}
+    return moments, info
