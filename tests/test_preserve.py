@@ -116,3 +116,13 @@ def test_bad_preserve_hparams_are_one_line_errors(tmp_path):
     empty.write_text("\n")
     with pytest.raises(E2UError, match="holds no questions"):
         load_questions(str(empty))
+
+
+def test_wises_irrelevant_questions_follow_the_same_rule():
+    from e2u_models.methods import wise
+
+    hp = load_hparams(wise.HyperParams, "wise", None, {"irrelevant_set": "factual"})
+    rows = [("Who wrote 'Wuthering Heights'?", "Emily Bronte")]
+    drawn = wise.irrelevant_prompts(hp, 600, 0, str, rows)
+    assert not any("Wuthering Heights" in q for q in drawn)
+    assert len(set(drawn)) == len(off_dataset(load_questions("factual"), rows)) == 299

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +47,13 @@ from e2u_models.methods.locate import (
     LocateHParams, _pad_right, check_finite, module_named, OneLayerChoice, pad_id_of, prepare_requests,
     target_nll, verification)
 from e2u_models.methods.vstar import UpperStack
+from e2u_models.question_sets import QUESTION_SETS, load_questions, off_dataset
 from e2u_models.shared_prefix import continue_greedily, stop_token_ids
 from e2u_tasks.errors import E2UError
 
 NAME = "wise"
 KIND = "editing"
 USES_RETAIN = False
-IRRELEVANT_SETS = {"generic": "generic_questions.txt", "factual": "factual_questions.txt"}
 
 
 @dataclass(frozen=True)
@@ -107,9 +107,9 @@ class HyperParams(OneLayerChoice):
             raise E2UError(f"hparam weight_decay={self.weight_decay} must be >= 0")
         if not 0.0 <= self.layer_fraction <= 1.0:
             raise E2UError(f"hparam layer_fraction={self.layer_fraction} must be in [0, 1]")
-        if self.irrelevant_set not in IRRELEVANT_SETS:
+        if self.irrelevant_set not in QUESTION_SETS:
             raise E2UError(f"hparam irrelevant_set={self.irrelevant_set!r} is not accepted; use one of "
-                           f"{', '.join(IRRELEVANT_SETS)} (or irrelevant_file=<your file>)")
+                           f"{', '.join(QUESTION_SETS)} (or irrelevant_file=<your file>)")
         if self.irrelevant_file is not None and not Path(self.irrelevant_file).expanduser().is_file():
             raise E2UError(f"hparam irrelevant_file={self.irrelevant_file!r} does not exist; give a "
                            "text file with one prompt a line")
@@ -177,17 +177,15 @@ class SideMemory(Adapter):
                    description["activation"])
 
 
-def irrelevant_prompts(hparams: HyperParams, count: int, seed: int, render) -> list[str]:
+def irrelevant_prompts(hparams: HyperParams, count: int, seed: int, render,
+                       dataset_rows: Sequence[tuple[str, str]] = ()) -> list[str]:
     """``count`` irrelevant questions (seeded draw, recycled when too few), rendered like the
-    evaluation renders questions."""
-    if hparams.irrelevant_file is None:
-        text = resources.files("e2u_models").joinpath(
-            "data", IRRELEVANT_SETS[hparams.irrelevant_set]).read_text("utf-8")
-    else:
-        text = Path(hparams.irrelevant_file).expanduser().read_text("utf-8")
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    evaluation renders questions; those about the evaluated dataset's entities are left out."""
+    source = hparams.irrelevant_file or hparams.irrelevant_set
+    lines = off_dataset(load_questions(source), dataset_rows)
     if not lines:
-        raise E2UError(f"hparam irrelevant_file={hparams.irrelevant_file!r} holds no prompts")
+        raise E2UError(f"WISE's irrelevant questions ({source}) are all about entities of the "
+                       "evaluated dataset; give irrelevant_file=<other questions>")
     order = list(range(len(lines)))
     random.Random(seed).shuffle(order)
     return [render(lines[order[i % len(order)]]) for i in range(count)]
@@ -313,7 +311,7 @@ def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperPar
     for number, start in enumerate(range(0, len(prepared), hparams.save_freq)):
         chunk = prepared[start: start + hparams.save_freq]
         prompts = irrelevant_prompts(hparams, len(chunk) * hparams.irrelevant_per_edit, seed + number,
-                                     env.render)
+                                     env.render, env.dataset_rows)
         answering = time.perf_counter()
         irrelevant_ids = with_own_answers(model, tokenizer, [env.encode(p) for p in prompts],
                                           hparams.irrelevant_answer_tokens)
