@@ -136,3 +136,32 @@ def test_irrelevant_rows_carry_the_models_own_greedy_answer(tokenizer, env):
 
 def test_wise_is_registered():
     assert get_method("wise") is wise
+
+
+def test_null_space_option_keeps_the_side_memory_off_the_corpus_directions(tokenizer, env, tmp_path, one_thread):
+    """With ``nullspace_threshold`` the stored side memory is D̃P: it maps every direction of the
+    layer's input statistics above the threshold to (nearly) nothing; still an edit that acts."""
+    import dataclasses
+
+    from e2u_models.methods.alphaedit import null_space_projector
+    from e2u_models.methods.locate import statistics_for
+
+    env = dataclasses.replace(env, cache_dir=str(tmp_path))
+    model = build_tiny_model(tokenizer, layers=4, initializer_range=0.2)
+    requests = [EditRequest(index=i, question=q, answer="?", prompt=env.render(q), target="I")
+                for i, q in enumerate(EDITED)]
+    hp = load_hparams(wise.HyperParams, "wise", None, {
+        **TINY, "nullspace_threshold": 0.05, "nullspace_rule": "relative", "stats_corpus": "python-docs",
+        "mom2_n_tokens": 400})
+    report = wise.apply(model, tokenizer, requests, None, hp, seed=0, env=env)
+    null_space = report.details["null_space"]
+    assert 0 < null_space["dimensions"] < null_space["of"] == model.config.intermediate_size
+    (memory,) = adapters_of(model)
+    moments, _ = statistics_for(model, tokenizer, hp.locate_view(1), [1], env)
+    projector, _ = null_space_projector(moments[1], 0.05, "relative")
+    delta = memory.deltas[0].double()
+    assert torch.allclose(delta @ projector, delta, atol=1e-5)
+    assert delta.norm() > 0 and report.details["verification"]["mean_nll_after"] < \
+        report.details["verification"]["mean_nll_before"]
+    with pytest.raises(E2UError, match="nullspace_threshold=0.0 must be > 0"):
+        load_hparams(wise.HyperParams, "wise", None, {"nullspace_threshold": 0.0})

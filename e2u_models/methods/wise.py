@@ -45,7 +45,7 @@ from e2u_models.adapters import Adapter
 from e2u_models.methods.base import EditRequest, MethodEnv, MethodReport
 from e2u_models.methods.locate import (
     LocateHParams, _pad_right, check_finite, module_named, OneLayerChoice, pad_id_of, prepare_requests,
-    target_nll, verification)
+    statistics_for, target_nll, verification)
 from e2u_models.methods.vstar import UpperStack
 from e2u_models.question_sets import QUESTION_SETS, load_questions, off_dataset
 from e2u_models.shared_prefix import continue_greedily, stop_token_ids
@@ -90,6 +90,14 @@ class HyperParams(OneLayerChoice):
     # Weight of the CE against the margin terms. WISE trains one edit at a time, n_iter steps
     # each; trained together (n edits), ce_scale = n would push each edit as hard as alone.
     ce_scale: float = 1.0
+    # e2u's option, off in WISE: the side memory reads only the null space of the layer's input
+    # statistics (AlphaEdit's projector, D = D̃P): tokens like those of the corpus, the question
+    # format included, barely move it, so the router sees what is specific to the edits.
+    # None = WISE as published; a number = AlphaEdit's nullspace_threshold (with nullspace_rule).
+    nullspace_threshold: float | None = None
+    nullspace_rule: str = "absolute"
+    stats_corpus: str = "e2u"
+    mom2_n_tokens: int = 100_000
 
     def validate(self) -> None:
         for name in ("edit_lr", "act_ratio", "norm_constraint", "verify_nll", "ce_scale"):
@@ -110,6 +118,16 @@ class HyperParams(OneLayerChoice):
         if self.irrelevant_set not in QUESTION_SETS:
             raise E2UError(f"hparam irrelevant_set={self.irrelevant_set!r} is not accepted; use one of "
                            f"{', '.join(QUESTION_SETS)} (or irrelevant_file=<your file>)")
+        if self.nullspace_threshold is not None and not self.nullspace_threshold > 0:
+            raise E2UError(f"hparam nullspace_threshold={self.nullspace_threshold} must be > 0 (or null: off)")
+        if self.nullspace_rule not in ("absolute", "relative"):
+            raise E2UError(f"hparam nullspace_rule={self.nullspace_rule!r} is not accepted; use "
+                           "absolute or relative")
+        if self.mom2_n_tokens < 1:
+            raise E2UError(f"hparam mom2_n_tokens={self.mom2_n_tokens} must be >= 1")
+        from e2u_models.stats import corpus_kind
+
+        corpus_kind(self.stats_corpus)
         if self.irrelevant_file is not None and not Path(self.irrelevant_file).expanduser().is_file():
             raise E2UError(f"hparam irrelevant_file={self.irrelevant_file!r} does not exist; give a "
                            "text file with one prompt a line")
@@ -118,7 +136,8 @@ class HyperParams(OneLayerChoice):
         return LocateHParams(layers=[layer], rewrite_module_tmp=self.inner_module_tmp,
                              layer_module_tmp=self.layer_module_tmp, fact_token="prompt_last",
                              context_template_length_params=[], target_eos=self.target_eos,
-                             verify_nll=self.verify_nll)
+                             verify_nll=self.verify_nll, stats_corpus=self.stats_corpus,
+                             mom2_n_tokens=self.mom2_n_tokens)
 
 
 def activation_of(model):
@@ -229,8 +248,10 @@ def hinge_mean(values: torch.Tensor) -> torch.Tensor:
 
 
 def train_shard(model, tokenizer, prepared, irrelevant_ids, hparams: HyperParams, view, layer: int,
-                module_name: str, seed: int, desc: str) -> tuple[torch.Tensor, float, dict]:
-    """One side-memory shard for these prepared requests: (D, threshold, training record)."""
+                module_name: str, seed: int, desc: str,
+                projector: torch.Tensor | None = None) -> tuple[torch.Tensor, float, dict]:
+    """One side-memory shard for these prepared requests: (D, threshold, training record). With a
+    ``projector`` P the side memory is D̃P: inputs are projected once, D̃ is trained."""
     module = module_named(model, module_name, 0, "inner_module_tmp")
     weight = module.weight
     rows = [p.nll_rows(i)[0] for i, p in enumerate(prepared)]
@@ -242,9 +263,15 @@ def train_shard(model, tokenizer, prepared, irrelevant_ids, hparams: HyperParams
     in_x = suffix_x[suffix_real]                                # tokens from the key on
     out_x = torch.cat([x_all[:, :P][real[:, :P]],
                        module_inputs(model, tokenizer, irrelevant_ids, module_name)])
+    if projector is not None:  # main-memory outputs below use the raw inputs
+        project = projector.to(weight.device, torch.float32)
+        raw_in, raw_out = in_x, out_x
+        suffix_x, in_x, out_x = suffix_x @ project, in_x @ project, out_x @ project
+    else:
+        raw_in, raw_out = in_x, out_x
     with torch.no_grad():
-        in_main = F.linear(in_x, weight.float())
-        out_main = F.linear(out_x, weight.float())
+        in_main = F.linear(raw_in, weight.float())
+        out_main = F.linear(raw_out, weight.float())
     _, act = activation_of(model)
     alpha, beta, gamma = hparams.act_margin
     device = weight.device
@@ -296,7 +323,8 @@ def train_shard(model, tokenizer, prepared, irrelevant_ids, hparams: HyperParams
         for p in trainable:
             p.requires_grad_(True)
     threshold = hparams.act_ratio * record["in_min"]
-    return delta.detach(), threshold, record
+    side = delta.detach() if projector is None else delta.detach() @ project
+    return side, threshold, record
 
 
 def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperParams, *,
@@ -308,6 +336,18 @@ def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperPar
     memory = SideMemory(module_name, [], [], activation)
     shards = []
     started = time.perf_counter()
+    projector, null_space = None, None
+    if hparams.nullspace_threshold is not None:
+        from e2u_models.methods.alphaedit import null_space_projector
+
+        moments, statistics = statistics_for(model, tokenizer, view, [layer], env)
+        projector, kept = null_space_projector(moments[layer], hparams.nullspace_threshold,
+                                               hparams.nullspace_rule)
+        if kept == 0:
+            raise E2UError(f"WISE's null space at layer {layer} is empty at nullspace_threshold="
+                           f"{hparams.nullspace_threshold} ({hparams.nullspace_rule}); raise it")
+        null_space = {"dimensions": kept, "of": int(moments[layer].shape[0]), "statistics": statistics}
+        env.log(f"e2u: WISE side memory reads the null space: {kept}/{moments[layer].shape[0]} dimensions")
     for number, start in enumerate(range(0, len(prepared), hparams.save_freq)):
         chunk = prepared[start: start + hparams.save_freq]
         prompts = irrelevant_prompts(hparams, len(chunk) * hparams.irrelevant_per_edit, seed + number,
@@ -320,7 +360,7 @@ def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperPar
                     f"{hparams.irrelevant_answer_tokens} tokens) in {time.perf_counter() - answering:.1f} s")
         delta, threshold, record = train_shard(
             model, tokenizer, chunk, irrelevant_ids, hparams, view, layer, module_name,
-            seed + number, desc=f"WISE shard {number + 1} ({len(chunk)} edits)")
+            seed + number, desc=f"WISE shard {number + 1} ({len(chunk)} edits)", projector=projector)
         check_finite(delta, f"WISE side memory shard {number}")
         memory.deltas.append(delta)
         memory.thresholds.append(threshold)
@@ -336,6 +376,7 @@ def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperPar
         "routing": "per token",
         "irrelevant_source": hparams.irrelevant_file or f"e2u {hparams.irrelevant_set} questions",
         "shards": shards, "training_seconds": round(time.perf_counter() - started, 2),
+        "null_space": null_space,
         "adapters": [{"kind": memory.kind, "module": module_name}],
     }
     details["verification"] = verification(before, after, prepared, view, {}, env.log)
