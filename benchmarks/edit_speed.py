@@ -52,7 +52,7 @@ def main() -> None:
     import torch
 
     from e2u_models.methods import get_method
-    from e2u_models.methods.base import MethodEnv, load_hparams, resolve_hparams_path
+    from e2u_models.methods.base import load_hparams, resolve_hparams_path
     from e2u_models.methods.locate import merge_requests, prepare_requests, statistics_for
     from e2u_models.methods.vstar import optimise_targets
     from e2u_models.model import E2ULM
@@ -69,9 +69,7 @@ def main() -> None:
         hparams = load_hparams(method.HyperParams, name, resolve_hparams_path(name, None, model.config), overrides)
         layers = hparams.resolved_layers(model.config.num_hidden_layers)
         row = {"method": name, "requests": len(forget), "layers": layers}
-        env = MethodEnv(encode=lm.tok_encode, answer_delimiter=lm.prompt_format.answer_delimiter,
-                        render=lambda q: lm.prompt_format.render(tokenizer, q), cache_dir=stats_dir,
-                        log=lambda *_: None)
+        env = dataclasses.replace(lm._method_env(), cache_dir=stats_dir, log=lambda *_: None)
         needs_stats = name != "rome" or hparams.mom2_adjustment
         for label in ("stats_first_s", "stats_cached_s"):
             started = time.perf_counter()
