@@ -59,9 +59,8 @@ def _is_name(phrase: Sequence[str]) -> bool:
     return any(w[0].isupper() or w[0].isdigit() for w in phrase)
 
 
-def _contains(words: Sequence[str], phrase: Sequence[str]) -> bool:
-    n = len(phrase)
-    return n > 0 and any(tuple(words[i:i + n]) == tuple(phrase) for i in range(len(words) - n + 1))
+def _ngrams(words: Sequence[str], longest: int) -> set[tuple[str, ...]]:
+    return {tuple(words[i:i + n]) for n in range(1, longest + 1) for i in range(len(words) - n + 1)}
 
 
 def _names(question: str) -> tuple[str, ...]:
@@ -76,14 +75,11 @@ def off_dataset(questions: Iterable[str], dataset_rows: Sequence[tuple[str, str]
     phrases |= {tuple(_words(answer)) for _, answer in dataset_rows
                 if len(_words(answer)) <= LONGEST_ANSWER_NAME}
     phrases = {phrase for phrase in phrases if phrase and _is_name(phrase)}
-    row_words = [_words(q) for q, _ in dataset_rows]
-    kept = []
-    for question in questions:
-        words = _words(question)
-        if any(_contains(words, phrase) for phrase in phrases):
-            continue
-        own = _names(question)
-        if own and _is_name(own) and any(_contains(row, own) for row in row_words):
-            continue
-        kept.append(question)
-    return kept
+    longest = max(map(len, phrases), default=0)
+    questions = list(questions)
+    own_names = [_names(q) for q in questions]
+    longest_own = max(map(len, own_names), default=0)
+    in_rows = set().union(*(_ngrams(_words(q), longest_own) for q, _ in dataset_rows))
+    return [question for question, own in zip(questions, own_names)
+            if not (_ngrams(_words(question), longest) & phrases)
+            and not (own and _is_name(own) and own in in_rows)]

@@ -212,8 +212,9 @@ def feeding_weights_sha256(model, module_names: Iterable[str]) -> dict[str, str]
     return hashes
 
 
-def _cache_keys(model, corpus: TextCorpus, request: StatsRequest) -> dict[str, str]:
-    weights = feeding_weights_sha256(model, request.modules)
+def _cache_keys(model, corpus: TextCorpus, request: StatsRequest,
+                weights: dict[str, str] | None = None) -> dict[str, str]:
+    weights = weights or feeding_weights_sha256(model, request.modules)
     return {module: json_sha256({
         "weights": weights[module], "module": module,
         "corpus": [corpus.identity, corpus.content_sha256], "n_tokens": request.n_tokens,
@@ -245,15 +246,17 @@ class _StopForward(Exception):
 
 
 def second_moments(model, tokenizer, corpus: TextCorpus, request: StatsRequest,
-                   cache_dir: str | None = None, log=print) -> dict[str, torch.Tensor]:
-    """E[k kᵀ] of each requested module's input, from the cache or from one corpus pass."""
+                   cache_dir: str | None = None, log=print,
+                   weights_sha256: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """E[k kᵀ] of each requested module's input, from the cache or from one corpus pass
+    (``weights_sha256``: :func:`feeding_weights_sha256` when the caller already has it)."""
     named = dict(model.named_modules())
     missing = [m for m in request.modules if m not in named]
     if missing:
         raise E2UError(f"module {missing[0]!r} does not exist in this model; set the method's "
                        "module hparam (e.g. rewrite_module_tmp) to a linear module of this "
                        "architecture, such as model.layers.{}.mlp.down_proj")
-    keys = _cache_keys(model, corpus, request)
+    keys = _cache_keys(model, corpus, request, weights_sha256)
     result = load_cached_moments(cache_dir, keys, log)
     todo = [m for m in request.modules if m not in result]
     if not todo:

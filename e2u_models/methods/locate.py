@@ -488,18 +488,21 @@ def weight_change_norms(weights: dict[str, torch.nn.Parameter], saved: dict[str,
 def statistics_for(model, tokenizer, hparams: LocateHParams, layers: Sequence[int], env: MethodEnv):
     """Second moments of the rewrite module's input at each edit layer (plus the preserved
     questions' key moment when ``preserve_questions`` is set), with their provenance."""
-    from e2u_models.stats import StatsRequest, resolve_corpus, second_moments
+    from e2u_models.stats import StatsRequest, feeding_weights_sha256, resolve_corpus, second_moments
 
     corpus = resolve_corpus(hparams.stats_corpus, env.render)
     modules = tuple(hparams.rewrite_module_tmp.format(layer) for layer in layers)
     request = StatsRequest(modules=modules, n_tokens=hparams.mom2_n_tokens,
                            max_length=hparams.mom2_max_length, dtype=hparams.mom2_dtype)
-    moments = second_moments(model, tokenizer, corpus, request, env.cache_dir, log=env.log)
+    weights = feeding_weights_sha256(model, modules)  # hashed once for both caches
+    moments = second_moments(model, tokenizer, corpus, request, env.cache_dir, log=env.log,
+                             weights_sha256=weights)
     provenance = {"corpus": corpus.identity, "corpus_sha256": corpus.content_sha256,
                   "n_tokens": hparams.mom2_n_tokens, "max_length": hparams.mom2_max_length,
                   "dtype": hparams.mom2_dtype}
     if hparams.preserve_questions is not None:
-        preserved, provenance["preserved"] = preserved_key_moments(model, tokenizer, hparams, modules, env)
+        preserved, provenance["preserved"] = preserved_key_moments(model, tokenizer, hparams, modules,
+                                                                   env, weights)
         moments = {m: moments[m] + hparams.preserve_weight * preserved[m].to(moments[m].dtype)
                    for m in modules}
     return {layer: moments[module] for layer, module in zip(layers, modules)}, provenance
@@ -518,13 +521,13 @@ def question_key_rows(tokenizer, questions: Sequence[str], fact_token: str, env:
 
 
 def preserved_key_moments(model, tokenizer, hparams: LocateHParams, modules: Sequence[str],
-                          env: MethodEnv) -> tuple[dict[str, torch.Tensor], dict]:
+                          env: MethodEnv, weights: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict]:
     """E[k kᵀ] of each module's input at the key token of the preserved questions (those off the
     evaluated dataset), cached in the statistics cache by a hash of the feeding weights, the
-    module and the key rows (token ids and key positions)."""
+    module and the key rows (token ids and key positions); ``weights``: the feeding weights' hashes."""
     from e2u_models.cache import json_sha256
     from e2u_models.question_sets import load_questions, off_dataset
-    from e2u_models.stats import feeding_weights_sha256, load_cached_moments, store_moment
+    from e2u_models.stats import load_cached_moments, store_moment
 
     offered = load_questions(hparams.preserve_questions)
     questions = off_dataset(offered, env.dataset_rows)
@@ -533,7 +536,6 @@ def preserved_key_moments(model, tokenizer, hparams: LocateHParams, modules: Seq
                        "entity of the evaluated dataset; give other questions")
     rows = question_key_rows(tokenizer, questions, hparams.fact_token, env)
     rows_sha = json_sha256([[list(r.ids), r.key] for r in rows])
-    weights = feeding_weights_sha256(model, modules)
     keys = {m: json_sha256({"kind": "key-moment", "weights": weights[m], "module": m, "rows": rows_sha,
                             "version": 1}) for m in modules}
     moments = load_cached_moments(env.cache_dir, keys, env.log)
