@@ -33,15 +33,18 @@ class HyperParams(LocateHParams):
 
     def validate(self) -> None:
         super().validate()
-        if not self.nullspace_threshold > 0:
-            raise E2UError(f"hparam nullspace_threshold={self.nullspace_threshold} must be > 0")
-        if self.nullspace_rule not in ("absolute", "relative"):
-            raise E2UError(f"hparam nullspace_rule={self.nullspace_rule!r} is not accepted; use "
-                           "absolute or relative")
+        check_null_space_hparams(self.nullspace_threshold, self.nullspace_rule)
         if self.L2 < 0:
             raise E2UError(f"hparam L2={self.L2} must be >= 0")
         if self.edit_batch_size < 0:
             raise E2UError(f"hparam edit_batch_size={self.edit_batch_size} must be >= 0 (0 = one batch)")
+
+
+def check_null_space_hparams(threshold: float, rule: str) -> None:
+    if not threshold > 0:
+        raise E2UError(f"hparam nullspace_threshold={threshold} must be > 0")
+    if rule not in ("absolute", "relative"):
+        raise E2UError(f"hparam nullspace_rule={rule!r} is not accepted; use absolute or relative")
 
 
 def null_space_projector(moment: torch.Tensor, threshold: float, rule: str) -> tuple[torch.Tensor, int]:

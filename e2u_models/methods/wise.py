@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from e2u_models.adapters import Adapter
+from e2u_models.methods.alphaedit import check_null_space_hparams, null_space_projector
 from e2u_models.methods.base import EditRequest, MethodEnv, MethodReport
 from e2u_models.methods.locate import (
     LocateHParams, _pad_right, check_finite, module_named, OneLayerChoice, pad_id_of, prepare_requests,
@@ -118,11 +119,8 @@ class HyperParams(OneLayerChoice):
         if self.irrelevant_set not in QUESTION_SETS:
             raise E2UError(f"hparam irrelevant_set={self.irrelevant_set!r} is not accepted; use one of "
                            f"{', '.join(QUESTION_SETS)} (or irrelevant_file=<your file>)")
-        if self.nullspace_threshold is not None and not self.nullspace_threshold > 0:
-            raise E2UError(f"hparam nullspace_threshold={self.nullspace_threshold} must be > 0 (or null: off)")
-        if self.nullspace_rule not in ("absolute", "relative"):
-            raise E2UError(f"hparam nullspace_rule={self.nullspace_rule!r} is not accepted; use "
-                           "absolute or relative")
+        if self.nullspace_threshold is not None:
+            check_null_space_hparams(self.nullspace_threshold, self.nullspace_rule)
         if self.mom2_n_tokens < 1:
             raise E2UError(f"hparam mom2_n_tokens={self.mom2_n_tokens} must be >= 1")
         from e2u_models.stats import corpus_kind
@@ -338,8 +336,6 @@ def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperPar
     started = time.perf_counter()
     projector, null_space = None, None
     if hparams.nullspace_threshold is not None:
-        from e2u_models.methods.alphaedit import null_space_projector
-
         moments, statistics = statistics_for(model, tokenizer, view, [layer], env)
         projector, kept = null_space_projector(moments[layer], hparams.nullspace_threshold,
                                                hparams.nullspace_rule)
