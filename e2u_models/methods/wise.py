@@ -261,15 +261,12 @@ def train_shard(model, tokenizer, prepared, irrelevant_ids, hparams: HyperParams
     in_x = suffix_x[suffix_real]                                # tokens from the key on
     out_x = torch.cat([x_all[:, :P][real[:, :P]],
                        module_inputs(model, tokenizer, irrelevant_ids, module_name)])
-    if projector is not None:  # main-memory outputs below use the raw inputs
-        project = projector.to(weight.device, torch.float32)
-        raw_in, raw_out = in_x, out_x
-        suffix_x, in_x, out_x = suffix_x @ project, in_x @ project, out_x @ project
-    else:
-        raw_in, raw_out = in_x, out_x
     with torch.no_grad():
-        in_main = F.linear(raw_in, weight.float())
-        out_main = F.linear(raw_out, weight.float())
+        in_main = F.linear(in_x, weight.float())
+        out_main = F.linear(out_x, weight.float())
+    if projector is not None:  # the side memory reads the projected inputs from here on
+        project = projector.to(weight.device, torch.float32)
+        suffix_x, in_x, out_x = suffix_x @ project, in_x @ project, out_x @ project
     _, act = activation_of(model)
     alpha, beta, gamma = hparams.act_margin
     device = weight.device
