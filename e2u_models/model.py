@@ -39,10 +39,10 @@ from e2u_models.finetune import finetune as finetune_model
 from e2u_models.embedded import DEFAULT_MODEL, EMBEDDED_MODELS, resolve_embedded
 from e2u_models.methods import get_method
 from e2u_models.edit_cache import EditCache, edit_key
-from e2u_models.question_sets import load_questions, off_dataset
 from e2u_models.edit_cache import model_sha256 as edit_model_sha256
 from e2u_models.methods.base import (EditRequest, MethodEnv, MethodReport, hparams_file,
                                      load_hparams, resolve_hparams_path)
+from e2u_models.question_sets import load_questions, off_dataset
 from e2u_models.prompts import PromptFormat, parse_chat_template
 from e2u_models.saving import check_save_target, save_edited_model
 from e2u_models.shared_prefix import SharedPrefixRunner, common_prefix_length
@@ -371,7 +371,11 @@ class E2ULM(HFLM):
                          render=lambda question: self.prompt_format.render(self.tokenizer, question),
                          answer_delimiter=self.prompt_format.answer_delimiter,
                          cache_dir=self.cache_dir, log=_log_line,
-                         dataset_rows=tuple((row["question"], row["answer"]) for row in self.splits.rows))
+                         dataset_rows=self._dataset_rows())
+
+    def _dataset_rows(self) -> tuple[tuple[str, str], ...]:
+        """(question, answer) of every row of the evaluated dataset."""
+        return tuple((row["question"], row["answer"]) for row in self.splits.rows)
 
     def greedy_answers(self, requests: list[EditRequest]) -> list[str]:
         """Greedy answers to bare questions, decoded exactly as the e2u tasks decode them."""
@@ -434,15 +438,14 @@ class E2ULM(HFLM):
     def _edit_inputs(self, forget: list[EditRequest], retain: list[EditRequest] | None) -> dict:
         """Everything an edit depends on besides the code (hashed into the edit cache key)."""
         inputs = {"model_sha256": self.model_sha256, "method": self.method.NAME,
-                "hparams": dataclasses.asdict(self.hparams), "seed": self.seed,
-                "forget": [dataclasses.asdict(r) for r in forget],
-                "retain": [dataclasses.asdict(r) for r in retain] if retain else None,
-                "prompt": self.prompt_format.describe(), "dtype": str(self.model.dtype),
-                "adapters": self.model_source.get("adapters")}
+                  "hparams": dataclasses.asdict(self.hparams), "seed": self.seed,
+                  "forget": [dataclasses.asdict(r) for r in forget],
+                  "retain": [dataclasses.asdict(r) for r in retain] if retain else None,
+                  "prompt": self.prompt_format.describe(), "dtype": str(self.model.dtype),
+                  "adapters": self.model_source.get("adapters")}
         preserve = getattr(self.hparams, "preserve_questions", None)
         if preserve is not None:  # the questions themselves, not their file name
-            inputs["preserved_questions"] = off_dataset(load_questions(preserve),
-                                                        self._method_env().dataset_rows)
+            inputs["preserved_questions"] = off_dataset(load_questions(preserve), self._dataset_rows())
         return inputs
 
     # ------------------------------------------------------------------ requests

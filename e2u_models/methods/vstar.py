@@ -24,6 +24,7 @@ reference: one request at a time, full forward passes with full-vocabulary logit
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -229,10 +230,11 @@ def length_buckets(lengths: Sequence[int], row_overhead: float = 4.0) -> list[li
     cost = padded tokens + ``row_overhead`` × rows per extra group (the fixed cost of another pass
     through the layers, in tokens)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    values = sorted(set(lengths))
+    counts = Counter(lengths)
+    values = sorted(counts)
     ends = [0]  # ends[j]: number of rows with one of the first j distinct lengths
     for value in values:
-        ends.append(ends[-1] + sum(1 for x in lengths if x == value))
+        ends.append(ends[-1] + counts[value])
     n, d = len(lengths), len(values)
     best = [0.0] + [float("inf")] * d  # best[j]: cost of the rows of the first j distinct lengths
     cut = [0] * (d + 1)
