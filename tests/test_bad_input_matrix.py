@@ -105,6 +105,8 @@ CASES = [
          r"cannot be read as YAML", files={"h.yaml": b"v_lr: [1,\n"}),
     Case("non-numeric hparam", {"method": "alphaedit", "L2": "big"}, r"hparam L2='big' is not a number"),
     Case("merge zero", {"method": "memit", "merge": "0"}, r"merge=0 is not accepted"),
+    Case("merge keys unknown", {"method": "rome", "merge": "5", "merge_keys": "each"},
+         r"merge_keys='each' is not accepted; use one of merged, members"),
     Case("negative learning rate", {"method": "memit", "v_lr": "-0.5"}, r"hparam v_lr=-0.5 must be > 0"),
     Case("zero optimisation steps", {"method": "rome", "v_num_grad_steps": "0"},
          r"v_num_grad_steps=0 must be >= 1"),

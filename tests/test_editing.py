@@ -9,7 +9,7 @@ import torch
 from e2u_models.methods import alphaedit, get_method, memit, rome
 from e2u_models.methods.base import EditRequest, load_hparams
 from e2u_models.methods.locate import (
-    merge_requests, prepare_requests, read_at_keys)
+    mean_key_per_request, merge_requests, prepare_requests, read_at_keys)
 from e2u_models.methods.vstar import UpperStack, optimise_targets
 from e2u_tasks.errors import E2UError
 from e2u_tasks.refusal import key_entity
@@ -72,6 +72,38 @@ def test_query_merging_joins_questions_and_keeps_first_target(env):
     assert all(q in merged[0].prompt for q, _ in QUESTIONS[:3])
     assert merged[0].target == requests[0].target
     assert merge_requests(requests, 1, env.render) == requests
+
+
+def test_merge_keys_members_adds_each_question_as_asked_alone(tokenizer, env):
+    model, requests = fresh_model(tokenizer), make_requests(env, 4)
+    singles = prepare_requests(model, tokenizer, requests, hparams("rome"), env, seed=0)
+    merged = merge_requests(requests, 3, env.render)
+    paper, members = (prepare_requests(model, tokenizer, merged, hparams("rome", merge_keys=keys), env,
+                                       seed=0, originals=requests) for keys in ("merged", "members"))
+    assert len(paper[0].contexts) == 1 and paper[0].contexts == members[0].contexts[:1]
+    # the merged prompt first, then each question exactly as the evaluation (and an unmerged edit) sees it
+    assert members[0].contexts[1:] == [singles[i].contexts[0] for i in range(3)]
+    assert members[0].keys[1:] == [singles[i].keys[0] for i in range(3)]
+    assert members[0].target_ids == paper[0].target_ids
+    assert len(members[1].contexts) == 1  # a group of one has nothing to add
+    with pytest.raises(E2UError, match="merge_keys='each' is not accepted"):
+        hparams("rome", merge_keys="each")
+
+
+def test_rome_moves_the_mean_key_of_a_merged_edit_by_delta(tokenizer, env):
+    """With several contexts ROME's key is their mean (the paper's k*): W'k̄ = Wk̄ + δ."""
+    model, requests = fresh_model(tokenizer), make_requests(env, 3)
+    hp = hparams("rome", merge=3, merge_keys="members")
+    prepared = prepare_requests(model, tokenizer, merge_requests(requests, 3, env.render), hp, env,
+                                seed=0, originals=requests)
+    module = "model.layers.1.mlp.down_proj"
+    weight = dict(model.named_parameters())[module + ".weight"]
+    mean_key = mean_key_per_request(model, tokenizer, prepared, module)[0]
+    before_value, w0 = weight.detach() @ mean_key, weight.detach().clone()
+    delta = optimise_targets(model, tokenizer, prepared, hp, 1, module, log=lambda *_: None).deltas[0]
+    rome.apply(model, tokenizer, requests, None, hp, seed=0, env=env)
+    assert not torch.equal(weight.detach(), w0)
+    torch.testing.assert_close(weight.detach() @ mean_key, before_value + delta, atol=1e-3, rtol=1e-3)
 
 
 def test_upper_stack_reproduces_the_full_forward(tokenizer, env):

@@ -165,3 +165,28 @@ def test_null_space_option_keeps_the_side_memory_off_the_corpus_directions(token
         report.details["verification"]["mean_nll_before"]
     with pytest.raises(E2UError, match="nullspace_threshold=0.0 must be > 0"):
         load_hparams(wise.HyperParams, "wise", None, {"nullspace_threshold": 0.0})
+
+
+def test_preserved_questions_shrink_the_side_memorys_null_space(tokenizer, env, tmp_path, one_thread):
+    """``preserve_questions`` adds those questions' keys at the prompt's last token (where WISE's
+    edit tokens begin) to the statistics whose null space the side memory reads."""
+    import dataclasses
+
+    from e2u_models.methods.alphaedit import null_space_projector
+    from e2u_models.methods.locate import statistics_for
+
+    env = dataclasses.replace(env, cache_dir=str(tmp_path))
+    model = build_tiny_model(tokenizer, layers=4, initializer_range=0.2)
+    common = {**TINY, "nullspace_threshold": 0.05, "nullspace_rule": "relative",
+              "stats_corpus": "python-docs", "mom2_n_tokens": 400}
+    dims = {}
+    for weight in (None, 100.0):
+        extra = {} if weight is None else {"preserve_questions": "factual", "preserve_weight": weight}
+        view = load_hparams(wise.HyperParams, "wise", None, {**common, **extra}).locate_view(1)
+        assert view.fact_token == "prompt_last" and view.preserve_questions == extra.get("preserve_questions")
+        moments, provenance = statistics_for(model, tokenizer, view, [1], env)
+        dims[weight] = null_space_projector(moments[1], 0.05, "relative")[1]
+        assert ("preserved" in provenance) == (weight is not None)
+    assert dims[100.0] < dims[None]
+    with pytest.raises(E2UError, match="preserve_questions shapes WISE's null space; set nullspace_threshold"):
+        load_hparams(wise.HyperParams, "wise", None, {"preserve_questions": "factual"})

@@ -29,6 +29,7 @@ from e2u_tasks.refusal import key_entity
 from e2u_tasks.errors import E2UError
 
 FACT_TOKENS = ("question_last", "subject_last", "prompt_last")
+MERGE_KEYS = ("merged", "members")
 CONTEXT_SEEDS = ("The", "Therefore", "Because", "I", "You")
 
 
@@ -59,6 +60,11 @@ class LocateHParams:
     target_eos: bool = True
     # Merge this many forget questions (dataset order) into one edit prompt with one target.
     merge: int = 1
+    # Where a merged edit reads its key: "merged" = the merged prompt only (the paper: the key at
+    # its end); "members" = the merged prompt and each of its questions asked alone, as contexts
+    # (v* must make every one refuse; the key is their mean), so the edit sits on the keys the
+    # evaluation will see.
+    merge_keys: str = "merged"
     stats_corpus: str = "e2u"
     mom2_n_tokens: int = 100_000
     mom2_max_length: int = 512
@@ -94,6 +100,9 @@ class LocateHParams:
         if self.merge < 1:
             raise E2UError(f"merge={self.merge} is not accepted; merge counts questions per edit "
                            "(1 = no merging, e.g. merge=5)")
+        if self.merge_keys not in MERGE_KEYS:
+            raise E2UError(f"hparam merge_keys={self.merge_keys!r} is not accepted; use one of "
+                           f"{', '.join(MERGE_KEYS)}")
         if self.mom2_n_tokens < 1:
             raise E2UError(f"hparam mom2_n_tokens={self.mom2_n_tokens} must be >= 1")
         from e2u_models.stats import corpus_kind
@@ -312,23 +321,31 @@ def sample_context_prefixes(model, tokenizer, params: Sequence[Sequence[int]], s
 
 
 def prepare_requests(model, tokenizer, requests: Sequence[EditRequest], hparams: LocateHParams,
-                     env: MethodEnv, seed: int) -> list[PreparedRequest]:
-    """Tokenise every request under every context, find its key tokens and target ids."""
+                     env: MethodEnv, seed: int, originals: Sequence[EditRequest] = ()) -> list[PreparedRequest]:
+    """Tokenise every request under every context, find its key tokens and target ids.
+    ``originals``: the unmerged requests, whose questions a merged request takes as extra
+    contexts when ``merge_keys`` is "members"."""
     prefixes = sample_context_prefixes(model, tokenizer, hparams.context_template_length_params,
                                        seed) if hparams.context_template_length_params else []
+    by_index = {r.index: r for r in originals}
     prepared = []
     for request in requests:
         if not request.target:
             raise E2UError(f"forget row {request.index} has no target; editing methods need one")
-        q_start, key_end = _key_text_span(request, request.prompt, hparams.fact_token)
+        views = [request]
+        if hparams.merge_keys == "members" and len(request.merged_indices) > 1:
+            views += [by_index[i] for i in request.merged_indices]
         contexts, keys = [], []
-        for prefix in ["", *prefixes]:
-            prompt = request.prompt[:q_start] + prefix + request.prompt[q_start:]
-            ids = env.encode(prompt)
-            contexts.append(tuple(ids))
-            keys.append(_key_index(env, tokenizer, prompt, ids, key_end + len(prefix)))
+        for view in views:
+            q_start, key_end = _key_text_span(view, view.prompt, hparams.fact_token)
+            for prefix in ["", *prefixes]:
+                prompt = view.prompt[:q_start] + prefix + view.prompt[q_start:]
+                ids = env.encode(prompt)
+                contexts.append(tuple(ids))
+                keys.append(_key_index(env, tokenizer, prompt, ids, key_end + len(prefix)))
         target = target_token_ids(env, tokenizer, contexts[0], request.prompt, request.target,
                                   hparams.target_eos)
+        q_start, key_end = _key_text_span(request, request.prompt, hparams.fact_token)
         key_text = request.prompt[q_start:key_end] if hparams.fact_token != "prompt_last" else request.question
         kl_text = f"{key_text.strip()} is a"
         kl_ids = env.encode(kl_text)

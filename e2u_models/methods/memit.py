@@ -95,7 +95,7 @@ def run(model, tokenizer, forget, hparams, env: MethodEnv, seed: int, name: str,
     weights = {hparams.rewrite_module_tmp.format(l) + ".weight": rewrite_weight(model, hparams, l)
                for l in layers}  # checks the module names before any work
     requests = merge_requests(forget, hparams.merge, env.render)
-    prepared = prepare_requests(model, tokenizer, requests, hparams, env, seed)
+    prepared = prepare_requests(model, tokenizer, requests, hparams, env, seed, forget)
     details: dict = {"layers": layers, "requests": len(prepared),
                      "edit_batch_size": hparams.edit_batch_size or len(prepared)}
     started = time.perf_counter()

@@ -3,7 +3,9 @@
 For request i with key k* (the projection's input at the key token), mean key k̄ over the
 contexts and target value v* (:mod:`e2u_models.methods.vstar`, optimised on the already-edited
 model), the update is ΔW = r uᵀ with u = C⁻¹k̄/‖C⁻¹k̄‖ (``mom2_adjustment``; else k̄/‖k̄‖) and
-r = (v* − W k*)/(k*·u), so W' k* = v* exactly. C is the uncentred second moment of the
+r = δ/(k̄·u), δ = v* − W k* (v* optimised at the bare prompt's key k*), so W' k̄ = W k̄ + δ:
+the paper's k* is the key averaged over the contexts; without contexts k̄ = k* and W' k* = v*
+exactly. C is the uncentred second moment of the
 projection's input (:mod:`e2u_models.stats`). Requests are edited one after another on the
 edited weights, without rollback (the protocol of the paper).
 """
@@ -18,7 +20,7 @@ import torch
 from e2u_models.methods.base import EditRequest, MethodEnv, MethodReport
 from e2u_models.methods.locate import (
     LocateHParams, check_finite, edit_transaction, mean_key_per_request, merge_requests,
-    num_layers, prepare_requests, read_at_keys, rewrite_weight, statistics_for, target_nll,
+    num_layers, prepare_requests, rewrite_weight, statistics_for, target_nll,
     verification, weight_change_norms)
 from e2u_models.methods.vstar import optimise_targets
 from e2u_tasks.errors import E2UError
@@ -44,7 +46,7 @@ def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperPar
     module = hparams.rewrite_module_tmp.format(layer)
     weight = rewrite_weight(model, hparams, layer)
     requests = merge_requests(forget, hparams.merge, env.render)
-    prepared = prepare_requests(model, tokenizer, requests, hparams, env, seed)
+    prepared = prepare_requests(model, tokenizer, requests, hparams, env, seed, forget)
     details: dict = {"layer": layer, "requests": len(prepared), "protocol": "sequential"}
     inverse_moment = None
     if hparams.mom2_adjustment:
@@ -64,8 +66,7 @@ def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperPar
                                       desc=f"ROME v* {number + 1}/{len(prepared)}")
             v_seconds += result.seconds
             losses.append(result.losses[0])
-            key = read_at_keys(model, tokenizer, request.key_rows(0)[:1], {module: "input"})[module][0].double()
-            right = result.deltas[0].double() / torch.dot(key, u)
+            right = result.deltas[0].double() / torch.dot(mean_key, u)
             update = torch.outer(right, u)
             check_finite(update, f"ROME update of request row {request.request.index}")
             with torch.no_grad():

@@ -99,6 +99,10 @@ class HyperParams(OneLayerChoice):
     nullspace_rule: str = "absolute"
     stats_corpus: str = "e2u"
     mom2_n_tokens: int = 100_000
+    # With the null space: also keep out the directions of these questions' keys at the prompt's
+    # last token (where WISE's edit tokens begin), as AlphaEdit's ``preserve_questions``.
+    preserve_questions: str | None = None
+    preserve_weight: float = 10.0
 
     def validate(self) -> None:
         for name in ("edit_lr", "act_ratio", "norm_constraint", "verify_nll", "ce_scale"):
@@ -123,6 +127,14 @@ class HyperParams(OneLayerChoice):
             check_null_space_hparams(self.nullspace_threshold, self.nullspace_rule)
         if self.mom2_n_tokens < 1:
             raise E2UError(f"hparam mom2_n_tokens={self.mom2_n_tokens} must be >= 1")
+        if self.preserve_questions is not None:
+            if self.nullspace_threshold is None:
+                raise E2UError("hparam preserve_questions shapes WISE's null space; set nullspace_threshold too")
+            from e2u_models.question_sets import check_question_source
+
+            check_question_source(self.preserve_questions, "preserve_questions")
+        if self.preserve_weight < 0:
+            raise E2UError(f"hparam preserve_weight={self.preserve_weight} must be >= 0")
         from e2u_models.stats import corpus_kind
 
         corpus_kind(self.stats_corpus)
@@ -135,7 +147,8 @@ class HyperParams(OneLayerChoice):
                              layer_module_tmp=self.layer_module_tmp, fact_token="prompt_last",
                              context_template_length_params=[], target_eos=self.target_eos,
                              verify_nll=self.verify_nll, stats_corpus=self.stats_corpus,
-                             mom2_n_tokens=self.mom2_n_tokens)
+                             mom2_n_tokens=self.mom2_n_tokens, preserve_questions=self.preserve_questions,
+                             preserve_weight=self.preserve_weight)
 
 
 def activation_of(model):
