@@ -90,6 +90,17 @@ def test_merge_keys_members_adds_each_question_as_asked_alone(tokenizer, env):
         hparams("rome", merge_keys="each")
 
 
+def test_key_columns_one_per_question_averaged_over_its_contexts():
+    from e2u_models.methods.locate import PreparedRequest, key_columns
+
+    plain = PreparedRequest(None, [(1,), (2,)], [0, 0], (5,), (1,), 0, [0, 0])  # one question, two contexts
+    merged = PreparedRequest(None, [(1,)] * 4, [0] * 4, (5,), (1,), 0, [0, 1, 1, 2])
+    values = torch.arange(12, dtype=torch.float32).reshape(6, 2)
+    keys, owners = key_columns(values, [plain, merged])
+    torch.testing.assert_close(keys, torch.tensor([[1.0, 2.0], [4.0, 5.0], [7.0, 8.0], [10.0, 11.0]]))
+    assert owners.tolist() == [0, 1, 1, 1]
+
+
 def test_rome_moves_the_mean_key_of_a_merged_edit_by_delta(tokenizer, env):
     """With several contexts ROME's key is their mean (the paper's k*): W'k̄ = Wk̄ + δ."""
     model, requests = fresh_model(tokenizer), make_requests(env, 3)

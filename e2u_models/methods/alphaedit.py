@@ -16,7 +16,7 @@ import torch
 
 from e2u_models.methods import memit
 from e2u_models.methods.base import EditRequest, MethodEnv, MethodReport
-from e2u_models.methods.locate import LocateHParams, mean_per_request, read_at_keys
+from e2u_models.methods.locate import LocateHParams, key_columns, read_at_keys
 from e2u_tasks.errors import E2UError
 
 NAME = "alphaedit"
@@ -89,7 +89,7 @@ class AlphaEditor:
         modules = {layer: self.hparams.rewrite_module_tmp.format(layer) for layer in self.layers}
         read = read_at_keys(self.model, self.tokenizer, rows, {m: "input" for m in modules.values()})
         for layer, module in modules.items():
-            keys = mean_per_request(read[module], rows, len(batch)).double()
+            keys = key_columns(read[module], batch)[0].double()
             self.edited_keys[layer] = self.edited_keys[layer] + (keys.T @ keys).to(self.edited_keys[layer].device)
 
 

@@ -186,6 +186,9 @@ class PreparedRequest:
     target_ids: tuple[int, ...]
     kl_ids: tuple[int, ...]
     kl_key: int
+    # Which question each context asks: 0 = the request's prompt, k = its k-th merged question
+    # asked alone (``merge_keys=members``); prefixed contexts share their question's number.
+    views: list[int] = field(default_factory=list)
 
     def nll_rows(self, number: int) -> list[EditRow]:
         rows = []
@@ -335,14 +338,15 @@ def prepare_requests(model, tokenizer, requests: Sequence[EditRequest], hparams:
         views = [request]
         if hparams.merge_keys == "members" and len(request.merged_indices) > 1:
             views += [by_index[i] for i in request.merged_indices]
-        contexts, keys = [], []
-        for view in views:
+        contexts, keys, view_numbers = [], [], []
+        for number, view in enumerate(views):
             q_start, key_end = _key_text_span(view, view.prompt, hparams.fact_token)
             for prefix in ["", *prefixes]:
                 prompt = view.prompt[:q_start] + prefix + view.prompt[q_start:]
                 ids = env.encode(prompt)
                 contexts.append(tuple(ids))
                 keys.append(_key_index(env, tokenizer, prompt, ids, key_end + len(prefix)))
+                view_numbers.append(number)
         target = target_token_ids(env, tokenizer, contexts[0], request.prompt, request.target,
                                   hparams.target_eos)
         q_start, key_end = _key_text_span(request, request.prompt, hparams.fact_token)
@@ -350,7 +354,7 @@ def prepare_requests(model, tokenizer, requests: Sequence[EditRequest], hparams:
         kl_text = f"{key_text.strip()} is a"
         kl_ids = env.encode(kl_text)
         kl_key = _key_index(env, tokenizer, kl_text, kl_ids, len(key_text.strip()))
-        prepared.append(PreparedRequest(request, contexts, keys, target, tuple(kl_ids), kl_key))
+        prepared.append(PreparedRequest(request, contexts, keys, target, tuple(kl_ids), kl_key, view_numbers))
     return prepared
 
 
@@ -423,6 +427,21 @@ def mean_per_request(values: torch.Tensor, rows: Sequence[EditRow], n: int) -> t
     owner = torch.tensor([row.request for row in rows], device=values.device)
     total = torch.zeros(n, values.shape[1], device=values.device).index_add_(0, owner, values)
     return total / torch.bincount(owner, minlength=n).clamp(min=1).unsqueeze(1)
+
+
+def key_columns(values: torch.Tensor, prepared: Sequence[PreparedRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values read at every key row (``key_rows`` order), averaged over the contexts of each
+    question a request asks: one column per question (one per request unless
+    ``merge_keys=members``), and the request each column belongs to."""
+    groups, owners = [], []
+    for number, p in enumerate(prepared):
+        views = p.views or [0] * len(p.contexts)
+        groups.extend(len(owners) + v for v in views)
+        owners.extend([number] * (max(views) + 1))
+    group = torch.tensor(groups, device=values.device)
+    total = torch.zeros(len(owners), values.shape[1], device=values.device).index_add_(0, group, values)
+    counts = torch.bincount(group, minlength=len(owners)).clamp(min=1).unsqueeze(1)
+    return total / counts, torch.tensor(owners, device=values.device)
 
 
 def mean_key_per_request(model, tokenizer, prepared: Sequence[PreparedRequest], module: str) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 Target vectors z_i = v*_i at the last edit layer's output (:mod:`e2u_models.methods.vstar`). Then
 for each edit layer l in ascending order, on the weights already updated below it: K (keys at
-the key token, averaged over contexts), R = (Z − Z_cur)/(layers left), Z_cur the last edit
+the key token, averaged over contexts; with ``merge_keys=members`` one column per question of a
+merged edit, each with its edit's residual), R = (Z − Z_cur)/(layers left), Z_cur the last edit
 layer's current output at the key, and ΔW_l = Rᵀ K (λ C_l + Kᵀ K)⁻¹ solved in float64, C_l the
 second moment of the layer's key (:mod:`e2u_models.stats`), λ = ``mom2_update_weight``.
 ``edit_batch_size`` requests per update (0 = all in one batch); later batches edit the edited model.
@@ -19,7 +20,7 @@ import torch
 
 from e2u_models.methods.base import EditRequest, MethodEnv, MethodReport
 from e2u_models.methods.locate import (
-    LocateHParams, PreparedRequest, check_finite, edit_transaction, mean_per_request, merge_requests,
+    LocateHParams, PreparedRequest, check_finite, edit_transaction, key_columns, merge_requests,
     num_layers, prepare_requests, read_at_keys, rewrite_weight, statistics_for, target_nll,
     verification, weight_change_norms)
 from e2u_models.methods.vstar import optimise_targets
@@ -47,15 +48,17 @@ class HyperParams(LocateHParams):
 
 
 def keys_and_outputs(model, tokenizer, batch: Sequence[PreparedRequest], hparams: LocateHParams,
-                     layer: int, z_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean key of ``layer`` over contexts (n, d_in) and the z layer's output at the bare
-    prompt's key (n, d_model), in one pass."""
+                     layer: int, z_layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keys of ``layer`` averaged over contexts, one column per question (:func:`key_columns`),
+    each column's request, and the z layer's output at the bare prompt's key (n, d_model), in
+    one pass."""
     key_module = hparams.rewrite_module_tmp.format(layer)
     z_module = hparams.layer_module_tmp.format(z_layer)
     rows = [row for i, p in enumerate(batch) for row in p.key_rows(i)]
     read = read_at_keys(model, tokenizer, rows, {key_module: "input", z_module: "output"})
     bare = [k for k, row in enumerate(rows) if k == 0 or rows[k - 1].request != row.request]
-    return mean_per_request(read[key_module], rows, len(batch)), read[z_module][bare]
+    keys, owners = key_columns(read[key_module], batch)
+    return keys, owners, read[z_module][bare]
 
 
 def edit_batches(model, tokenizer, prepared: Sequence[PreparedRequest], hparams, layers: list[int],
@@ -75,9 +78,9 @@ def edit_batches(model, tokenizer, prepared: Sequence[PreparedRequest], hparams,
         losses.extend(result.losses)
         targets = result.targets.double()
         for position, layer in enumerate(layers):
-            keys, current = keys_and_outputs(model, tokenizer, batch, hparams, layer, z_layer)
+            keys, owners, current = keys_and_outputs(model, tokenizer, batch, hparams, layer, z_layer)
             residual = (targets - current.double()) / (len(layers) - position)
-            update = solve(layer, keys.double(), residual)
+            update = solve(layer, keys.double(), residual[owners])
             check_finite(update, f"{name} update of layer {layer}")
             weight = weights[layer]
             with torch.no_grad():
