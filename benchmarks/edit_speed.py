@@ -86,7 +86,7 @@ def main() -> None:
                 p.copy_(original[n])
         # v* alone, both engines, same requests, same unedited weights.
         prepared = prepare_requests(model, tokenizer, merge_requests(forget, hparams.merge, env.render),
-                                    hparams, env, seed=0)
+                                    hparams, env, seed=0, originals=forget)
         layer = layers[0] if name == "rome" else layers[-1]
         module = (hparams.rewrite_module_tmp if name == "rome" else hparams.layer_module_tmp).format(layer)
         modes = ("fast",) if args.no_classic else ("fast", "classic")

@@ -62,8 +62,8 @@ class LocateHParams:
     merge: int = 1
     # Where a merged edit reads its key: "merged" = the merged prompt only (the paper: the key at
     # its end); "members" = the merged prompt and each of its questions asked alone, as contexts
-    # (v* must make every one refuse; the key is their mean), so the edit sits on the keys the
-    # evaluation will see.
+    # (v* must make every one refuse; ROME's key is their mean, MEMIT/AlphaEdit take one key
+    # column per question), so the edit sits on the keys the evaluation will see.
     merge_keys: str = "merged"
     stats_corpus: str = "e2u"
     mom2_n_tokens: int = 100_000
@@ -337,6 +337,8 @@ def prepare_requests(model, tokenizer, requests: Sequence[EditRequest], hparams:
             raise E2UError(f"forget row {request.index} has no target; editing methods need one")
         views = [request]
         if hparams.merge_keys == "members" and len(request.merged_indices) > 1:
+            if not all(i in by_index for i in request.merged_indices):
+                raise ValueError("merge_keys=members needs the unmerged requests (originals=)")
             views += [by_index[i] for i in request.merged_indices]
         contexts, keys, view_numbers = [], [], []
         for number, view in enumerate(views):
