@@ -188,7 +188,7 @@ class PreparedRequest:
     kl_key: int
     # Which question each context asks: 0 = the request's prompt, k = its k-th merged question
     # asked alone (``merge_keys=members``); prefixed contexts share their question's number.
-    views: list[int] = field(default_factory=list)
+    views: list[int]
 
     def nll_rows(self, number: int) -> list[EditRow]:
         rows = []
@@ -341,8 +341,8 @@ def prepare_requests(model, tokenizer, requests: Sequence[EditRequest], hparams:
                 raise ValueError("merge_keys=members needs the unmerged requests (originals=)")
             views += [by_index[i] for i in request.merged_indices]
         contexts, keys, view_numbers = [], [], []
-        for number, view in enumerate(views):
-            q_start, key_end = _key_text_span(view, view.prompt, hparams.fact_token)
+        spans = [_key_text_span(view, view.prompt, hparams.fact_token) for view in views]
+        for number, (view, (q_start, key_end)) in enumerate(zip(views, spans)):
             for prefix in ["", *prefixes]:
                 prompt = view.prompt[:q_start] + prefix + view.prompt[q_start:]
                 ids = env.encode(prompt)
@@ -351,7 +351,7 @@ def prepare_requests(model, tokenizer, requests: Sequence[EditRequest], hparams:
                 view_numbers.append(number)
         target = target_token_ids(env, tokenizer, contexts[0], request.prompt, request.target,
                                   hparams.target_eos)
-        q_start, key_end = _key_text_span(request, request.prompt, hparams.fact_token)
+        q_start, key_end = spans[0]
         key_text = request.prompt[q_start:key_end] if hparams.fact_token != "prompt_last" else request.question
         kl_text = f"{key_text.strip()} is a"
         kl_ids = env.encode(kl_text)
@@ -424,11 +424,11 @@ def read_at_keys(model, tokenizer, rows: Sequence[EditRow], probes: dict[str, st
     return {name: torch.cat(chunks) for name, chunks in out.items()}
 
 
-def mean_per_request(values: torch.Tensor, rows: Sequence[EditRow], n: int) -> torch.Tensor:
-    """Row values averaged over each request's rows (its contexts): (n, dim)."""
-    owner = torch.tensor([row.request for row in rows], device=values.device)
-    total = torch.zeros(n, values.shape[1], device=values.device).index_add_(0, owner, values)
-    return total / torch.bincount(owner, minlength=n).clamp(min=1).unsqueeze(1)
+def _group_means(values: torch.Tensor, groups: Sequence[int], n: int) -> torch.Tensor:
+    """Rows of ``values`` averaged per group id (0..n-1): (n, dim)."""
+    group = torch.tensor(list(groups), device=values.device)
+    total = torch.zeros(n, values.shape[1], device=values.device).index_add_(0, group, values)
+    return total / torch.bincount(group, minlength=n).clamp(min=1).unsqueeze(1)
 
 
 def key_columns(values: torch.Tensor, prepared: Sequence[PreparedRequest]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -437,20 +437,16 @@ def key_columns(values: torch.Tensor, prepared: Sequence[PreparedRequest]) -> tu
     ``merge_keys=members``), and the request each column belongs to."""
     groups, owners = [], []
     for number, p in enumerate(prepared):
-        views = p.views or [0] * len(p.contexts)
-        groups.extend(len(owners) + v for v in views)
-        owners.extend([number] * (max(views) + 1))
-    group = torch.tensor(groups, device=values.device)
-    total = torch.zeros(len(owners), values.shape[1], device=values.device).index_add_(0, group, values)
-    counts = torch.bincount(group, minlength=len(owners)).clamp(min=1).unsqueeze(1)
-    return total / counts, torch.tensor(owners, device=values.device)
+        groups.extend(len(owners) + v for v in p.views)
+        owners.extend([number] * (max(p.views) + 1))
+    return _group_means(values, groups, len(owners)), torch.tensor(owners, device=values.device)
 
 
 def mean_key_per_request(model, tokenizer, prepared: Sequence[PreparedRequest], module: str) -> torch.Tensor:
     """Input of ``module`` at the key token, averaged over each request's contexts: (n, d_in)."""
     rows = [row for i, p in enumerate(prepared) for row in p.key_rows(i)]
     keys = read_at_keys(model, tokenizer, rows, {module: "input"})[module]
-    return mean_per_request(keys, rows, len(prepared))
+    return _group_means(keys, [row.request for row in rows], len(prepared))
 
 
 @torch.no_grad()
