@@ -36,6 +36,53 @@ def test_generation_time_edit_yields_the_refusal_and_spares_other_prompts(tokeni
     assert generate(model, tokenizer, env, mixed, use_cache=False) == generate(model, tokenizer, env, mixed)
 
 
+def routed_positions(model, tokenizer, env, questions, layer):
+    """Per question, the token positions of its chat-templated prompt that use a side memory."""
+    (memory,) = adapters_of(model)
+    module = dict(model.named_modules())[memory.module_name]
+    routed = []
+    for question in questions:
+        captured = {}
+        handle = module.register_forward_pre_hook(lambda m, i: captured.__setitem__("x", i[0][0].float()))
+        try:
+            with torch.no_grad():
+                model(torch.tensor([env.encode(env.render(question))]))
+        finally:
+            handle.remove()
+        x = captured["x"]
+        chosen, _ = memory.route(x, torch.nn.functional.linear(x, module.weight.float()))
+        routed.append((chosen >= 0).nonzero().flatten().tolist())
+    return routed
+
+
+def test_entity_keyed_edit_fires_on_the_entity_only(tokenizer, env, one_thread):
+    """fact_token=subject_last, edit_positions=key: the entity's last token is the edit's one
+    in-scope token and the one the side memory writes. The router fires there and nowhere else,
+    also not on the same question about another entity (same template, same words but the entity);
+    the targets' NLL falls and the other questions' generations stay as they were."""
+    model = build_tiny_model(tokenizer, layers=4, initializer_range=0.2)
+    edited = [("What is the capital of France?", "France"), ("Who wrote Hamlet?", "Hamlet")]
+    others = ["What is the capital of Peru?", "Who wrote Ulysses?"]
+    before_other = generate(model, tokenizer, env, others)
+    requests = [EditRequest(index=i, question=q, answer="?", prompt=env.render(q), target="I", subject=s)
+                for i, (q, s) in enumerate(edited)]
+    hparams = load_hparams(wise.HyperParams, "wise", None, {
+        **TINY, "fact_token": "subject_last", "edit_positions": "key", "ce_scale": 5.0})
+    report = wise.apply(model, tokenizer, requests, None, hparams, seed=0, env=env)
+    (shard,) = report.details["shards"]
+    assert shard["in_min"] > shard["threshold"] > shard["out_max"]
+    verification = report.details["verification"]
+    assert verification["mean_nll_after"] < verification["mean_nll_before"] - 1.0
+    for (question, subject), positions in zip(edited, routed_positions(model, tokenizer, env, [q for q, _ in edited], 1)):
+        prompt = env.render(question)
+        key_end = prompt.index(question) + question.index(subject) + len(subject)
+        assert positions == [len(env.encode(prompt[:key_end])) - 1]
+    assert routed_positions(model, tokenizer, env, others, 1) == [[], []]
+    assert generate(model, tokenizer, env, others) == before_other
+    mixed = [q for q, _ in edited] + others
+    assert generate(model, tokenizer, env, mixed, use_cache=False) == generate(model, tokenizer, env, mixed)
+
+
 def test_routing_is_per_token_and_picks_the_strongest_shard():
     memory = wise.SideMemory("x", [torch.eye(2), 3 * torch.eye(2)], [0.5, 100.0], "relu")
     x = torch.tensor([[[1.0, 0.0], [0.1, 0.0], [0.0, 40.0]]])

@@ -13,8 +13,10 @@ the unedited model's own greedy answer (``irrelevant_answer_tokens``), as WISE's
 with [α, β, γ] = ``act_margin``, "in" the distances at the edit rows' tokens from the key (the
 prompt's last token) on, "out" those at the irrelevant prompts' tokens and the edit prompts'
 tokens before the key, the third term over every (out, in) pair as WISE pairs loc and edit rows,
-and mean₊ the mean over the violated (positive) entries only. SGD
-(``edit_lr``, weight decay 1e-5) on D, gradients multiplied by a random Bernoulli(``mask_ratio``)
+and mean₊ the mean over the violated (positive) entries only. With ``edit_positions=key`` (e2u's
+option) an edit's one in-scope token is its key (``fact_token``, e.g. the question's entity) and
+the side memory writes only there in the CE; every other token of the edit rows is out of scope.
+SGD (``edit_lr``, weight decay 1e-5) on D, gradients multiplied by a random Bernoulli(``mask_ratio``)
 mask drawn once per shard (seeded), D clamped to ±``norm_constraint`` after each step; stop
 after ``n_iter`` steps or when the loss is ≤ 0.02 and changes by ≤ 1e-4. The shard's threshold
 is ``act_ratio`` × the smallest in-distance at the final step.
@@ -45,7 +47,7 @@ from e2u_models.adapters import Adapter
 from e2u_models.methods.alphaedit import check_null_space_hparams, null_space_projector
 from e2u_models.methods.base import EditRequest, MethodEnv, MethodReport
 from e2u_models.methods.locate import (
-    LocateHParams, _pad_right, check_finite, module_named, OneLayerChoice, pad_id_of, prepare_requests,
+    FACT_TOKENS, LocateHParams, _pad_right, check_finite, module_named, OneLayerChoice, pad_id_of, prepare_requests,
     statistics_for, target_nll, verification)
 from e2u_models.methods.vstar import UpperStack
 from e2u_models.question_sets import QUESTION_SETS, load_questions, off_dataset
@@ -53,6 +55,7 @@ from e2u_models.shared_prefix import continue_greedily, stop_token_ids
 from e2u_tasks.errors import E2UError
 
 NAME = "wise"
+EDIT_POSITIONS = ("from_key", "key")
 KIND = "editing"
 USES_RETAIN = False
 
@@ -103,6 +106,14 @@ class HyperParams(OneLayerChoice):
     # last token (where WISE's edit tokens begin), as AlphaEdit's ``preserve_questions``.
     preserve_questions: str | None = None
     preserve_weight: float = 10.0
+    # Where an edit's in-scope tokens are (e2u's option; WISE: from the prompt's last token on).
+    # ``fact_token`` picks the key token as ROME's does; ``edit_positions`` = "from_key" (WISE: the
+    # side memory writes every position from the key on, the answer's included) or "key" (only the
+    # key token is in scope and edited, as ROME edits the subject's last token: with
+    # ``fact_token=subject_last`` the router then fires on the question's entity, where forget and
+    # retain questions differ, instead of the answer's positions, where they do not).
+    fact_token: str = "prompt_last"
+    edit_positions: str = "from_key"
 
     def validate(self) -> None:
         for name in ("edit_lr", "act_ratio", "norm_constraint", "verify_nll", "ce_scale"):
@@ -135,6 +146,12 @@ class HyperParams(OneLayerChoice):
             check_question_source(self.preserve_questions, "preserve_questions")
         if self.preserve_weight < 0:
             raise E2UError(f"hparam preserve_weight={self.preserve_weight} must be >= 0")
+        if self.fact_token not in FACT_TOKENS:
+            raise E2UError(f"hparam fact_token={self.fact_token!r} is not accepted; use one of "
+                           f"{', '.join(FACT_TOKENS)}")
+        if self.edit_positions not in EDIT_POSITIONS:
+            raise E2UError(f"hparam edit_positions={self.edit_positions!r} is not accepted; use one of "
+                           f"{', '.join(EDIT_POSITIONS)}")
         from e2u_models.stats import corpus_kind
 
         corpus_kind(self.stats_corpus)
@@ -144,7 +161,7 @@ class HyperParams(OneLayerChoice):
 
     def locate_view(self, layer: int) -> LocateHParams:
         return LocateHParams(layers=[layer], rewrite_module_tmp=self.inner_module_tmp,
-                             layer_module_tmp=self.layer_module_tmp, fact_token="prompt_last",
+                             layer_module_tmp=self.layer_module_tmp, fact_token=self.fact_token,
                              context_template_length_params=[], target_eos=self.target_eos,
                              verify_nll=self.verify_nll, stats_corpus=self.stats_corpus,
                              mom2_n_tokens=self.mom2_n_tokens, preserve_questions=self.preserve_questions,
@@ -176,18 +193,26 @@ class SideMemory(Adapter):
         side = main + x @ delta.T
         return (self.act(side) - self.act(main)).norm(dim=-1), side
 
-    def rewrite(self, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        if not self.deltas:
-            return output
-        x = inputs.reshape(-1, inputs.shape[-1]).float()
-        main = output.reshape(-1, output.shape[-1]).float()
+    def route(self, x: torch.Tensor, main: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For tokens' inputs ``x`` (tokens, d_in) and original outputs ``main``: the shard each
+        token uses (-1: the original weights) and the outputs with the side memories applied."""
         result, best = main, torch.full(main.shape[:1], -1.0, device=main.device)
-        for delta, threshold in zip(self.deltas, self.thresholds):
+        chosen = torch.full(main.shape[:1], -1, dtype=torch.long, device=main.device)
+        for number, (delta, threshold) in enumerate(zip(self.deltas, self.thresholds)):
             dist, side = self.distances(x, main, delta.to(x.device))
             use = (dist > threshold) & (dist > best)
             if bool(use.any()):
                 result = torch.where(use[:, None], side, result)
                 best = torch.where(use, dist, best)
+                chosen = torch.where(use, number, chosen)
+        return chosen, result
+
+    def rewrite(self, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        if not self.deltas:
+            return output
+        x = inputs.reshape(-1, inputs.shape[-1]).float()
+        main = output.reshape(-1, output.shape[-1]).float()
+        _, result = self.route(x, main)
         if result is main:
             return output
         return result.to(output.dtype).reshape(output.shape)
@@ -271,9 +296,14 @@ def train_shard(model, tokenizer, prepared, irrelevant_ids, hparams: HyperParams
     x_all = stack.captured_input.float()                       # (n, P + S, d_in)
     real = stack.layout_mask.bool()
     suffix_x, suffix_real = x_all[:, P:], real[:, P:]
-    in_x = suffix_x[suffix_real]                                # tokens from the key on
-    out_x = torch.cat([x_all[:, :P][real[:, :P]],
-                       module_inputs(model, tokenizer, irrelevant_ids, module_name)])
+    key_only = hparams.edit_positions == "key"
+    in_x = suffix_x[:, 0] if key_only else suffix_x[suffix_real]  # the key (column 0) / from the key on
+    # Out of scope: the irrelevant rows and the edit rows' other tokens (key only: all but the key).
+    edit_out = real.clone()
+    edit_out[:, P:] = suffix_real if key_only else False
+    if key_only:
+        edit_out[:, P] = False
+    out_x = torch.cat([x_all[edit_out], module_inputs(model, tokenizer, irrelevant_ids, module_name)])
     with torch.no_grad():
         in_main = F.linear(in_x, weight.float())
         out_main = F.linear(out_x, weight.float())
@@ -285,7 +315,7 @@ def train_shard(model, tokenizer, prepared, irrelevant_ids, hparams: HyperParams
     device = weight.device
     stack.select(torch.arange(len(rows), device=device))
     labels = torch.tensor([t for r in rows for t in r.labels], device=device)
-    label_index = [(b, j) for b, r in enumerate(rows) for j in range(len(r.labels))]
+    label_index = [(b, r.label_start - r.key + j) for b, r in enumerate(rows) for j in range(len(r.labels))]
     rows_index = torch.tensor([b for b, _ in label_index], device=device)
     cols_index = torch.tensor([j for _, j in label_index], device=device)
 
@@ -303,7 +333,7 @@ def train_shard(model, tokenizer, prepared, irrelevant_ids, hparams: HyperParams
             for step in range(hparams.n_iter):
                 d_in = (act(in_main + in_x @ delta.T) - act(in_main)).norm(dim=-1)
                 d_out = (act(out_main + out_x @ delta.T) - act(out_main)).norm(dim=-1)
-                hidden = stack.run(suffix_x @ delta.T)
+                hidden = stack.run((in_x if key_only else suffix_x) @ delta.T)
                 logprobs = stack.logprobs(hidden[rows_index, cols_index])
                 nll = -logprobs.gather(-1, labels[:, None]).mean()
                 margin = (hinge_mean(d_out - alpha) + hinge_mean(beta - d_in)
