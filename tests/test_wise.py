@@ -36,7 +36,7 @@ def test_generation_time_edit_yields_the_refusal_and_spares_other_prompts(tokeni
     assert generate(model, tokenizer, env, mixed, use_cache=False) == generate(model, tokenizer, env, mixed)
 
 
-def routed_positions(model, tokenizer, env, questions, layer):
+def routed_positions(model, tokenizer, env, questions):
     """Per question, the token positions of its chat-templated prompt that use a side memory."""
     (memory,) = adapters_of(model)
     module = dict(model.named_modules())[memory.module_name]
@@ -73,11 +73,12 @@ def test_entity_keyed_edit_fires_on_the_entity_only(tokenizer, env, one_thread):
     assert shard["in_min"] > shard["threshold"] > shard["out_max"]
     verification = report.details["verification"]
     assert verification["mean_nll_after"] < verification["mean_nll_before"] - 1.0
-    for (question, subject), positions in zip(edited, routed_positions(model, tokenizer, env, [q for q, _ in edited], 1)):
+    routed = routed_positions(model, tokenizer, env, [q for q, _ in edited])
+    for (question, subject), positions in zip(edited, routed):
         prompt = env.render(question)
         key_end = prompt.index(question) + question.index(subject) + len(subject)
         assert positions == [len(env.encode(prompt[:key_end])) - 1]
-    assert routed_positions(model, tokenizer, env, others, 1) == [[], []]
+    assert routed_positions(model, tokenizer, env, others) == [[], []]
     assert generate(model, tokenizer, env, others) == before_other
     mixed = [q for q, _ in edited] + others
     assert generate(model, tokenizer, env, mixed, use_cache=False) == generate(model, tokenizer, env, mixed)

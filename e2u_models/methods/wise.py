@@ -47,8 +47,8 @@ from e2u_models.adapters import Adapter
 from e2u_models.methods.alphaedit import check_null_space_hparams, null_space_projector
 from e2u_models.methods.base import EditRequest, MethodEnv, MethodReport
 from e2u_models.methods.locate import (
-    FACT_TOKENS, LocateHParams, _pad_right, check_finite, module_named, OneLayerChoice, pad_id_of, prepare_requests,
-    statistics_for, target_nll, verification)
+    FACT_TOKENS, LocateHParams, _pad_right, check_finite, module_named, OneLayerChoice, pad_id_of,
+    prepare_requests, statistics_for, target_nll, verification)
 from e2u_models.methods.vstar import UpperStack
 from e2u_models.question_sets import QUESTION_SETS, load_questions, off_dataset
 from e2u_models.shared_prefix import continue_greedily, stop_token_ids
@@ -298,11 +298,13 @@ def train_shard(model, tokenizer, prepared, irrelevant_ids, hparams: HyperParams
     suffix_x, suffix_real = x_all[:, P:], real[:, P:]
     key_only = hparams.edit_positions == "key"
     in_x = suffix_x[:, 0] if key_only else suffix_x[suffix_real]  # the key (column 0) / from the key on
-    # Out of scope: the irrelevant rows and the edit rows' other tokens (key only: all but the key).
+    # Out of scope: the irrelevant rows and the edit rows' tokens before the key (from_key) or
+    # all of them but the key (key).
     edit_out = real.clone()
-    edit_out[:, P:] = suffix_real if key_only else False
     if key_only:
         edit_out[:, P] = False
+    else:
+        edit_out[:, P:] = False
     out_x = torch.cat([x_all[edit_out], module_inputs(model, tokenizer, irrelevant_ids, module_name)])
     with torch.no_grad():
         in_main = F.linear(in_x, weight.float())
