@@ -220,6 +220,7 @@ def test_report_figures(results_dir, tmp_path, capsys):
     assert all((tmp_path / "r" / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names)
 
 
+@pytest.mark.skipif(not figures.available(), reason="pip install e2u[report]")
 def test_radar_lines_stay_distinguishable_beyond_ten_methods(tmp_path, capsys, monkeypatch):
     import matplotlib.axes
 
