@@ -84,7 +84,11 @@ def mirror_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
 
 
 def hub_offline() -> bool:
-    """True when the user asked the Hugging Face libraries to stay offline."""
+    """True when the user asked the Hugging Face libraries to stay offline.
+
+    Read from the environment at each call (not from ``huggingface_hub``'s constants, which are
+    frozen when that library is first imported), so setting the variable later still counts.
+    """
     return any(os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
                for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
@@ -94,7 +98,9 @@ def resolve_hub_file(file: HubFile, data_dir: str | os.PathLike | None = None) -
 
     With a mirror configured the mirror is the only source (no network access is attempted, so a
     CI job never silently measures a different file than the one it pinned). Without one the
-    file is downloaded from the hub, or, in offline mode, taken from the local hub cache only.
+    file is downloaded from the hub, or, in offline mode, taken from the local hub cache only:
+    e2u looks the cache up itself then, since ``hf_hub_download`` may still open connections
+    (e.g. for its user-agent) when the library was imported before offline mode was set.
     """
     mirror = mirror_dir(data_dir)
     if mirror is not None:
@@ -108,10 +114,17 @@ def resolve_hub_file(file: HubFile, data_dir: str | os.PathLike | None = None) -
         )
     offline = hub_offline()
     try:
+        if offline:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(file.dataset_id, file.filename, repo_type="dataset")
+            if not isinstance(cached, str):
+                raise FileNotFoundError(file.filename)
+            return Path(cached)
         from huggingface_hub import hf_hub_download
 
         return Path(hf_hub_download(repo_id=file.dataset_id, filename=file.filename,
-                                    repo_type="dataset", local_files_only=offline))
+                                    repo_type="dataset"))
     except Exception as exc:  # offline, unknown id, missing file: all the same to the user
         where = "offline mode and not in the local hub cache" if offline else (
             f"the hub failed ({type(exc).__name__})")

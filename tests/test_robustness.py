@@ -242,6 +242,25 @@ def test_offline_mode_without_a_mirror_never_connects(monkeypatch, no_network):
     assert no_network == []
 
 
+def test_offline_mode_reads_the_local_hub_cache_without_connecting(tmp_path, monkeypatch, no_network):
+    """A dataset file downloaded earlier is found in offline mode, even though huggingface_hub was
+    imported (and froze its own offline flag) before the variable was set."""
+    import huggingface_hub.constants
+
+    from e2u_tasks.data import HubFile, resolve_hub_file
+
+    snapshot = tmp_path / "datasets--someone--cached" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "data.json").write_text("[]")
+    (tmp_path / "datasets--someone--cached" / "refs").mkdir()
+    (tmp_path / "datasets--someone--cached" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.delenv("E2U_DATA_DIR")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_hub_file(HubFile("someone/cached", "data.json")) == snapshot / "data.json"
+    assert no_network == []
+
+
 def test_remote_code_is_not_trusted_unless_asked(tiny_model_dir, monkeypatch):
     import transformers
 
