@@ -52,9 +52,9 @@ def main() -> None:
     import torch
 
     from e2u_models.methods import get_method
-    from e2u_models.methods.base import load_hparams, resolve_hparams_path
-    from e2u_models.methods.locate import merge_requests, prepare_requests, statistics_for
-    from e2u_models.methods.vstar import optimise_targets
+    from e2u_models.hparams import load_hparams, resolve_hparams_path
+    from e2u_models.editing.locate import merge_requests, prepare_requests, statistics_for
+    from e2u_models.editing.vstar import optimise_targets
     from e2u_models.model import E2ULM
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

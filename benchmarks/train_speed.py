@@ -38,8 +38,8 @@ def main() -> None:
 
     import torch
 
-    from e2u_models.methods.base import EditRequest
-    from e2u_models.methods.train import (
+    from e2u_models.protocol import EditRequest
+    from e2u_models.training.train import (
         FrozenLowerStack, TrainHParams, _full_trainable, collate, examples_of, nll)
     from e2u_models.model import E2ULM
     from e2u_tasks.data import load_benchmark

@@ -2,7 +2,7 @@
 
 An entry is ``<cache>/edits/<key>/`` with ``weights.safetensors`` (the changed parameters' new
 values, bit-exact), the methods' added state when there is any (``e2u_adapters.*``, GRACE's
-codebook or WISE's side memory, see :mod:`e2u_models.adapters`) and ``entry.json`` (the method report, the key's inputs and the sha256 of the
+codebook or WISE's side memory, see :mod:`e2u_models.editing.adapters`) and ``entry.json`` (the method report, the key's inputs and the sha256 of the
 weights file). The key hashes everything the edit depends on: the model's parameters, the method,
 its hyperparameters, the requests (rows, prompts, targets), the seed, and the source code of the
 methods and statistics. Entries are written atomically and verified on load; a corrupted entry is
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from e2u_models.adapters import has_saved_adapters, load_adapters, save_adapters
+from e2u_models.editing.adapters import has_saved_adapters, load_adapters, save_adapters
 from e2u_models.cache import atomic_directory, cache_root, json_sha256, verified_entry
 from e2u_tasks.errors import E2UError
 
@@ -85,7 +85,7 @@ def edit_key(inputs: dict[str, Any]) -> str:
 
 class EditCache:
     """Changed weights under ``<cache>/<folder>/<key>/``: ``edits`` for methods, ``finetuned``
-    for the fine-tuning stage (:mod:`e2u_models.finetune`)."""
+    for the fine-tuning stage (:mod:`e2u_models.training.finetune`)."""
 
     def __init__(self, cache_dir: str | None = None, log=print, folder: str = "edits") -> None:
         self.root = cache_root(cache_dir) / folder

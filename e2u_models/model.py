@@ -30,18 +30,18 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
-from e2u_models.adapters import adapters_of, has_saved_adapters, load_adapters
+from e2u_models.editing.adapters import adapters_of, has_saved_adapters, load_adapters
 from e2u_models.autoload import CLI_NAMES
 from e2u_models.cache import cache_root, json_sha256
-from e2u_models.finetune import HPARAMS_NAME as FINETUNE_HPARAMS
-from e2u_models.finetune import FinetuneHParams
-from e2u_models.finetune import finetune as finetune_model
+from e2u_models.training.finetune import HPARAMS_NAME as FINETUNE_HPARAMS
+from e2u_models.training.finetune import FinetuneHParams
+from e2u_models.training.finetune import finetune as finetune_model
 from e2u_models.embedded import DEFAULT_MODEL, EMBEDDED_MODELS, resolve_embedded
 from e2u_models.methods import get_method
 from e2u_models.edit_cache import EditCache, edit_key
 from e2u_models.edit_cache import model_sha256 as edit_model_sha256
-from e2u_models.methods.base import (EditRequest, MethodEnv, MethodReport, hparams_file,
-                                     load_hparams, resolve_hparams_path)
+from e2u_models.protocol import EditRequest, MethodEnv, MethodReport
+from e2u_models.hparams import hparams_file, load_hparams, resolve_hparams_path
 from e2u_models.question_sets import load_questions, off_dataset
 from e2u_models.prompts import PromptFormat, parse_chat_template
 from e2u_models.saving import check_save_target, save_edited_model

@@ -1,7 +1,7 @@
 """``save_edited=<dir>``: the edited model written as a Hugging Face folder plus e2u's added state.
 
 The folder holds ``save_pretrained`` output (config, safetensors weights, tokenizer, chat
-template), the adapters of :mod:`e2u_models.adapters` when a method added any (GRACE's codebook,
+template), the adapters of :mod:`e2u_models.editing.adapters` when a method added any (GRACE's codebook,
 WISE's side memory) and ``e2u_edit.json`` (the method, its hparams and report). Loading it with
 ``pretrained=<dir>`` re-attaches the adapters, so the outputs are the edited model's; other tools
 that load it as a plain HF model get the weights only (ROME/MEMIT/AlphaEdit edits are complete
@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from e2u_models.adapters import save_adapters
+from e2u_models.editing.adapters import save_adapters
 from e2u_models.cache import atomic_directory
 from e2u_tasks.errors import E2UError
 

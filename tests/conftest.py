@@ -115,7 +115,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def env(tokenizer):
     """The method environment the e2u model would give, on the tiny tokenizer."""
-    from e2u_models.methods.base import MethodEnv
+    from e2u_models.protocol import MethodEnv
     from e2u_models.prompts import PromptFormat
 
     fmt = PromptFormat.for_tokenizer(tokenizer)

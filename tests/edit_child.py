@@ -25,7 +25,7 @@ def pause_at(point: str, marker: Path) -> None:
         time.sleep(600)
 
     if point == "stats":
-        import e2u_models.stats as stats
+        import e2u_models.editing.stats as stats
 
         class PausingProgress(stats.tqdm):
             def update(self, n=1):
@@ -35,7 +35,7 @@ def pause_at(point: str, marker: Path) -> None:
 
         stats.tqdm = PausingProgress
     elif point == "edit":
-        import e2u_models.methods.vstar as vstar
+        import e2u_models.editing.vstar as vstar
 
         real_loop = vstar._step_loop
 

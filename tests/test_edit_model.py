@@ -70,7 +70,7 @@ def test_results_record_the_edit(tiny_model_dir, tmp_path):
 
 
 def test_presets_are_chosen_by_config_not_name():
-    from e2u_models.methods.base import resolve_hparams_path
+    from e2u_models.hparams import resolve_hparams_path
 
     smol = type("Config", (), {"model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576})()
     llama3 = type("Config", (), {"model_type": "llama", "num_hidden_layers": 32, "hidden_size": 4096,

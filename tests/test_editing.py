@@ -6,11 +6,13 @@ import dataclasses
 import pytest
 import torch
 
+from e2u_models.editing.nullspace import null_space_projector
 from e2u_models.methods import alphaedit, get_method, memit, rome
-from e2u_models.methods.base import EditRequest, load_hparams
-from e2u_models.methods.locate import (
+from e2u_models.protocol import EditRequest
+from e2u_models.hparams import load_hparams
+from e2u_models.editing.locate import (
     mean_key_per_request, merge_requests, prepare_requests, read_at_keys)
-from e2u_models.methods.vstar import UpperStack, optimise_targets
+from e2u_models.editing.vstar import UpperStack, optimise_targets
 from e2u_tasks.errors import E2UError
 from e2u_tasks.refusal import key_entity
 from tests.conftest import build_tiny_model
@@ -91,7 +93,7 @@ def test_merge_keys_members_adds_each_question_as_asked_alone(tokenizer, env):
 
 
 def test_key_columns_one_per_question_averaged_over_its_contexts():
-    from e2u_models.methods.locate import PreparedRequest, key_columns
+    from e2u_models.editing.locate import PreparedRequest, key_columns
 
     plain = PreparedRequest(None, [(1,), (2,)], [0, 0], (5,), (1,), 0, [0, 0])  # one question, two contexts
     merged = PreparedRequest(None, [(1,)] * 4, [0] * 4, (5,), (1,), 0, [0, 1, 1, 2])
@@ -153,7 +155,7 @@ def test_fast_v_star_equals_classic(tokenizer, env, layer, module):
 
 def test_length_buckets_group_similar_lengths_and_cover_every_row_once():
     """v*'s rows run in groups of similar length: padded tokens fall, every row is in one group."""
-    from e2u_models.methods.vstar import length_buckets
+    from e2u_models.editing.vstar import length_buckets
 
     lengths = [30, 5, 6, 31, 5, 29, 7, 30]
     groups = length_buckets(lengths)
@@ -168,7 +170,7 @@ def test_length_buckets_group_similar_lengths_and_cover_every_row_once():
 def test_fast_v_star_with_rows_of_different_lengths_equals_classic(tokenizer, env):
     """Refusals of very different lengths put v*'s rows in several groups; each request still
     follows its own classic path."""
-    from e2u_models.methods.vstar import length_buckets
+    from e2u_models.editing.vstar import length_buckets
 
     model = fresh_model(tokenizer)
 
@@ -192,7 +194,7 @@ def test_fast_v_star_with_rows_of_different_lengths_equals_classic(tokenizer, en
 def test_target_nll_with_the_shared_prefix_is_the_full_forward_nll(tokenizer, env):
     """The edit check scores targets after the prompts' common prefix computed once: the same
     NLL as one full forward pass per row."""
-    from e2u_models.methods.locate import target_nll
+    from e2u_models.editing.locate import target_nll
 
     model = fresh_model(tokenizer)
     targets = ["No.", "I really do not know anything about that.", "Not sure.", "I cannot tell."]
@@ -271,7 +273,7 @@ def test_alphaedit_update_leaves_preserved_directions_alone(tokenizer, env, tmp_
     report = alphaedit.apply(model, tokenizer, make_requests(env), None, hp, seed=0, env=env)
     kept = report.details["null_space_dimensions"]["1"]
     assert 0 < kept < weight.shape[1]
-    from e2u_models.methods.locate import statistics_for
+    from e2u_models.editing.locate import statistics_for
 
     moments, _ = statistics_for(model, tokenizer, hp, [1], env)  # layer 1's input is unedited
     values, vectors = torch.linalg.eigh(moments[1].double())
@@ -284,10 +286,10 @@ def test_alphaedit_update_leaves_preserved_directions_alone(tokenizer, env, tmp_
 def test_projector_counts_small_eigenvalues():
     basis, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
     moment = basis @ torch.diag(torch.tensor([1e-4, 1e-3, 0.5, 1.0, 2.0, 3.0], dtype=torch.float64)) @ basis.T
-    projector, kept = alphaedit.null_space_projector(moment, 2e-2, "absolute")
+    projector, kept = null_space_projector(moment, 2e-2, "absolute")
     assert kept == 2
     torch.testing.assert_close(projector @ projector, projector)
-    assert alphaedit.null_space_projector(moment, 0.2, "relative")[1] == 3
+    assert null_space_projector(moment, 0.2, "relative")[1] == 3
 
 
 def test_empty_null_space_is_an_error_not_a_silent_no_op(tokenizer, env, tmp_path):

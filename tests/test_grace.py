@@ -5,9 +5,10 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 
-from e2u_models.adapters import adapters_of
+from e2u_models.editing.adapters import adapters_of
 from e2u_models.methods import get_method, grace
-from e2u_models.methods.base import EditRequest, load_hparams
+from e2u_models.protocol import EditRequest
+from e2u_models.hparams import load_hparams
 from e2u_models.model import E2ULM
 from e2u_tasks.errors import E2UError
 from tests.conftest import build_tiny_model

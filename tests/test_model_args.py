@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from e2u_models.methods import get_method
-from e2u_models.methods.base import load_hparams
+from e2u_models.hparams import load_hparams
 from e2u_models.model import E2ULM
 from e2u_tasks.errors import E2UError
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from e2u_models.methods import alphaedit
-from e2u_models.methods.base import load_hparams
-from e2u_models.methods.locate import question_key_rows, read_at_keys, statistics_for
+from e2u_models.hparams import load_hparams
+from e2u_models.editing.locate import question_key_rows, read_at_keys, statistics_for
 from e2u_models.question_sets import load_questions, off_dataset
 from e2u_tasks.errors import E2UError
 from tests.conftest import build_tiny_model

@@ -139,7 +139,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_corrupted_statistics_are_recomputed_to_the_same_values(tmp_path):
-    from e2u_models.stats import StatsRequest, TextCorpus, second_moments
+    from e2u_models.editing.stats import StatsRequest, TextCorpus, second_moments
     from tests.conftest import TRAINING_TEXT, build_tiny_model, build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from e2u_models.stats import StatsRequest, TextCorpus, feeding_weights_sha256, second_moments
+from e2u_models.editing.stats import StatsRequest, TextCorpus, feeding_weights_sha256, second_moments
 from e2u_tasks.errors import E2UError
 from tests.conftest import TRAINING_TEXT, build_tiny_model, build_tiny_tokenizer
 

@@ -4,9 +4,10 @@ e2u decoding path, the edit cache, save_edited and reloading, bad input."""
 import pytest
 import torch
 
-from e2u_models.adapters import adapters_of
+from e2u_models.editing.adapters import adapters_of
 from e2u_models.methods import get_method, wise
-from e2u_models.methods.base import EditRequest, load_hparams
+from e2u_models.protocol import EditRequest
+from e2u_models.hparams import load_hparams
 from e2u_models.model import E2ULM
 from e2u_tasks.errors import E2UError
 from tests.conftest import build_tiny_model
@@ -191,8 +192,8 @@ def test_null_space_option_keeps_the_side_memory_off_the_corpus_directions(token
     layer's input statistics above the threshold to (nearly) nothing; still an edit that acts."""
     import dataclasses
 
-    from e2u_models.methods.alphaedit import null_space_projector
-    from e2u_models.methods.locate import statistics_for
+    from e2u_models.editing.nullspace import null_space_projector
+    from e2u_models.editing.locate import statistics_for
 
     env = dataclasses.replace(env, cache_dir=str(tmp_path))
     model = build_tiny_model(tokenizer, layers=4, initializer_range=0.2)
@@ -220,8 +221,8 @@ def test_preserved_questions_shrink_the_side_memorys_null_space(tokenizer, env, 
     edit tokens begin) to the statistics whose null space the side memory reads."""
     import dataclasses
 
-    from e2u_models.methods.alphaedit import null_space_projector
-    from e2u_models.methods.locate import statistics_for
+    from e2u_models.editing.nullspace import null_space_projector
+    from e2u_models.editing.locate import statistics_for
 
     env = dataclasses.replace(env, cache_dir=str(tmp_path))
     model = build_tiny_model(tokenizer, layers=4, initializer_range=0.2)

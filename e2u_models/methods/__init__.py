@@ -1,4 +1,4 @@
-"""Method registry: name -> module implementing the protocol in :mod:`e2u_models.methods.base`.
+"""Method registry: name -> module implementing the protocol in :mod:`e2u_models.protocol`.
 
 A new method is one module here, one YAML in ``hparams/``, one line below and its tests.
 """

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from e2u_models.methods import memit
-from e2u_models.methods.base import EditRequest, MethodEnv, MethodReport
-from e2u_models.methods.locate import LocateHParams, key_columns, read_at_keys
+from e2u_models.protocol import EditRequest, MethodEnv, MethodReport
+from e2u_models.editing.locate import LocateHParams, key_columns, read_at_keys
+from e2u_models.editing.nullspace import check_null_space_hparams, null_space_projector
 from e2u_tasks.errors import E2UError
 
 NAME = "alphaedit"
@@ -38,21 +39,6 @@ class HyperParams(LocateHParams):
             raise E2UError(f"hparam L2={self.L2} must be >= 0")
         if self.edit_batch_size < 0:
             raise E2UError(f"hparam edit_batch_size={self.edit_batch_size} must be >= 0 (0 = one batch)")
-
-
-def check_null_space_hparams(threshold: float, rule: str) -> None:
-    if not threshold > 0:
-        raise E2UError(f"hparam nullspace_threshold={threshold} must be > 0")
-    if rule not in ("absolute", "relative"):
-        raise E2UError(f"hparam nullspace_rule={rule!r} is not accepted; use absolute or relative")
-
-
-def null_space_projector(moment: torch.Tensor, threshold: float, rule: str) -> tuple[torch.Tensor, int]:
-    """P onto the span of C's eigenvectors with small eigenvalues, and its dimension."""
-    values, vectors = torch.linalg.eigh(moment.double())
-    cut = threshold * values.max() if rule == "relative" else threshold
-    kept = vectors[:, values < cut]
-    return kept @ kept.T, int(kept.shape[1])
 
 
 class AlphaEditor:

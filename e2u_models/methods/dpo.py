@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from e2u_models.methods.base import EditRequest, MethodEnv, MethodReport
-from e2u_models.methods.locate import pad_id_of
-from e2u_models.methods.train import (TrainHParams, apply_training, collate, examples_of,
+from e2u_models.protocol import EditRequest, MethodEnv, MethodReport
+from e2u_models.editing.locate import pad_id_of
+from e2u_models.training.train import (TrainHParams, apply_training, collate, examples_of,
                                       sequence_logprob)
 from e2u_tasks.errors import E2UError
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from e2u_models.methods.base import EditRequest, MethodEnv, MethodReport
-from e2u_models.methods.train import TrainHParams, apply_training, nll
+from e2u_models.protocol import EditRequest, MethodEnv, MethodReport
+from e2u_models.training.train import TrainHParams, apply_training, nll
 
 NAME = "ga"
 KIND = "unlearning"

@@ -7,7 +7,7 @@ with a different label (target tokens) adds q and splits the radii (ε_j = d/2 �
 the same label expands ε_j to d (``coverage``). The value of the entry that now fires at q is
 trained so the model produces the target: since the value replaces the layer's output at that
 position, value = (output at q) + δ and δ is optimised by the shared v* engine
-(:mod:`e2u_models.methods.vstar`; Adam with ``edit_lr``, no KL, no decay, no clamp; Adam is
+(:mod:`e2u_models.editing.vstar`; Adam with ``edit_lr``, no KL, no decay, no clamp; Adam is
 shift-invariant, so this is exactly training the value from a ``warm`` initialisation).
 
 At inference every token position whose layer input lies within the radius of its nearest key
@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 
-from e2u_models.adapters import Adapter
-from e2u_models.methods.base import EditRequest, MethodEnv, MethodReport
-from e2u_models.methods.locate import (
+from e2u_models.editing.adapters import Adapter
+from e2u_models.protocol import EditRequest, MethodEnv, MethodReport
+from e2u_models.editing.locate import (
     LocateHParams, check_finite, module_named, OneLayerChoice, prepare_requests, read_at_keys, target_nll,
     verification)
-from e2u_models.methods.vstar import optimise_targets
+from e2u_models.editing.vstar import optimise_targets
 from e2u_tasks.errors import E2UError
 
 NAME = "grace"

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from e2u_models.methods.base import EditRequest, MethodEnv, MethodReport
-from e2u_models.methods.train import TrainHParams, apply_training, logits_of, masked_kl, nll
+from e2u_models.protocol import EditRequest, MethodEnv, MethodReport
+from e2u_models.training.train import TrainHParams, apply_training, logits_of, masked_kl, nll
 from e2u_tasks.errors import E2UError
 
 NAME = "kl"

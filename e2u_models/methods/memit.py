@@ -1,11 +1,11 @@
 """MEMIT: one least-squares update spread over several layers for a batch of requests.
 
-Target vectors z_i = v*_i at the last edit layer's output (:mod:`e2u_models.methods.vstar`). Then
+Target vectors z_i = v*_i at the last edit layer's output (:mod:`e2u_models.editing.vstar`). Then
 for each edit layer l in ascending order, on the weights already updated below it: K (keys at
 the key token, averaged over contexts; with ``merge_keys=members`` one column per question of a
 merged edit, each with its edit's residual), R = (Z − Z_cur)/(layers left), Z_cur the last edit
 layer's current output at the key, and ΔW_l = Rᵀ K (λ C_l + Kᵀ K)⁻¹ solved in float64, C_l the
-second moment of the layer's key (:mod:`e2u_models.stats`), λ = ``mom2_update_weight``.
+second moment of the layer's key (:mod:`e2u_models.editing.stats`), λ = ``mom2_update_weight``.
 ``edit_batch_size`` requests per update (0 = all in one batch); later batches edit the edited model.
 AlphaEdit reuses this loop with its own solve.
 """
@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
-from e2u_models.methods.base import EditRequest, MethodEnv, MethodReport
-from e2u_models.methods.locate import (
+from e2u_models.protocol import EditRequest, MethodEnv, MethodReport
+from e2u_models.editing.locate import (
     LocateHParams, PreparedRequest, check_finite, edit_transaction, key_columns, merge_requests,
     num_layers, prepare_requests, read_at_keys, rewrite_weight, statistics_for, target_nll,
     verification, weight_change_norms)
-from e2u_models.methods.vstar import optimise_targets
+from e2u_models.editing.vstar import optimise_targets
 from e2u_tasks.errors import E2UError
 
 NAME = "memit"

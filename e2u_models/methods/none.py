@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from e2u_models.methods.base import EditRequest, MethodReport
+from e2u_models.protocol import EditRequest, MethodReport
 
 NAME = "none"
 KIND = "none"

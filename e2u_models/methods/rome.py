@@ -1,12 +1,12 @@
 """ROME: a rank-one update of one MLP output projection per request, applied sequentially.
 
 For request i with key k* (the projection's input at the key token), mean key k̄ over the
-contexts and target value v* (:mod:`e2u_models.methods.vstar`, optimised on the already-edited
+contexts and target value v* (:mod:`e2u_models.editing.vstar`, optimised on the already-edited
 model), the update is ΔW = r uᵀ with u = C⁻¹k̄/‖C⁻¹k̄‖ (``mom2_adjustment``; else k̄/‖k̄‖) and
 r = δ/(k̄·u), δ = v* − W k* (v* optimised at the bare prompt's key k*), so W' k̄ = W k̄ + δ:
 the paper's k* is the key averaged over the contexts; without contexts k̄ = k* and W' k* = v*
 exactly. C is the uncentred second moment of the
-projection's input (:mod:`e2u_models.stats`). Requests are edited one after another on the
+projection's input (:mod:`e2u_models.editing.stats`). Requests are edited one after another on the
 edited weights, without rollback (the protocol of the paper).
 """
 
@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 import torch
 
-from e2u_models.methods.base import EditRequest, MethodEnv, MethodReport
-from e2u_models.methods.locate import (
+from e2u_models.protocol import EditRequest, MethodEnv, MethodReport
+from e2u_models.editing.locate import (
     LocateHParams, check_finite, edit_transaction, mean_key_per_request, merge_requests,
     num_layers, prepare_requests, rewrite_weight, statistics_for, target_nll,
     verification, weight_change_norms)
-from e2u_models.methods.vstar import optimise_targets
+from e2u_models.editing.vstar import optimise_targets
 from e2u_tasks.errors import E2UError
 
 NAME = "rome"

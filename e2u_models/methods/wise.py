@@ -43,13 +43,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from e2u_models.adapters import Adapter
-from e2u_models.methods.alphaedit import check_null_space_hparams, null_space_projector
-from e2u_models.methods.base import EditRequest, MethodEnv, MethodReport
-from e2u_models.methods.locate import (
+from e2u_models.editing.adapters import Adapter
+from e2u_models.editing.nullspace import check_null_space_hparams, null_space_projector
+from e2u_models.protocol import EditRequest, MethodEnv, MethodReport
+from e2u_models.editing.locate import (
     FACT_TOKENS, LocateHParams, _pad_right, check_finite, module_named, OneLayerChoice, pad_id_of,
     prepare_requests, statistics_for, target_nll, verification)
-from e2u_models.methods.vstar import UpperStack
+from e2u_models.editing.vstar import UpperStack
 from e2u_models.question_sets import QUESTION_SETS, load_questions, off_dataset
 from e2u_models.shared_prefix import continue_greedily, stop_token_ids
 from e2u_tasks.errors import E2UError
@@ -152,7 +152,7 @@ class HyperParams(OneLayerChoice):
         if self.edit_positions not in EDIT_POSITIONS:
             raise E2UError(f"hparam edit_positions={self.edit_positions!r} is not accepted; use one of "
                            f"{', '.join(EDIT_POSITIONS)}")
-        from e2u_models.stats import corpus_kind
+        from e2u_models.editing.stats import corpus_kind
 
         corpus_kind(self.stats_corpus)
         if self.irrelevant_file is not None and not Path(self.irrelevant_file).expanduser().is_file():

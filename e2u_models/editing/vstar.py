@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from e2u_models.methods.locate import (
+from e2u_models.editing.locate import (
     EditRow, LocateHParams, PreparedRequest, _pad_right, module_named, pad_id_of, read_at_keys)
 from e2u_models.shared_prefix import FixedPrefixKV, cache_keyword
 from e2u_tasks.errors import E2UError

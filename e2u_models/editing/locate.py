@@ -5,7 +5,7 @@ k (the projection's input at one token of the prompt) maps to a new *value* that
 produce the target. This module holds what the three share: the hyperparameters, the edit rows
 (prompt, key position, target token ids, context prefixes, query merging), reading keys and values
 at the key position, the second-moment statistics they ask for, and the verification report.
-The target-vector (v*) optimisation lives in :mod:`e2u_models.methods.vstar`.
+The target-vector (v*) optimisation lives in :mod:`e2u_models.editing.vstar`.
 
 Key position (hparam ``fact_token``): TOFU and PISTOL questions have no annotated subject, so the
 default ``question_last`` puts the key on the question's last token inside the rendered prompt
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from e2u_models.methods.base import EditRequest, MethodEnv
+from e2u_models.protocol import EditRequest, MethodEnv
 from e2u_tasks.refusal import key_entity
 from e2u_tasks.errors import E2UError
 
@@ -105,7 +105,7 @@ class LocateHParams:
                            f"{', '.join(MERGE_KEYS)}")
         if self.mom2_n_tokens < 1:
             raise E2UError(f"hparam mom2_n_tokens={self.mom2_n_tokens} must be >= 1")
-        from e2u_models.stats import corpus_kind
+        from e2u_models.editing.stats import corpus_kind
 
         corpus_kind(self.stats_corpus)
         if self.preserve_questions is not None:
@@ -522,7 +522,7 @@ def weight_change_norms(weights: dict[str, torch.nn.Parameter], saved: dict[str,
 def statistics_for(model, tokenizer, hparams: LocateHParams, layers: Sequence[int], env: MethodEnv):
     """Second moments of the rewrite module's input at each edit layer (plus the preserved
     questions' key moment when ``preserve_questions`` is set), with their provenance."""
-    from e2u_models.stats import StatsRequest, feeding_weights_sha256, resolve_corpus, second_moments
+    from e2u_models.editing.stats import StatsRequest, feeding_weights_sha256, resolve_corpus, second_moments
 
     corpus = resolve_corpus(hparams.stats_corpus, env.render)
     modules = tuple(hparams.rewrite_module_tmp.format(layer) for layer in layers)
@@ -561,7 +561,7 @@ def preserved_key_moments(model, tokenizer, hparams: LocateHParams, modules: Seq
     module and the key rows (token ids and key positions); ``weights``: the feeding weights' hashes."""
     from e2u_models.cache import json_sha256
     from e2u_models.question_sets import load_questions, off_dataset
-    from e2u_models.stats import load_cached_moments, store_moment
+    from e2u_models.editing.stats import load_cached_moments, store_moment
 
     offered = load_questions(hparams.preserve_questions)
     questions = off_dataset(offered, env.dataset_rows)

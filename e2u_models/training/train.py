@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from e2u_models.methods.base import EditRequest, MethodEnv
-from e2u_models.methods.locate import pad_id_of, target_token_ids
+from e2u_models.protocol import EditRequest, MethodEnv
+from e2u_models.editing.locate import pad_id_of, target_token_ids
 from e2u_models.shared_prefix import FixedPrefixKV, RecordingKV, cache_keyword, common_prefix_length
 from e2u_tasks.errors import E2UError
 
@@ -625,7 +625,7 @@ def apply_training(name: str, model, tokenizer, forget: Sequence[EditRequest],
                    env: MethodEnv, loss: LossFn, needs_reference: bool = False,
                    prepare=None, extra_batches=None, details: dict | None = None):
     """Run one unlearning method: forget (and retain) requests to examples, train, report."""
-    from e2u_models.methods.base import MethodReport
+    from e2u_models.protocol import MethodReport
 
     setup = TrainSetup(name=name, forget=examples_of(tokenizer, env, forget, hparams), loss=loss,
                        retain=examples_of(tokenizer, env, retain, hparams) if retain is not None else None,
