@@ -39,8 +39,11 @@ def main() -> None:
     import torch
 
     from e2u_models.protocol import EditRequest
-    from e2u_models.training.train import (
-        FrozenLowerStack, TrainHParams, _full_trainable, collate, examples_of, nll)
+    from e2u_models.training.lower_stack import FrozenLowerStack
+    from e2u_models.training.hparams import TrainHParams
+    from e2u_models.training.loop import _full_trainable
+    from e2u_models.training.batching import collate, examples_of
+    from e2u_models.training.losses import nll
     from e2u_models.model import E2ULM
     from e2u_tasks.data import load_benchmark
 

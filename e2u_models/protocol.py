@@ -9,18 +9,9 @@ in place. Methods never import lm-eval, so they can be used and tested without t
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 from typing import Any
-
-import yaml
-
-from e2u_tasks.errors import E2UError
-from e2u_tasks.splits import parse_int
 
 
 @dataclass(frozen=True)

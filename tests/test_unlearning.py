@@ -12,8 +12,9 @@ import torch
 from e2u_models.methods import get_method
 from e2u_models.protocol import EditRequest, MethodEnv
 from e2u_models.hparams import load_hparams
-from e2u_models.training.train import (IGNORE, TrainSetup, collate, encode_example, masked_kl, nll,
-                                      sequence_logprob, train)
+from e2u_models.training.batching import IGNORE, collate, encode_example
+from e2u_models.training.loop import TrainSetup, train
+from e2u_models.training.losses import masked_kl, nll, sequence_logprob
 from e2u_tasks.errors import E2UError
 from tests.conftest import build_tiny_model, build_tiny_tokenizer
 
@@ -220,7 +221,7 @@ def test_the_frozen_lower_stack_computes_what_the_model_computes(tokenizer):
     """train_from_layer caches the residual entering layer k per sequence (computed in padded
     batches) and runs only layers k..: on a left-padded batch its logits (all positions, and the
     kept tail) are the model's."""
-    from e2u_models.training.train import FrozenLowerStack
+    from e2u_models.training.lower_stack import FrozenLowerStack
 
     model = build_tiny_model(tokenizer, layers=3)
     env = env_for(tokenizer)
@@ -250,7 +251,7 @@ def test_the_frozen_lower_stack_runs_the_shared_prefix_once_with_the_same_gradie
     template) runs once and the rows' own tokens run packed, without padding: same loss and same
     gradients of every trained parameter as the full model, fewer tokens through the upper layers."""
     from e2u_models.methods import train as train_module
-    from e2u_models.training.train import FrozenLowerStack
+    from e2u_models.training.lower_stack import FrozenLowerStack
     from e2u_models.shared_prefix import common_prefix_length
 
     model = build_tiny_model(tokenizer, layers=3)
@@ -387,7 +388,7 @@ def test_corrupted_finetune_cache_is_recomputed(tiny_model_dir, tmp_path):
     ({"method": "kl", "precision": "fp8"}, r"precision='fp8' is not accepted"),
 ])
 def test_bad_unlearning_args_fail_before_any_training(tiny_model_dir, tmp_path, monkeypatch, args, message):
-    import e2u_models.training.train as train_module
+    import e2u_models.training.loop as train_module
 
     monkeypatch.setattr(train_module, "train", lambda *a, **k: pytest.fail("training started"))
     with pytest.raises(E2UError, match=message) as info:

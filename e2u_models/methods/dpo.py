@@ -18,8 +18,10 @@ import torch.nn.functional as F
 
 from e2u_models.protocol import EditRequest, MethodEnv, MethodReport
 from e2u_models.editing.locate import pad_id_of
-from e2u_models.training.train import (TrainHParams, apply_training, collate, examples_of,
-                                      sequence_logprob)
+from e2u_models.training.hparams import TrainHParams
+from e2u_models.training.loop import apply_training
+from e2u_models.training.batching import collate, examples_of
+from e2u_models.training.losses import sequence_logprob
 from e2u_tasks.errors import E2UError
 
 NAME = "dpo"

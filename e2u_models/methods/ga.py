@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from e2u_models.protocol import EditRequest, MethodEnv, MethodReport
-from e2u_models.training.train import TrainHParams, apply_training, nll
+from e2u_models.training.hparams import TrainHParams
+from e2u_models.training.loop import apply_training
+from e2u_models.training.losses import nll
 
 NAME = "ga"
 KIND = "unlearning"

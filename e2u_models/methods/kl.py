@@ -13,7 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from e2u_models.protocol import EditRequest, MethodEnv, MethodReport
-from e2u_models.training.train import TrainHParams, apply_training, logits_of, masked_kl, nll
+from e2u_models.training.hparams import TrainHParams
+from e2u_models.training.loop import apply_training
+from e2u_models.training.losses import logits_of, masked_kl, nll
 from e2u_tasks.errors import E2UError
 
 NAME = "kl"

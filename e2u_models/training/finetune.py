@@ -3,7 +3,7 @@
 PISTOL's knowledge is synthetic, so an un-tuned model knows none of it and there is nothing to
 unlearn. ``finetune=<dataset>`` (``pistol``, ``tofu_factual`` or any dataset the loaders know)
 fine-tunes the model on *all* its QA pairs (prompts rendered as the evaluation renders them, loss
-on the answer tokens + EOS) with the shared training loop (:mod:`e2u_models.training.train`), until
+on the answer tokens + EOS) with the shared training loop (:mod:`e2u_models.training.loop`), until
 the greedy ROUGE-1 recall on the dataset, computed by the evaluation's own decoding and metric,
 reaches ``target_rouge`` or ``epochs`` (the maximum) have run. Each epoch scores a seeded subset of
 ``check_rows`` rows (cheap); once the subset reaches the target the whole dataset is scored, and
@@ -22,7 +22,10 @@ from dataclasses import dataclass
 from e2u_models.cache import json_sha256
 from e2u_models.edit_cache import EditCache, code_sha256, model_sha256
 from e2u_models.protocol import EditRequest, MethodEnv
-from e2u_models.training.train import TrainHParams, TrainSetup, examples_of, nll, train
+from e2u_models.training.hparams import TrainHParams
+from e2u_models.training.loop import TrainSetup, train
+from e2u_models.training.batching import examples_of
+from e2u_models.training.losses import nll
 from e2u_tasks.errors import E2UError
 from e2u_tasks.metrics import rouge1_recall, rouge1_scorer
 
