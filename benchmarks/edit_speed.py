@@ -53,8 +53,9 @@ def main() -> None:
 
     from e2u_models.methods import get_method
     from e2u_models.hparams import load_hparams, resolve_hparams_path
-    from e2u_models.editing.locate import merge_requests, prepare_requests, statistics_for
-    from e2u_models.editing.vstar import optimise_targets
+    from e2u_models.editing.requests import KeySpec, merge_requests, prepare_requests
+    from e2u_models.editing.stats import StatsSpec, statistics_for
+    from e2u_models.editing.vstar import VStarSettings, optimise_targets
     from e2u_models.model import E2ULM
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -74,7 +75,7 @@ def main() -> None:
         for label in ("stats_first_s", "stats_cached_s"):
             started = time.perf_counter()
             if needs_stats:
-                statistics_for(model, tokenizer, hparams, layers, env)
+                statistics_for(model, tokenizer, StatsSpec.of(hparams), layers, env)
             row[label] = round(time.perf_counter() - started, 2)
         original = {n: p.detach().clone() for n, p in model.named_parameters()}
         started = time.perf_counter()
@@ -86,18 +87,18 @@ def main() -> None:
                 p.copy_(original[n])
         # v* alone, both engines, same requests, same unedited weights.
         prepared = prepare_requests(model, tokenizer, merge_requests(forget, hparams.merge, env.render),
-                                    hparams, env, seed=0, originals=forget)
+                                    KeySpec.of(hparams), env, seed=0, originals=forget)
         layer = layers[0] if name == "rome" else layers[-1]
         module = (hparams.rewrite_module_tmp if name == "rome" else hparams.layer_module_tmp).format(layer)
         modes = ("fast",) if args.no_classic else ("fast", "classic")
         for mode in modes:
-            mode_hparams = dataclasses.replace(hparams, v_mode=mode)
+            settings = dataclasses.replace(VStarSettings.of(hparams), mode=mode)
             started = time.perf_counter()
             if name == "rome":  # ROME optimises one request at a time in both modes
                 for request in prepared:
-                    optimise_targets(model, tokenizer, [request], mode_hparams, layer, module)
+                    optimise_targets(model, tokenizer, [request], settings, layer, module)
             else:
-                optimise_targets(model, tokenizer, prepared, mode_hparams, layer, module)
+                optimise_targets(model, tokenizer, prepared, settings, layer, module)
             row[f"vstar_{mode}_s"] = round(time.perf_counter() - started, 2)
         if not args.no_classic:
             row["classic_over_fast"] = round(row["vstar_classic_s"] / row["vstar_fast_s"], 2)

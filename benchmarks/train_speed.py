@@ -41,7 +41,7 @@ def main() -> None:
     from e2u_models.protocol import EditRequest
     from e2u_models.training.lower_stack import FrozenLowerStack
     from e2u_models.training.hparams import TrainHParams
-    from e2u_models.training.loop import _full_trainable
+    from e2u_models.training.loop import full_trainable
     from e2u_models.training.batching import collate, examples_of
     from e2u_models.training.losses import nll
     from e2u_models.model import E2ULM
@@ -77,7 +77,7 @@ def main() -> None:
 
     results = {}
     results["all layers"] = timed(model, list(model.parameters()))
-    upper = _full_trainable(model, args.from_layer)
+    upper = full_trainable(model, args.from_layer)
     for name, share in (("upper, left-padded", False), ("upper, shared prefix", True)):
         stack = FrozenLowerStack(model, args.from_layer, pad, share_prefix=share)
         started = time.perf_counter()

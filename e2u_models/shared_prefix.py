@@ -11,11 +11,11 @@ computes what it would alone, up to float rounding.
 
 from __future__ import annotations
 
-import copy
-import inspect
 from collections.abc import Sequence
 
 import torch
+
+from e2u_models.layers import cache_keyword, cache_of, crop_cache, repeated_cache, select_cache_rows
 
 
 def common_prefix_length(rows: Sequence[Sequence[int]], keep: int = 1) -> int:
@@ -28,41 +28,6 @@ def common_prefix_length(rows: Sequence[Sequence[int]], keep: int = 1) -> int:
     while length < limit and all(r[length] == first[length] for r in rows):
         length += 1
     return max(length, 0)
-
-
-def cache_keyword(module) -> str:
-    """The name of ``module.forward``'s key/value cache argument: ``cache`` in transformers >=
-    5.2x, ``past_key_values`` in older releases (deprecated since)."""
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
-
-
-class FixedPrefixKV:
-    """Cache stand-in for decoder layers called directly: returns fixed prefix keys/values (per
-    layer index) followed by the call's own, storing nothing, so every call sees the same prefix."""
-
-    def __init__(self, prefix: dict[int, tuple[torch.Tensor, torch.Tensor]]):
-        self.prefix = prefix
-
-    def update(self, keys, values, layer_idx, *args, **kwargs):
-        prefix_keys, prefix_values = self.prefix[layer_idx]
-        return torch.cat([prefix_keys, keys], dim=2), torch.cat([prefix_values, values], dim=2)
-
-
-class RecordingKV:
-    """Cache stand-in that records each layer's keys/values of one pass (gradients kept), for a
-    :class:`FixedPrefixKV` of later passes."""
-
-    def __init__(self):
-        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def update(self, keys, values, layer_idx, *args, **kwargs):
-        self.layers[layer_idx] = (keys, values)
-        return keys, values
-
-
-def _cache_of(output):
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values
 
 
 class SharedPrefixRunner:
@@ -78,14 +43,12 @@ class SharedPrefixRunner:
         if prefix:
             with torch.no_grad():
                 out = model(torch.tensor([list(prefix)], device=device), use_cache=True)
-            self._prefix_cache = _cache_of(out)
+            self._prefix_cache = cache_of(out)
 
     def _cache_for(self, batch: int):
         if self._prefix_cache is None:
             return None
-        cache = copy.deepcopy(self._prefix_cache)
-        cache.batch_repeat_interleave(batch)
-        return cache
+        return repeated_cache(self._prefix_cache, batch)
 
     @torch.no_grad()
     def score_answers(self, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]]):
@@ -111,9 +74,9 @@ class SharedPrefixRunner:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                          use_cache=True, logits_to_keep=longest,
                          **{self._cache_arg: self._cache_for(rows)})
-        cache = _cache_of(out)
-        if longest > 1:  # drop the answer positions (a negative count works on old and new caches)
-            cache.crop(-(longest - 1))
+        cache = cache_of(out)
+        if longest > 1:  # drop the answer positions
+            crop_cache(cache, longest - 1)
         return out.logits, cache, mask[:, : self.prefix_length + width]
 
     @torch.no_grad()
@@ -137,14 +100,14 @@ class SharedPrefixRunner:
                 break
             if len(keep) < len(active):
                 index = torch.tensor(keep, device=next_tokens.device)
-                cache.batch_select_indices(index)
+                select_cache_rows(cache, index)
                 mask, next_tokens = mask[index], next_tokens[index]
                 active = [active[p] for p in keep]
             mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
             out = self.model(input_ids=next_tokens.unsqueeze(-1), attention_mask=mask,
                              position_ids=mask.sum(-1, keepdim=True) - 1, use_cache=True,
                              **{self._cache_arg: cache})
-            logits, cache = out.logits[:, -1, :], _cache_of(out)
+            logits, cache = out.logits[:, -1, :], cache_of(out)
         return generated
 
 

@@ -10,9 +10,10 @@ from e2u_models.editing.nullspace import null_space_projector
 from e2u_models.methods import alphaedit, get_method, memit, rome
 from e2u_models.protocol import EditRequest
 from e2u_models.hparams import load_hparams
-from e2u_models.editing.locate import (
-    mean_key_per_request, merge_requests, prepare_requests, read_at_keys)
-from e2u_models.editing.vstar import UpperStack, optimise_targets
+from e2u_models.editing.keys import mean_key_per_request, read_at_keys
+from e2u_models.editing.requests import KeySpec, merge_requests, prepare_requests
+from e2u_models.editing.stats import StatsSpec
+from e2u_models.editing.vstar import UpperStack, VStarSettings, optimise_targets
 from e2u_tasks.errors import E2UError
 from e2u_tasks.refusal import key_entity
 from tests.conftest import build_tiny_model
@@ -48,7 +49,7 @@ def fresh_model(tokenizer, seed=0):
 
 def test_key_is_the_question_mark_before_the_assistant_turn(tokenizer, env):
     (prepared,) = prepare_requests(fresh_model(tokenizer), tokenizer, make_requests(env, 1),
-                                   hparams("memit"), env, seed=0)
+                                   KeySpec.of(hparams("memit")), env, seed=0)
     ids, key = prepared.contexts[0], prepared.keys[0]
     assert tokenizer.decode(ids[: key + 1]).endswith("lovers?")
     assert tokenizer.decode(ids[key + 1:]).startswith("<|im_end|>")
@@ -63,7 +64,7 @@ def test_subject_heuristic_and_subject_key(tokenizer, env):
     request = dataclasses.replace(make_requests(env, 1)[0], question="Where was Jane Austen born?",
                                   prompt=env.render("Where was Jane Austen born?"))
     (prepared,) = prepare_requests(fresh_model(tokenizer), tokenizer, [request],
-                                   hparams("memit", fact_token="subject_last"), env, seed=0)
+                                   KeySpec.of(hparams("memit", fact_token="subject_last")), env, seed=0)
     assert tokenizer.decode(prepared.contexts[0][: prepared.keys[0] + 1]).endswith("Austen")
 
 
@@ -78,9 +79,9 @@ def test_query_merging_joins_questions_and_keeps_first_target(env):
 
 def test_merge_keys_members_adds_each_question_as_asked_alone(tokenizer, env):
     model, requests = fresh_model(tokenizer), make_requests(env, 4)
-    singles = prepare_requests(model, tokenizer, requests, hparams("rome"), env, seed=0)
+    singles = prepare_requests(model, tokenizer, requests, KeySpec.of(hparams("rome")), env, seed=0)
     merged = merge_requests(requests, 3, env.render)
-    paper, members = (prepare_requests(model, tokenizer, merged, hparams("rome", merge_keys=keys), env,
+    paper, members = (prepare_requests(model, tokenizer, merged, KeySpec.of(hparams("rome", merge_keys=keys)), env,
                                        seed=0, originals=requests) for keys in ("merged", "members"))
     assert len(paper[0].contexts) == 1 and paper[0].contexts == members[0].contexts[:1]
     # the merged prompt first, then each question exactly as the evaluation (and an unmerged edit) sees it
@@ -93,7 +94,8 @@ def test_merge_keys_members_adds_each_question_as_asked_alone(tokenizer, env):
 
 
 def test_key_columns_one_per_question_averaged_over_its_contexts():
-    from e2u_models.editing.locate import PreparedRequest, key_columns
+    from e2u_models.editing.keys import key_columns
+    from e2u_models.editing.requests import PreparedRequest
 
     plain = PreparedRequest(None, [(1,), (2,)], [0, 0], (5,), (1,), 0, [0, 0])  # one question, two contexts
     merged = PreparedRequest(None, [(1,)] * 4, [0] * 4, (5,), (1,), 0, [0, 1, 1, 2])
@@ -107,13 +109,13 @@ def test_rome_moves_the_mean_key_of_a_merged_edit_by_delta(tokenizer, env):
     """With several contexts ROME's key is their mean (the paper's k*): W'k̄ = Wk̄ + δ."""
     model, requests = fresh_model(tokenizer), make_requests(env, 3)
     hp = hparams("rome", merge=3, merge_keys="members")
-    prepared = prepare_requests(model, tokenizer, merge_requests(requests, 3, env.render), hp, env,
+    prepared = prepare_requests(model, tokenizer, merge_requests(requests, 3, env.render), KeySpec.of(hp), env,
                                 seed=0, originals=requests)
     module = "model.layers.1.mlp.down_proj"
     weight = dict(model.named_parameters())[module + ".weight"]
     mean_key = mean_key_per_request(model, tokenizer, prepared, module)[0]
     before_value, w0 = weight.detach() @ mean_key, weight.detach().clone()
-    delta = optimise_targets(model, tokenizer, prepared, hp, 1, module, log=lambda *_: None).deltas[0]
+    delta = optimise_targets(model, tokenizer, prepared, VStarSettings.of(hp), 1, module).deltas[0]
     rome.apply(model, tokenizer, requests, None, hp, seed=0, env=env)
     assert not torch.equal(weight.detach(), w0)
     torch.testing.assert_close(weight.detach() @ mean_key, before_value + delta, atol=1e-3, rtol=1e-3)
@@ -122,9 +124,9 @@ def test_rome_moves_the_mean_key_of_a_merged_edit_by_delta(tokenizer, env):
 def test_upper_stack_reproduces_the_full_forward(tokenizer, env):
     model = fresh_model(tokenizer)
     hp = hparams("memit")
-    prepared = prepare_requests(model, tokenizer, make_requests(env), hp, env, seed=0)
+    prepared = prepare_requests(model, tokenizer, make_requests(env), KeySpec.of(hp), env, seed=0)
     rows = [row for i, p in enumerate(prepared) for row in p.nll_rows(i)]
-    stack = UpperStack(model, tokenizer, rows, hp, layer=1)
+    stack = UpperStack(model, tokenizer, rows, hp.layer_module_tmp, layer=1)
     stack.select(torch.arange(len(rows)))
     with torch.no_grad():
         hidden = stack.run(torch.zeros(len(rows), model.config.hidden_size))
@@ -144,8 +146,8 @@ def test_fast_v_star_equals_classic(tokenizer, env, layer, module):
     results = {}
     for mode in ("fast", "classic"):
         hp = hparams("memit", v_mode=mode, v_loss_threshold=3.0)
-        prepared = prepare_requests(model, tokenizer, requests, hp, env, seed=0)
-        results[mode] = optimise_targets(model, tokenizer, prepared, hp, layer, module, log=lambda *_: None)
+        prepared = prepare_requests(model, tokenizer, requests, KeySpec.of(hp), env, seed=0)
+        results[mode] = optimise_targets(model, tokenizer, prepared, VStarSettings.of(hp), layer, module)
     fast, classic = results["fast"], results["classic"]
     assert fast.steps == classic.steps
     assert fast.deltas.abs().max() > 0
@@ -181,10 +183,10 @@ def test_fast_v_star_with_rows_of_different_lengths_equals_classic(tokenizer, en
     results = {}
     for mode in ("fast", "classic"):
         hp = hparams("memit", v_mode=mode, v_loss_threshold=3.0)
-        prepared = prepare_requests(model, tokenizer, requests, hp, env, seed=0)
+        prepared = prepare_requests(model, tokenizer, requests, KeySpec.of(hp), env, seed=0)
         rows = [row for i, p in enumerate(prepared) for row in p.nll_rows(i)]
         assert len(length_buckets([len(r.ids) - r.key for r in rows])) >= 2
-        results[mode] = optimise_targets(model, tokenizer, prepared, hp, 1, "model.layers.1", log=lambda *_: None)
+        results[mode] = optimise_targets(model, tokenizer, prepared, VStarSettings.of(hp), 1, "model.layers.1")
     fast, classic = results["fast"], results["classic"]
     assert fast.steps == classic.steps
     torch.testing.assert_close(fast.deltas, classic.deltas, atol=2e-4, rtol=1e-3)
@@ -194,13 +196,13 @@ def test_fast_v_star_with_rows_of_different_lengths_equals_classic(tokenizer, en
 def test_target_nll_with_the_shared_prefix_is_the_full_forward_nll(tokenizer, env):
     """The edit check scores targets after the prompts' common prefix computed once: the same
     NLL as one full forward pass per row."""
-    from e2u_models.editing.locate import target_nll
+    from e2u_models.editing.verify import target_nll
 
     model = fresh_model(tokenizer)
     targets = ["No.", "I really do not know anything about that.", "Not sure.", "I cannot tell."]
     requests = [EditRequest(index=i, question=q, answer=a, prompt=env.render(q), target=t)
                 for i, ((q, a), t) in enumerate(zip(QUESTIONS, targets))]
-    prepared = prepare_requests(model, tokenizer, requests, hparams("memit"), env, seed=0)
+    prepared = prepare_requests(model, tokenizer, requests, KeySpec.of(hparams("memit")), env, seed=0)
     expected = []
     with torch.no_grad():
         for i, p in enumerate(prepared):
@@ -214,9 +216,9 @@ def test_rome_writes_v_star_at_the_key_exactly(tokenizer, env):
     model = fresh_model(tokenizer)
     hp = hparams("rome")
     request = make_requests(env, 1)
-    prepared = prepare_requests(model, tokenizer, request, hp, env, seed=0)
+    prepared = prepare_requests(model, tokenizer, request, KeySpec.of(hp), env, seed=0)
     module = "model.layers.1.mlp.down_proj"
-    vstar = optimise_targets(model, tokenizer, prepared, hp, 1, module, log=lambda *_: None)
+    vstar = optimise_targets(model, tokenizer, prepared, VStarSettings.of(hp), 1, module)
     report = rome.apply(model, tokenizer, request, None, hp, seed=0, env=env)
     after = read_at_keys(model, tokenizer, prepared[0].key_rows(0)[:1], {module: "output"})[module][0]
     torch.testing.assert_close(after, vstar.targets[0], atol=1e-3, rtol=1e-3)
@@ -253,8 +255,8 @@ def test_memit_family_writes_the_target_vectors(tokenizer, env, method, extra, t
     # Keys on different tokens: in a random network keys of the same token are nearly parallel.
     requests = [dataclasses.replace(r, subject=subject) for r, subject in
                 zip(make_requests(env), ["young lovers", "France", "farm", "contract"])]
-    prepared = prepare_requests(model, tokenizer, requests, hp, env, seed=0)
-    z = optimise_targets(model, tokenizer, prepared, hp, 1, "model.layers.1", log=lambda *_: None).targets
+    prepared = prepare_requests(model, tokenizer, requests, KeySpec.of(hp), env, seed=0)
+    z = optimise_targets(model, tokenizer, prepared, VStarSettings.of(hp), 1, "model.layers.1").targets
     rows = [p.key_rows(i)[0] for i, p in enumerate(prepared)]
     before = read_at_keys(model, tokenizer, rows, {"model.layers.1": "output"})["model.layers.1"]
     get_method(method).apply(model, tokenizer, requests, None, hp, seed=0,
@@ -273,9 +275,9 @@ def test_alphaedit_update_leaves_preserved_directions_alone(tokenizer, env, tmp_
     report = alphaedit.apply(model, tokenizer, make_requests(env), None, hp, seed=0, env=env)
     kept = report.details["null_space_dimensions"]["1"]
     assert 0 < kept < weight.shape[1]
-    from e2u_models.editing.locate import statistics_for
+    from e2u_models.editing.stats import statistics_for
 
-    moments, _ = statistics_for(model, tokenizer, hp, [1], env)  # layer 1's input is unedited
+    moments, _ = statistics_for(model, tokenizer, StatsSpec.of(hp), [1], env)  # layer 1's input is unedited
     values, vectors = torch.linalg.eigh(moments[1].double())
     preserved = vectors[:, values >= 0.05 * values.max()]
     change = weight.detach().double() - original
@@ -340,8 +342,8 @@ def test_layer_fractions_scale_with_depth():
 def test_context_prefixes_are_sampled_seeded_and_keep_the_key(tokenizer, env):
     model = fresh_model(tokenizer)
     hp = hparams("memit", context_template_length_params="[[3, 2]]")
-    first = prepare_requests(model, tokenizer, make_requests(env, 1), hp, env, seed=0)[0]
-    again = prepare_requests(model, tokenizer, make_requests(env, 1), hp, env, seed=0)[0]
+    first = prepare_requests(model, tokenizer, make_requests(env, 1), KeySpec.of(hp), env, seed=0)[0]
+    again = prepare_requests(model, tokenizer, make_requests(env, 1), KeySpec.of(hp), env, seed=0)[0]
     assert len(first.contexts) == 3 and first.contexts == again.contexts
     for ids, key in zip(first.contexts, first.keys):
         assert tokenizer.decode(ids[: key + 1]).endswith("lovers?")

@@ -8,7 +8,9 @@ import torch
 
 from e2u_models.methods import alphaedit
 from e2u_models.hparams import load_hparams
-from e2u_models.editing.locate import question_key_rows, read_at_keys, statistics_for
+from e2u_models.editing.keys import read_at_keys
+from e2u_models.editing.requests import question_key_rows
+from e2u_models.editing.stats import StatsSpec, statistics_for
 from e2u_models.question_sets import load_questions, off_dataset
 from e2u_tasks.errors import E2UError
 from tests.conftest import build_tiny_model
@@ -61,8 +63,8 @@ def test_preserved_moment_is_added_to_the_corpus_moment(tiny, tokenizer, env, tm
                          {"layers": [0, 1], "fact_token": "subject_last", "stats_corpus": "python-docs",
                           "mom2_n_tokens": 200})
     preserving = dataclasses.replace(plain, preserve_questions=str(questions), preserve_weight=3.0)
-    base, _ = statistics_for(tiny, tokenizer, plain, [0, 1], env)
-    moments, provenance = statistics_for(tiny, tokenizer, preserving, [0, 1], env)
+    base, _ = statistics_for(tiny, tokenizer, StatsSpec.of(plain), [0, 1], env)
+    moments, provenance = statistics_for(tiny, tokenizer, StatsSpec.of(preserving), [0, 1], env)
     rows = question_key_rows(tokenizer, QUESTIONS, "subject_last", env)
     ends = [tokenizer.decode(r.ids) for r in rows]
     assert ends[0].endswith("Mona Lisa") and ends[1].endswith("sky blue?") and ends[2].endswith("Mount Kenya")
@@ -74,7 +76,7 @@ def test_preserved_moment_is_added_to_the_corpus_moment(tiny, tokenizer, env, tm
     forward = tiny.forward
     tiny.forward = lambda *a, **k: pytest.fail("recomputed")
     try:
-        again, _ = statistics_for(tiny, tokenizer, preserving, [0, 1], env)
+        again, _ = statistics_for(tiny, tokenizer, StatsSpec.of(preserving), [0, 1], env)
     finally:
         tiny.forward = forward
     assert torch.equal(again[1], moments[1])
@@ -98,7 +100,7 @@ def test_preserving_makes_the_edit_leave_the_preserved_keys_alone(tiny, tokenize
     residual = torch.ones(1, tiny.config.hidden_size, dtype=torch.float64)
 
     def spill(hparams):
-        moments, _ = statistics_for(tiny, tokenizer, hparams, [1], env)
+        moments, _ = statistics_for(tiny, tokenizer, StatsSpec.of(hparams), [1], env)
         editor = alphaedit.AlphaEditor(tiny, tokenizer, hparams, [1], moments, lambda *_: None)
         update = editor.solve(1, edited, residual)
         return float((preserved @ update.T).norm(dim=1).mean() / (edited @ update.T).norm())

@@ -250,7 +250,7 @@ def test_the_frozen_lower_stack_runs_the_shared_prefix_once_with_the_same_gradie
     """The losses ask for the last positions only; then the rows' common prefix (the chat
     template) runs once and the rows' own tokens run packed, without padding: same loss and same
     gradients of every trained parameter as the full model, fewer tokens through the upper layers."""
-    from e2u_models.methods import train as train_module
+    from e2u_models.training import lower_stack as train_module
     from e2u_models.training.lower_stack import FrozenLowerStack
     from e2u_models.shared_prefix import common_prefix_length
 

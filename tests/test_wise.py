@@ -193,7 +193,7 @@ def test_null_space_option_keeps_the_side_memory_off_the_corpus_directions(token
     import dataclasses
 
     from e2u_models.editing.nullspace import null_space_projector
-    from e2u_models.editing.locate import statistics_for
+    from e2u_models.editing.stats import statistics_for
 
     env = dataclasses.replace(env, cache_dir=str(tmp_path))
     model = build_tiny_model(tokenizer, layers=4, initializer_range=0.2)
@@ -206,7 +206,7 @@ def test_null_space_option_keeps_the_side_memory_off_the_corpus_directions(token
     null_space = report.details["null_space"]
     assert 0 < null_space["dimensions"] < null_space["of"] == model.config.intermediate_size
     (memory,) = adapters_of(model)
-    moments, _ = statistics_for(model, tokenizer, hp.locate_view(1), [1], env)
+    moments, _ = statistics_for(model, tokenizer, wise.stats_spec(hp), [1], env)
     projector, _ = null_space_projector(moments[1], 0.05, "relative")
     delta = memory.deltas[0].double()
     assert torch.allclose(delta @ projector, delta, atol=1e-5)
@@ -222,7 +222,7 @@ def test_preserved_questions_shrink_the_side_memorys_null_space(tokenizer, env, 
     import dataclasses
 
     from e2u_models.editing.nullspace import null_space_projector
-    from e2u_models.editing.locate import statistics_for
+    from e2u_models.editing.stats import statistics_for
 
     env = dataclasses.replace(env, cache_dir=str(tmp_path))
     model = build_tiny_model(tokenizer, layers=4, initializer_range=0.2)
@@ -231,9 +231,9 @@ def test_preserved_questions_shrink_the_side_memorys_null_space(tokenizer, env, 
     dims = {}
     for weight in (None, 100.0):
         extra = {} if weight is None else {"preserve_questions": "factual", "preserve_weight": weight}
-        view = load_hparams(wise.HyperParams, "wise", None, {**common, **extra}).locate_view(1)
-        assert view.fact_token == "prompt_last" and view.preserve_questions == extra.get("preserve_questions")
-        moments, provenance = statistics_for(model, tokenizer, view, [1], env)
+        spec = wise.stats_spec(load_hparams(wise.HyperParams, "wise", None, {**common, **extra}))
+        assert spec.fact_token == "prompt_last" and spec.preserve_questions == extra.get("preserve_questions")
+        moments, provenance = statistics_for(model, tokenizer, spec, [1], env)
         dims[weight] = null_space_projector(moments[1], 0.05, "relative")[1]
         assert ("preserved" in provenance) == (weight is not None)
     assert dims[100.0] < dims[None]

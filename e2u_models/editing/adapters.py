@@ -79,11 +79,6 @@ def adapters_of(model) -> list[Adapter]:
     return adapters
 
 
-def detach_all(model) -> None:
-    for adapter in list(adapters_of(model)):
-        adapter.detach(model)
-
-
 def save_adapters(model, folder: Path, first: int = 0) -> dict | None:
     """Write the model's adapters (from number ``first`` on) into ``folder``; returns the index
     written (None: no adapters)."""

@@ -18,7 +18,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,10 @@ import torch
 from tqdm import tqdm
 
 from e2u_models.cache import atomic_directory, cache_root, json_sha256, verified_entry
+from e2u_models.editing.keys import read_at_keys
+from e2u_models.editing.requests import question_key_rows
+from e2u_models.nethook import StopForward, forward_until_stopped, pad_id_of, trace
+from e2u_models.protocol import MethodEnv
 from e2u_tasks.errors import E2UError
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
@@ -241,10 +245,6 @@ def store_moment(cache_dir: str | None, key: str, moment: torch.Tensor, metadata
     return moment
 
 
-class _StopForward(Exception):
-    """Raised after the deepest hooked module: the rest of the network is not needed."""
-
-
 def second_moments(model, tokenizer, corpus: TextCorpus, request: StatsRequest,
                    cache_dir: str | None = None, log=print,
                    weights_sha256: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
@@ -265,68 +265,7 @@ def second_moments(model, tokenizer, corpus: TextCorpus, request: StatsRequest,
     started = time.perf_counter()
     log(f"e2u: collecting second moments of {len(todo)} module(s) on {request.n_tokens} tokens "
         f"of {corpus.identity}")
-    sums = {m: None for m in todo}
-    count = torch.zeros((), dtype=torch.float64)
-    current_mask: dict[str, torch.Tensor] = {}
-    deepest = max(todo, key=lambda m: (_layer_of(m) or 0, list(named).index(m)))
-
-    def hook_for(name):
-        def hook(module, inputs):
-            keys_ = inputs[0].detach()
-            rows = keys_[current_mask["mask"]].to(torch.float64)
-            total = rows.T @ rows
-            sums[name] = total if sums[name] is None else sums[name] + total
-            if name == deepest:
-                raise _StopForward
-
-        return hook
-
-    handles = [named[m].register_forward_pre_hook(hook_for(m)) for m in todo]
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    progress = tqdm(total=request.n_tokens, unit="tok", desc="second moments")
-    seen = 0
-    batch: list[list[int]] = []
-
-    def run(batch_ids: list[list[int]]):
-        width = max(map(len, batch_ids))
-        ids = torch.full((len(batch_ids), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch_ids), width), dtype=torch.bool)
-        for i, row in enumerate(batch_ids):
-            ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = True
-        current_mask["mask"] = mask.to(device)
-        try:
-            with torch.no_grad():
-                model(input_ids=ids.to(device), attention_mask=mask.long().to(device))
-        except _StopForward:
-            pass
-
-    was_training = model.training
-    model.eval()
-    try:
-        for text in corpus.texts():
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"][: request.max_length]
-            ids = ids[: request.n_tokens - seen]
-            if not ids:
-                continue
-            batch.append(ids)
-            seen += len(ids)
-            progress.update(len(ids))
-            if len(batch) == request.batch_size or seen >= request.n_tokens:
-                run(batch)
-                count += sum(map(len, batch))
-                batch = []
-            if seen >= request.n_tokens:
-                break
-        if batch:
-            run(batch)
-            count += sum(map(len, batch))
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
-        progress.close()
+    sums, count, seen = _outer_product_sums(model, tokenizer, corpus, request, todo, list(named))
     if count.item() == 0:
         raise E2UError(f"stats corpus {corpus.identity} produced no tokens")
     if seen < request.n_tokens:
@@ -339,3 +278,141 @@ def second_moments(model, tokenizer, corpus: TextCorpus, request: StatsRequest,
     seconds = time.perf_counter() - started
     log(f"e2u: second moments done in {seconds:.1f} s ({count.item() / seconds:.0f} tokens/s)")
     return result
+
+
+def _outer_product_sums(model, tokenizer, corpus: TextCorpus, request: StatsRequest, todo: list[str],
+                        order: list[str]) -> tuple[dict, torch.Tensor, int]:
+    """(Σ k kᵀ per module in float64, tokens counted, tokens read) over the corpus's first
+    ``n_tokens`` tokens; each forward stops after the deepest module (``order``: all names)."""
+    sums = {m: None for m in todo}
+    count = torch.zeros((), dtype=torch.float64)
+    current_mask: dict[str, torch.Tensor] = {}
+    deepest = max(todo, key=lambda m: (_layer_of(m) or 0, order.index(m)))
+
+    def probe_for(name):
+        def probe(inputs):
+            keys_ = inputs.detach()
+            rows = keys_[current_mask["mask"]].to(torch.float64)
+            total = rows.T @ rows
+            sums[name] = total if sums[name] is None else sums[name] + total
+            if name == deepest:
+                raise StopForward
+
+        return probe
+
+    device = next(model.parameters()).device
+    pad_id = pad_id_of(tokenizer)
+
+    def run(batch_ids: list[list[int]]):
+        width = max(map(len, batch_ids))
+        ids = torch.full((len(batch_ids), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch_ids), width), dtype=torch.bool)
+        for i, row in enumerate(batch_ids):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = True
+        current_mask["mask"] = mask.to(device)
+        with torch.no_grad():
+            forward_until_stopped(model, input_ids=ids.to(device), attention_mask=mask.long().to(device))
+
+    progress = tqdm(total=request.n_tokens, unit="tok", desc="second moments")
+    seen = 0
+    batch: list[list[int]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with trace(model, inputs={m: probe_for(m) for m in todo}):
+            for text in corpus.texts():
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"][: request.max_length]
+                ids = ids[: request.n_tokens - seen]
+                if not ids:
+                    continue
+                batch.append(ids)
+                seen += len(ids)
+                progress.update(len(ids))
+                if len(batch) == request.batch_size or seen >= request.n_tokens:
+                    run(batch)
+                    count += sum(map(len, batch))
+                    batch = []
+                if seen >= request.n_tokens:
+                    break
+            if batch:
+                run(batch)
+                count += sum(map(len, batch))
+    finally:
+        model.train(was_training)
+        progress.close()
+    return sums, count, seen
+
+
+@dataclass(frozen=True)
+class StatsSpec:
+    """What an edit asks of the statistics: the edited module (``module_tmp``, {} = the layer),
+    the corpus and its size, and the preserved questions' keys to add (at ``fact_token``)."""
+
+    module_tmp: str
+    stats_corpus: str = DEFAULT_CORPUS
+    mom2_n_tokens: int = 100_000
+    mom2_max_length: int = 512
+    mom2_dtype: str = "float32"
+    preserve_questions: str | None = None
+    preserve_weight: float = 10.0
+    fact_token: str = "question_last"
+
+    @classmethod
+    def of(cls, hparams) -> StatsSpec:
+        """The statistics settings of a locate-then-edit method's hparams."""
+        return cls(hparams.rewrite_module_tmp, hparams.stats_corpus, hparams.mom2_n_tokens,
+                   hparams.mom2_max_length, hparams.mom2_dtype, hparams.preserve_questions,
+                   hparams.preserve_weight, hparams.fact_token)
+
+
+def statistics_for(model, tokenizer, spec: StatsSpec, layers: Sequence[int], env: MethodEnv):
+    """Second moments of the edited module's input at each edit layer (plus the preserved
+    questions' key moment when ``preserve_questions`` is set), with their provenance."""
+    corpus = resolve_corpus(spec.stats_corpus, env.render)
+    modules = tuple(spec.module_tmp.format(layer) for layer in layers)
+    request = StatsRequest(modules=modules, n_tokens=spec.mom2_n_tokens,
+                           max_length=spec.mom2_max_length, dtype=spec.mom2_dtype)
+    weights = feeding_weights_sha256(model, modules)  # hashed once for both caches
+    moments = second_moments(model, tokenizer, corpus, request, env.cache_dir, log=env.log,
+                             weights_sha256=weights)
+    provenance = {"corpus": corpus.identity, "corpus_sha256": corpus.content_sha256,
+                  "n_tokens": spec.mom2_n_tokens, "max_length": spec.mom2_max_length,
+                  "dtype": spec.mom2_dtype}
+    if spec.preserve_questions is not None:
+        preserved, provenance["preserved"] = preserved_key_moments(model, tokenizer, spec, modules,
+                                                                   env, weights)
+        moments = {m: moments[m] + spec.preserve_weight * preserved[m].to(moments[m].dtype)
+                   for m in modules}
+    return {layer: moments[module] for layer, module in zip(layers, modules)}, provenance
+
+
+def preserved_key_moments(model, tokenizer, spec: StatsSpec, modules: Sequence[str],
+                          env: MethodEnv, weights: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """E[k kᵀ] of each module's input at the key token of the preserved questions (those off the
+    evaluated dataset), cached in the statistics cache by a hash of the feeding weights, the
+    module and the key rows (token ids and key positions); ``weights``: the feeding weights' hashes."""
+    from e2u_models.question_sets import load_questions, off_dataset
+
+    offered = load_questions(spec.preserve_questions)
+    questions = off_dataset(offered, env.dataset_rows)
+    if not questions:
+        raise E2UError(f"preserve_questions={spec.preserve_questions!r}: every question is about an "
+                       "entity of the evaluated dataset; give other questions")
+    rows = question_key_rows(tokenizer, questions, spec.fact_token, env)
+    rows_sha = json_sha256([[list(r.ids), r.key] for r in rows])
+    keys = {m: json_sha256({"kind": "key-moment", "weights": weights[m], "module": m, "rows": rows_sha,
+                            "version": 1}) for m in modules}
+    moments = load_cached_moments(env.cache_dir, keys, env.log)
+    todo = [m for m in modules if m not in moments]
+    if todo:
+        started = time.perf_counter()
+        read = read_at_keys(model, tokenizer, rows, {m: "input" for m in todo})
+        for m in todo:
+            k = read[m].double()
+            moments[m] = store_moment(env.cache_dir, keys[m], (k.T @ k / len(rows)).float(),
+                                      {"module": m, "rows": str(len(rows)), "rows_sha256": rows_sha})
+        env.log(f"e2u: keys of {len(rows)} preserved questions read in {time.perf_counter() - started:.1f} s")
+    info = {"questions": spec.preserve_questions, "offered": len(offered), "kept": len(questions),
+            "rows_sha256": rows_sha, "weight": spec.preserve_weight, "fact_token": spec.fact_token}
+    return moments, info

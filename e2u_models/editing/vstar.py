@@ -32,10 +32,35 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from e2u_models.editing.locate import (
-    EditRow, LocateHParams, PreparedRequest, _pad_right, module_named, pad_id_of, read_at_keys)
-from e2u_models.shared_prefix import FixedPrefixKV, cache_keyword
+from e2u_models.editing.keys import read_at_keys
+from e2u_models.editing.locate import module_named
+from e2u_models.editing.requests import EditRow, PreparedRequest
+from e2u_models.layers import FixedPrefixKV, LayerRunner, additive_mask, cache_of, prefix_kv
+from e2u_models.nethook import pad_id_of, pad_right, trace
+from e2u_models.snapshot import frozen
 from e2u_tasks.errors import E2UError
+
+
+@dataclass(frozen=True)
+class VStarSettings:
+    """The optimisation of δ (module docstring): the decoder layer template, Adam's steps and
+    rate, the decay and KL weights, the norm clamp (None: no clamp) and the engine."""
+
+    layer_module_tmp: str = "model.layers.{}"
+    num_grad_steps: int = 25
+    lr: float = 0.5
+    weight_decay: float = 1e-3
+    clamp_norm_factor: float | None = 4.0
+    kl_factor: float = 0.0625
+    loss_threshold: float = 5e-2
+    mode: str = "fast"
+
+    @classmethod
+    def of(cls, hparams) -> VStarSettings:
+        """The v* settings of a locate-then-edit method's hparams."""
+        return cls(hparams.layer_module_tmp, hparams.v_num_grad_steps, hparams.v_lr,
+                   hparams.v_weight_decay, hparams.clamp_norm_factor, hparams.kl_factor,
+                   hparams.v_loss_threshold, hparams.v_mode)
 
 
 @dataclass
@@ -61,20 +86,15 @@ class UpperStack:
     """The network above the injection layer, run on the tokens from each row's key on.
 
     Rows are laid out with their prefix (tokens before the key) right-aligned to column P and the
-    rest left-aligned from P, so every row's key token sits in column P.
+    rest left-aligned from P, so every row's key token sits in column P. One no-grad pass over the
+    layout caches the upper layers' prefix keys/values and the residual at the key on
+    (``capture_input``: also that module's input over the whole layout, e.g. for WISE).
     """
 
-    def __init__(self, model, tokenizer, rows: Sequence[EditRow], hparams: LocateHParams, layer: int,
+    def __init__(self, model, tokenizer, rows: Sequence[EditRow], layer_module_tmp: str, layer: int,
                  capture_input: str | None = None):
-        base = model.base_model
-        layers = getattr(base, "layers", None)
-        if layers is None or not hasattr(base, "norm") or not hasattr(base, "rotary_emb"):
-            raise E2UError("v_mode=fast needs a llama-style decoder (layers, norm, rotary_emb); "
-                           "use v_mode=classic for this architecture")
-        self.model, self.base, self.layer = model, base, layer
-        self.upper = list(layers)[layer + 1:]
-        self.head = model.get_output_embeddings()
-        self.cache_keyword = cache_keyword(self.upper[0]) if self.upper else "cache"
+        self.runner = LayerRunner(model, layer + 1, "v_mode=fast", "use v_mode=classic for this architecture")
+        self.layer = layer
         device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         prefix = max(r.key for r in rows)
@@ -95,31 +115,24 @@ class UpperStack:
         causal = torch.ones(suffix, suffix, dtype=torch.bool, device=device).tril()
         allowed = torch.cat([mask[:, None, :prefix].bool().expand(n, suffix, prefix),
                              causal[None] & mask[:, None, prefix:].bool()], dim=2)
-        self.mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
-            ~allowed, torch.finfo(dtype).min)[:, None]
-
-        layer_module = module_named(model, hparams.layer_module_tmp, layer, "layer_module_tmp")
-        captured = {}
-        handles = [layer_module.register_forward_hook(
-            lambda m, i, o: captured.__setitem__("h", (o[0] if isinstance(o, tuple) else o)[:, prefix:].detach()))]
-        if capture_input is not None:  # e.g. WISE: the edited module's input over the whole layout
-            handles.append(module_named(model, capture_input, layer, "inner_module_tmp").register_forward_pre_hook(
-                lambda m, i: captured.__setitem__("x", i[0].detach())))
-        try:
-            with torch.no_grad():
-                out = base(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        finally:
-            for handle in handles:
-                handle.remove()
+        self.mask = additive_mask(allowed, dtype)
         self.layout_mask = mask  # (rows, P + suffix): 1 on real tokens; the key sits in column P
-        self.captured_input = captured.get("x")
-        cache = getattr(out, "cache", None) or out.past_key_values
-        self.hidden = captured["h"]
-        self.prefix_kv = {}
-        for index in range(layer + 1, len(layers)):
-            entry = cache.layers[index]
-            self.prefix_kv[index] = (entry.keys[:, :, :prefix].detach(), entry.values[:, :, :prefix].detach())
+        self._prefix_pass(model, ids, positions, layer_module_tmp, capture_input)
         self._selection: tuple | None = None
+
+    def _prefix_pass(self, model, ids, positions, layer_module_tmp: str, capture_input: str | None) -> None:
+        layer, prefix = self.layer, self.P
+        captured = {}
+        outputs = {module_named(model, layer_module_tmp, layer, "layer_module_tmp"):
+                   lambda h: captured.__setitem__("h", h[:, prefix:].detach())}
+        inputs = {} if capture_input is None else {
+            module_named(model, capture_input, layer, "inner_module_tmp"): lambda x: captured.__setitem__("x", x.detach())}
+        with trace(model, inputs, outputs), torch.no_grad():
+            out = self.runner.base(input_ids=ids, attention_mask=self.layout_mask, position_ids=positions,
+                                   use_cache=True)
+        self.captured_input = captured.get("x")
+        self.hidden = captured["h"]
+        self.prefix_kv = prefix_kv(cache_of(out), range(layer + 1, self.runner.count), prefix)
 
     def select(self, rows: torch.Tensor) -> None:
         """Restrict the following runs to these rows (index tensor)."""
@@ -134,66 +147,68 @@ class UpperStack:
             h = hidden + row_deltas.to(hidden.dtype)
         else:
             h = torch.cat([hidden[:, :1] + row_deltas[:, None].to(hidden.dtype), hidden[:, 1:]], dim=1)
-        embeddings = self.base.rotary_emb(h, positions)
-        for layer in self.upper:
-            out = layer(h, attention_mask=mask, position_ids=positions, use_cache=True,
-                        position_embeddings=embeddings, **{self.cache_keyword: kv})
-            h = out[0] if isinstance(out, tuple) else out
-        return h
+        return self.runner.run(h, mask, positions, kv)
 
     def logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.log_softmax(self.head(self.base.norm(hidden)).float(), dim=-1)
+        return F.log_softmax(self.runner.logits(hidden).float(), dim=-1)
 
 
 def _request_losses(nll_logprobs: list[torch.Tensor], nll_owner: list[int], kl_logprobs, kl_init,
-                    deltas, v0_norms, hparams: LocateHParams, requests: Sequence[int]) -> torch.Tensor:
+                    deltas, v0_norms, settings: VStarSettings, requests: Sequence[int]) -> torch.Tensor:
     """L_i for each request in ``requests`` (positions in ``deltas``)."""
     position = {r: k for k, r in enumerate(requests)}
     sums = [[] for _ in requests]
     for logprob, owner in zip(nll_logprobs, nll_owner):
         sums[position[owner]].append(-logprob.mean())
     nll = torch.stack([torch.stack(s).mean() for s in sums])
-    loss = nll + hparams.v_weight_decay * deltas.norm(dim=-1) / v0_norms ** 2
-    if kl_logprobs is not None and hparams.kl_factor > 0:
+    loss = nll + settings.weight_decay * deltas.norm(dim=-1) / v0_norms ** 2
+    if kl_logprobs is not None and settings.kl_factor > 0:
         kl = (kl_logprobs.exp() * (kl_logprobs - kl_init)).sum(-1)
-        loss = loss + hparams.kl_factor * kl
+        loss = loss + settings.kl_factor * kl
     return loss
 
 
-def optimise_targets(model, tokenizer, prepared: Sequence[PreparedRequest], hparams: LocateHParams,
-                     layer: int, value_module: str, desc: str = "v*", log=print) -> VStarResult:
-    """v* of every request (see the module docstring); ``hparams.v_mode`` picks the engine."""
+@dataclass
+class VStarRun:
+    """One optimisation, as both engines see it: the requests, the injection layer, the δ being
+    optimised (one row per request) with their v0 norms, and the result being filled in."""
+
+    model: object
+    tokenizer: object
+    prepared: Sequence[PreparedRequest]
+    settings: VStarSettings
+    layer: int
+    deltas: torch.Tensor
+    v0_norms: torch.Tensor
+    result: VStarResult
+    desc: str
+
+
+def optimise_targets(model, tokenizer, prepared: Sequence[PreparedRequest], settings: VStarSettings,
+                     layer: int, value_module: str, desc: str = "v*") -> VStarResult:
+    """v* of every request (see the module docstring); ``settings.mode`` picks the engine."""
     started = time.perf_counter()
-    nll_rows, kl_rows = _rows(prepared, with_kl=hparams.kl_factor > 0)
     key_rows = [p.key_rows(i)[0] for i, p in enumerate(prepared)]
     v0 = read_at_keys(model, tokenizer, key_rows, {value_module: "output"})[value_module]
     v0_norms = v0.norm(dim=-1).clamp(min=1e-8)
     n = len(prepared)
     deltas = torch.zeros_like(v0, requires_grad=True)
     result = VStarResult(v0=v0.detach(), deltas=deltas, losses=[float("nan")] * n, steps=[0] * n)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:
-        p.requires_grad_(False)
-    try:
-        if hparams.v_mode == "fast":
-            _fast(model, tokenizer, prepared, nll_rows, kl_rows, hparams, layer, deltas, v0_norms, result, desc)
-        else:
-            _classic(model, tokenizer, prepared, hparams, layer, deltas, v0_norms, result, desc)
-    finally:
-        for p in trainable:
-            p.requires_grad_(True)
+    run = VStarRun(model, tokenizer, prepared, settings, layer, deltas, v0_norms, result, desc)
+    with frozen(model):
+        (_fast if settings.mode == "fast" else _classic)(run)
     result.deltas = deltas.detach()
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _step_loop(n: int, hparams: LocateHParams, deltas: torch.Tensor, v0_norms: torch.Tensor,
+def _step_loop(n: int, settings: VStarSettings, deltas: torch.Tensor, v0_norms: torch.Tensor,
                compute, result: VStarResult, progress, request_ids: Sequence[int]) -> None:
     """EasyEdit's loop, for several independent requests at once: evaluate, stop the converged,
     step the rest, restore the frozen, clamp."""
-    optimiser = torch.optim.Adam([deltas], lr=hparams.v_lr)
+    optimiser = torch.optim.Adam([deltas], lr=settings.lr)
     active = list(range(n))
-    for step in range(hparams.v_num_grad_steps):
+    for step in range(settings.num_grad_steps):
         losses = compute(active)
         for k, i in enumerate(active):
             if not torch.isfinite(losses[k]):
@@ -202,24 +217,25 @@ def _step_loop(n: int, hparams: LocateHParams, deltas: torch.Tensor, v0_norms: t
         values = losses.detach().tolist()
         for k, i in enumerate(active):
             result.losses[i], result.steps[i] = values[k], step
-        keep = [k for k, i in enumerate(active) if values[k] >= hparams.v_loss_threshold]
+        keep = [k for k, i in enumerate(active) if values[k] >= settings.loss_threshold]
         progress.set_postfix(loss=f"{sum(values) / len(values):.3f}", active=len(keep))
         progress.update(1)
-        if not keep or step == hparams.v_num_grad_steps - 1:
+        if not keep or step == settings.num_grad_steps - 1:
             break
         stepping = [active[k] for k in keep]
-        frozen = torch.ones(n, dtype=torch.bool, device=deltas.device)
-        frozen[stepping] = False
+        frozen_rows = torch.ones(n, dtype=torch.bool, device=deltas.device)
+        frozen_rows[stepping] = False
         saved = deltas.detach().clone()
         optimiser.zero_grad()
         losses[keep].sum().backward()
         optimiser.step()
         with torch.no_grad():
-            deltas[frozen] = saved[frozen]
-            limit = hparams.clamp_norm_factor * v0_norms
-            norms = deltas.norm(dim=-1)
-            scale = torch.where(norms > limit, limit / norms.clamp(min=1e-12), torch.ones_like(norms))
-            deltas.mul_(scale[:, None])
+            deltas[frozen_rows] = saved[frozen_rows]
+            if settings.clamp_norm_factor is not None:
+                limit = settings.clamp_norm_factor * v0_norms
+                norms = deltas.norm(dim=-1)
+                scale = torch.where(norms > limit, limit / norms.clamp(min=1e-12), torch.ones_like(norms))
+                deltas.mul_(scale[:, None])
         active = stepping
 
 
@@ -250,14 +266,15 @@ def length_buckets(lengths: Sequence[int], row_overhead: float = 4.0) -> list[li
     return groups[::-1]
 
 
-def _fast(model, tokenizer, prepared, nll_rows, kl_rows, hparams, layer, deltas, v0_norms, result, desc):
+def _fast(run: VStarRun) -> None:
+    nll_rows, kl_rows = _rows(run.prepared, with_kl=run.settings.kl_factor > 0)
     # The NLL rows run in groups of similar length (refusals differ in length; padding them all to
     # the longest wastes a third of the tokens); the KL rows need one token from the key on.
-    groups = length_buckets([len(r.ids) - r.key for r in nll_rows])
-    nll_stacks = [(group, UpperStack(model, tokenizer, [nll_rows[j] for j in group], hparams, layer))
-                  for group in groups]
-    kl_stack = UpperStack(model, tokenizer, kl_rows, hparams, layer) if kl_rows else None
-    device = deltas.device
+    template = run.settings.layer_module_tmp
+    nll_stacks = [(group, UpperStack(run.model, run.tokenizer, [nll_rows[j] for j in group], template, run.layer))
+                  for group in length_buckets([len(r.ids) - r.key for r in nll_rows])]
+    kl_stack = UpperStack(run.model, run.tokenizer, kl_rows, template, run.layer) if kl_rows else None
+    deltas, device = run.deltas, run.deltas.device
     kl_init = None
     if kl_stack is not None:
         kl_stack.select(torch.arange(len(kl_rows), device=device))
@@ -289,64 +306,65 @@ def _fast(model, tokenizer, prepared, nll_rows, kl_rows, hparams, layer, deltas,
             kl_lp = kl_stack.logprobs(kl_stack.run(deltas[index])[:, 0])
             kl_ref = kl_init[index]
         return _request_losses(list(torch.split(gold, spans)), owners,
-                               kl_lp, kl_ref, deltas[index], v0_norms[index], hparams, active)
+                               kl_lp, kl_ref, deltas[index], run.v0_norms[index], run.settings, active)
 
-    with tqdm(total=hparams.v_num_grad_steps, desc=f"{desc} (fast, {len(prepared)} requests)",
+    with tqdm(total=run.settings.num_grad_steps, desc=f"{run.desc} (fast, {len(run.prepared)} requests)",
               leave=False) as progress:
-        _step_loop(len(prepared), hparams, deltas, v0_norms, compute, result, progress,
-                   [p.request.index for p in prepared])
+        _step_loop(len(run.prepared), run.settings, deltas, run.v0_norms, compute, run.result, progress,
+                   [p.request.index for p in run.prepared])
 
 
-def _classic(model, tokenizer, prepared, hparams, layer, deltas, v0_norms, result, desc):
-    layer_module = module_named(model, hparams.layer_module_tmp, layer, "layer_module_tmp")
-    device = deltas.device
-    pad = pad_id_of(tokenizer)
-    progress = tqdm(total=hparams.v_num_grad_steps * len(prepared),
-                    desc=f"{desc} (classic, {len(prepared)} requests)", leave=False)
-    for number, request in enumerate(prepared):
-        rows = request.nll_rows(0) + ([request.kl_row(0)] if hparams.kl_factor > 0 else [])
-        ids, mask = _pad_right([r.ids for r in rows], pad, device)
-        keys = torch.tensor([r.key for r in rows], device=device)
-        single = torch.zeros(1, deltas.shape[1], device=device, requires_grad=True)
-        current = {"delta": None}
-
-        def add_delta(module, inputs, output):
-            if current["delta"] is None:
-                return output
-            hidden = output[0] if isinstance(output, tuple) else output
-            bump = torch.zeros_like(hidden)
-            bump[torch.arange(hidden.shape[0], device=device), keys] = current["delta"].to(hidden.dtype)
-            hidden = hidden + bump
-            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-        handle = layer_module.register_forward_hook(add_delta)
-        try:
-            kl_init = None
-            if hparams.kl_factor > 0:
-                with torch.no_grad():
-                    logits = model(input_ids=ids, attention_mask=mask).logits
-                kl_init = F.log_softmax(logits[-1, rows[-1].key].float(), dim=-1)[None]
-
-            def compute(active, rows=rows, ids=ids, mask=mask, kl_init=kl_init, single=single):
-                current["delta"] = single[0]
-                logprobs = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
-                per_row = []
-                for b, row in enumerate(rows):
-                    if not row.labels:
-                        continue
-                    span = logprobs[b, row.label_start: row.label_start + len(row.labels)]
-                    per_row.append(span.gather(-1, torch.tensor(row.labels, device=device)[:, None]).squeeze(-1))
-                kl_lp = logprobs[-1, rows[-1].key][None] if kl_init is not None else None
-                return _request_losses(per_row, [0] * len(per_row), kl_lp, kl_init, single,
-                                       v0_norms[number: number + 1], hparams, [0])
-
-            sub = VStarResult(v0=result.v0[number: number + 1], deltas=single,
-                              losses=[float("nan")], steps=[0])
-            _step_loop(1, hparams, single, v0_norms[number: number + 1], compute, sub, progress,
-                       [request.request.index])
-        finally:
-            handle.remove()
+def _classic(run: VStarRun) -> None:
+    """The reference: one request at a time, δ added by a hook on the injection layer's output,
+    full forward passes."""
+    layer_module = module_named(run.model, run.settings.layer_module_tmp, run.layer, "layer_module_tmp")
+    progress = tqdm(total=run.settings.num_grad_steps * len(run.prepared),
+                    desc=f"{run.desc} (classic, {len(run.prepared)} requests)", leave=False)
+    for number, request in enumerate(run.prepared):
+        single = torch.zeros(1, run.deltas.shape[1], device=run.deltas.device, requires_grad=True)
+        sub = VStarResult(v0=run.result.v0[number: number + 1], deltas=single,
+                          losses=[float("nan")], steps=[0])
+        _classic_request(run, number, request, layer_module, single, sub, progress)
         with torch.no_grad():
-            deltas[number] = single.detach()[0]
-        result.losses[number], result.steps[number] = sub.losses[0], sub.steps[0]
+            run.deltas[number] = single.detach()[0]
+        run.result.losses[number], run.result.steps[number] = sub.losses[0], sub.steps[0]
     progress.close()
+
+
+def _classic_request(run: VStarRun, number: int, request: PreparedRequest, layer_module, single,
+                     sub: VStarResult, progress) -> None:
+    model, settings, device = run.model, run.settings, run.deltas.device
+    rows = request.nll_rows(0) + ([request.kl_row(0)] if settings.kl_factor > 0 else [])
+    ids, mask = pad_right([r.ids for r in rows], pad_id_of(run.tokenizer), device)
+    keys = torch.tensor([r.key for r in rows], device=device)
+    current = {"delta": None}
+
+    def add_delta(hidden):
+        if current["delta"] is None:
+            return None
+        bump = torch.zeros_like(hidden)
+        bump[torch.arange(hidden.shape[0], device=device), keys] = current["delta"].to(hidden.dtype)
+        return hidden + bump
+
+    with trace(model, outputs={layer_module: add_delta}):
+        kl_init = None
+        if settings.kl_factor > 0:
+            with torch.no_grad():
+                logits = model(input_ids=ids, attention_mask=mask).logits
+            kl_init = F.log_softmax(logits[-1, rows[-1].key].float(), dim=-1)[None]
+
+        def compute(active):
+            current["delta"] = single[0]
+            logprobs = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+            per_row = []
+            for b, row in enumerate(rows):
+                if not row.labels:
+                    continue
+                span = logprobs[b, row.label_start: row.label_start + len(row.labels)]
+                per_row.append(span.gather(-1, torch.tensor(row.labels, device=device)[:, None]).squeeze(-1))
+            kl_lp = logprobs[-1, rows[-1].key][None] if kl_init is not None else None
+            return _request_losses(per_row, [0] * len(per_row), kl_lp, kl_init, single,
+                                   run.v0_norms[number: number + 1], settings, [0])
+
+        _step_loop(1, settings, single, run.v0_norms[number: number + 1], compute, sub, progress,
+                   [request.request.index])

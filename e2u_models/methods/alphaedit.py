@@ -16,7 +16,8 @@ import torch
 
 from e2u_models.methods import memit
 from e2u_models.protocol import EditRequest, MethodEnv, MethodReport
-from e2u_models.editing.locate import LocateHParams, key_columns, read_at_keys
+from e2u_models.editing.keys import key_columns, read_at_keys
+from e2u_models.editing.locate import LocateHParams
 from e2u_models.editing.nullspace import check_null_space_hparams, null_space_projector
 from e2u_tasks.errors import E2UError
 

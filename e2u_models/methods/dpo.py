@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from e2u_models.protocol import EditRequest, MethodEnv, MethodReport
-from e2u_models.editing.locate import pad_id_of
+from e2u_models.nethook import pad_id_of
 from e2u_models.training.hparams import TrainHParams
 from e2u_models.training.loop import apply_training
 from e2u_models.training.batching import collate, examples_of

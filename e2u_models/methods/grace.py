@@ -24,10 +24,11 @@ import torch
 
 from e2u_models.editing.adapters import Adapter
 from e2u_models.protocol import EditRequest, MethodEnv, MethodReport
-from e2u_models.editing.locate import (
-    LocateHParams, check_finite, module_named, OneLayerChoice, prepare_requests, read_at_keys, target_nll,
-    verification)
-from e2u_models.editing.vstar import optimise_targets
+from e2u_models.editing.keys import read_at_keys
+from e2u_models.editing.locate import OneLayerChoice, module_named
+from e2u_models.editing.requests import KeySpec, prepare_requests
+from e2u_models.editing.verify import check_finite, target_nll, verification
+from e2u_models.editing.vstar import VStarSettings, optimise_targets
 from e2u_tasks.errors import E2UError
 
 NAME = "grace"
@@ -73,14 +74,18 @@ class HyperParams(OneLayerChoice):
             raise E2UError(f"hparam eps_expand={self.eps_expand!r} is not implemented; accepted: "
                            f"{', '.join(EPS_EXPANDS)}")
 
-    def locate_view(self, layer: int) -> LocateHParams:
-        """The shared request preparation and v* engine configured as GRACE's value training."""
-        return LocateHParams(layers=[layer], rewrite_module_tmp=self.inner_module_tmp,
-                             layer_module_tmp=self.layer_module_tmp, fact_token="prompt_last",
-                             context_template_length_params=[], v_num_grad_steps=self.n_iter,
-                             v_lr=self.edit_lr, v_weight_decay=0.0, clamp_norm_factor=1e12,
-                             kl_factor=0.0, v_loss_threshold=self.loss_threshold, v_mode="fast",
-                             target_eos=self.target_eos, verify_nll=self.verify_nll)
+
+def key_spec(hparams: HyperParams) -> KeySpec:
+    """GRACE's query: the prompt's last token, the bare prompt only."""
+    return KeySpec(fact_token="prompt_last", target_eos=hparams.target_eos)
+
+
+def value_training(hparams: HyperParams) -> VStarSettings:
+    """The shared v* engine as GRACE's value training: Adam with ``edit_lr`` for ``n_iter``
+    steps, no decay, no KL, no norm clamp."""
+    return VStarSettings(layer_module_tmp=hparams.layer_module_tmp, num_grad_steps=hparams.n_iter,
+                         lr=hparams.edit_lr, weight_decay=0.0, clamp_norm_factor=None, kl_factor=0.0,
+                         loss_threshold=hparams.loss_threshold, mode="fast")
 
 
 class Codebook(Adapter):
@@ -164,8 +169,9 @@ def nearest_key(codebook: Codebook, query: torch.Tensor) -> tuple[float, int]:
 
 def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperParams, *,
           seed: int = 0, env: MethodEnv) -> MethodReport:
-    layer, view, module_name, module = hparams.edit_site(model)
-    prepared = prepare_requests(model, tokenizer, forget, view, env, seed)
+    layer, module_name, module = hparams.edit_site(model)
+    prepared = prepare_requests(model, tokenizer, forget, key_spec(hparams), env, seed)
+    settings = value_training(hparams)
     before = target_nll(model, tokenizer, prepared)
     codebook = Codebook.empty(module_name, module)
     codebook.attach(model)
@@ -182,8 +188,8 @@ def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperPar
             entry, event = place_query(codebook, query, plain, list(request.target_ids),
                                        request.request.index, hparams.eps)
             events[event] += 1
-            result = optimise_targets(model, tokenizer, [request], view, layer, module_name,
-                                      desc=f"GRACE {number + 1}/{len(prepared)}", log=env.log)
+            result = optimise_targets(model, tokenizer, [request], settings, layer, module_name,
+                                      desc=f"GRACE {number + 1}/{len(prepared)}")
             check_finite(result.deltas, f"GRACE value of request row {request.request.index}")
             codebook.values[entry] = (result.v0[0] + result.deltas[0]).to(codebook.values.dtype)
             losses.append(round(result.losses[0], 4))
@@ -203,5 +209,5 @@ def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperPar
         "training": {"seconds": round(seconds, 2), "final_losses": losses, "steps": steps},
         "adapters": [{"kind": codebook.kind, "module": module_name}],
     }
-    details["verification"] = verification(before, after, prepared, view, {}, env.log)
+    details["verification"] = verification(before, after, prepared, hparams.verify_nll, {}, env.log)
     return MethodReport(method=NAME, details=details)

@@ -19,11 +19,13 @@ from dataclasses import dataclass
 import torch
 
 from e2u_models.protocol import EditRequest, MethodEnv, MethodReport
-from e2u_models.editing.locate import (
-    LocateHParams, PreparedRequest, check_finite, edit_transaction, key_columns, merge_requests,
-    num_layers, prepare_requests, read_at_keys, rewrite_weight, statistics_for, target_nll,
-    verification, weight_change_norms)
-from e2u_models.editing.vstar import optimise_targets
+from e2u_models.editing.keys import key_columns, read_at_keys
+from e2u_models.editing.locate import LocateHParams, num_layers, rewrite_weight
+from e2u_models.editing.requests import KeySpec, PreparedRequest, merge_requests, prepare_requests
+from e2u_models.editing.stats import StatsSpec, statistics_for
+from e2u_models.editing.verify import check_finite, target_nll, verification
+from e2u_models.editing.vstar import VStarSettings, optimise_targets
+from e2u_models.snapshot import restored_on_failure
 from e2u_tasks.errors import E2UError
 
 NAME = "memit"
@@ -71,7 +73,7 @@ def edit_batches(model, tokenizer, prepared: Sequence[PreparedRequest], hparams,
     v_seconds, losses = 0.0, []
     for start in range(0, len(prepared), size):
         batch = prepared[start: start + size]
-        result = optimise_targets(model, tokenizer, batch, hparams, z_layer,
+        result = optimise_targets(model, tokenizer, batch, VStarSettings.of(hparams), z_layer,
                                   hparams.layer_module_tmp.format(z_layer),
                                   desc=f"{name} v* batch {start // size + 1}")
         v_seconds += result.seconds
@@ -98,20 +100,20 @@ def run(model, tokenizer, forget, hparams, env: MethodEnv, seed: int, name: str,
     weights = {hparams.rewrite_module_tmp.format(l) + ".weight": rewrite_weight(model, hparams, l)
                for l in layers}  # checks the module names before any work
     requests = merge_requests(forget, hparams.merge, env.render)
-    prepared = prepare_requests(model, tokenizer, requests, hparams, env, seed, forget)
+    prepared = prepare_requests(model, tokenizer, requests, KeySpec.of(hparams), env, seed, forget)
     details: dict = {"layers": layers, "requests": len(prepared),
                      "edit_batch_size": hparams.edit_batch_size or len(prepared)}
     started = time.perf_counter()
-    moments, details["statistics"] = statistics_for(model, tokenizer, hparams, layers, env)
+    moments, details["statistics"] = statistics_for(model, tokenizer, StatsSpec.of(hparams), layers, env)
     details["statistics"]["seconds"] = round(time.perf_counter() - started, 2)
     solve, after_batch = make_solver(moments, details)
     before = target_nll(model, tokenizer, prepared)
-    with edit_transaction(weights) as saved:
+    with restored_on_failure(weights) as snapshot:
         details["v_star"] = edit_batches(model, tokenizer, prepared, hparams, layers, solve,
                                          after_batch, name)
-        changes = weight_change_norms(weights, saved)
+        changes = snapshot.change_norms(weights)
     after = target_nll(model, tokenizer, prepared)
-    details["verification"] = verification(before, after, prepared, hparams, changes, env.log)
+    details["verification"] = verification(before, after, prepared, hparams.verify_nll, changes, env.log)
     return MethodReport(method=name, changed_parameters=list(weights), details=details)
 
 

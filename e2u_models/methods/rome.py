@@ -18,11 +18,13 @@ from dataclasses import dataclass
 import torch
 
 from e2u_models.protocol import EditRequest, MethodEnv, MethodReport
-from e2u_models.editing.locate import (
-    LocateHParams, check_finite, edit_transaction, mean_key_per_request, merge_requests,
-    num_layers, prepare_requests, rewrite_weight, statistics_for, target_nll,
-    verification, weight_change_norms)
-from e2u_models.editing.vstar import optimise_targets
+from e2u_models.editing.keys import mean_key_per_request
+from e2u_models.editing.locate import LocateHParams, num_layers, rewrite_weight
+from e2u_models.editing.requests import KeySpec, merge_requests, prepare_requests
+from e2u_models.editing.stats import StatsSpec, statistics_for
+from e2u_models.editing.verify import check_finite, target_nll, verification
+from e2u_models.editing.vstar import VStarSettings, optimise_targets
+from e2u_models.snapshot import restored_on_failure
 from e2u_tasks.errors import E2UError
 
 NAME = "rome"
@@ -46,23 +48,24 @@ def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperPar
     module = hparams.rewrite_module_tmp.format(layer)
     weight = rewrite_weight(model, hparams, layer)
     requests = merge_requests(forget, hparams.merge, env.render)
-    prepared = prepare_requests(model, tokenizer, requests, hparams, env, seed, forget)
+    prepared = prepare_requests(model, tokenizer, requests, KeySpec.of(hparams), env, seed, forget)
     details: dict = {"layer": layer, "requests": len(prepared), "protocol": "sequential"}
     inverse_moment = None
     if hparams.mom2_adjustment:
         started = time.perf_counter()
-        moments, details["statistics"] = statistics_for(model, tokenizer, hparams, [layer], env)
+        moments, details["statistics"] = statistics_for(model, tokenizer, StatsSpec.of(hparams), [layer], env)
         details["statistics"]["seconds"] = round(time.perf_counter() - started, 2)
         inverse_moment = moments[layer].to(weight.device, torch.float64)
     before = target_nll(model, tokenizer, prepared)
     v_seconds, losses = 0.0, []
     weights = {module + ".weight": weight}
-    with edit_transaction(weights) as saved:
+    settings = VStarSettings.of(hparams)
+    with restored_on_failure(weights) as snapshot:
         for number, request in enumerate(prepared):
             mean_key = mean_key_per_request(model, tokenizer, [request], module)[0].double()
             u = torch.linalg.solve(inverse_moment, mean_key) if inverse_moment is not None else mean_key
             u = u / u.norm()
-            result = optimise_targets(model, tokenizer, [request], hparams, layer, module,
+            result = optimise_targets(model, tokenizer, [request], settings, layer, module,
                                       desc=f"ROME v* {number + 1}/{len(prepared)}")
             v_seconds += result.seconds
             losses.append(result.losses[0])
@@ -71,9 +74,9 @@ def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperPar
             check_finite(update, f"ROME update of request row {request.request.index}")
             with torch.no_grad():
                 weight.add_(update.to(weight.dtype))
-        changes = weight_change_norms(weights, saved)
+        changes = snapshot.change_norms(weights)
     after = target_nll(model, tokenizer, prepared)
     details["v_star"] = {"seconds": round(v_seconds, 2), "mode": hparams.v_mode,
                          "final_losses": [round(x, 4) for x in losses]}
-    details["verification"] = verification(before, after, prepared, hparams, changes, env.log)
+    details["verification"] = verification(before, after, prepared, hparams.verify_nll, changes, env.log)
     return MethodReport(method=NAME, changed_parameters=list(weights), details=details)

@@ -46,10 +46,12 @@ from tqdm import tqdm
 from e2u_models.editing.adapters import Adapter
 from e2u_models.editing.nullspace import check_null_space_hparams, null_space_projector
 from e2u_models.protocol import EditRequest, MethodEnv, MethodReport
-from e2u_models.editing.locate import (
-    FACT_TOKENS, LocateHParams, _pad_right, check_finite, module_named, OneLayerChoice, pad_id_of,
-    prepare_requests, statistics_for, target_nll, verification)
+from e2u_models.editing.locate import FACT_TOKENS, OneLayerChoice, module_named
+from e2u_models.editing.requests import KeySpec, prepare_requests
+from e2u_models.editing.stats import StatsSpec, statistics_for
+from e2u_models.editing.verify import check_finite, target_nll, verification
 from e2u_models.editing.vstar import UpperStack
+from e2u_models.nethook import pad_id_of, pad_right, trace
 from e2u_models.question_sets import QUESTION_SETS, load_questions, off_dataset
 from e2u_models.shared_prefix import continue_greedily, stop_token_ids
 from e2u_tasks.errors import E2UError
@@ -159,13 +161,17 @@ class HyperParams(OneLayerChoice):
             raise E2UError(f"hparam irrelevant_file={self.irrelevant_file!r} does not exist; give a "
                            "text file with one prompt a line")
 
-    def locate_view(self, layer: int) -> LocateHParams:
-        return LocateHParams(layers=[layer], rewrite_module_tmp=self.inner_module_tmp,
-                             layer_module_tmp=self.layer_module_tmp, fact_token=self.fact_token,
-                             context_template_length_params=[], target_eos=self.target_eos,
-                             verify_nll=self.verify_nll, stats_corpus=self.stats_corpus,
-                             mom2_n_tokens=self.mom2_n_tokens, preserve_questions=self.preserve_questions,
-                             preserve_weight=self.preserve_weight)
+
+def key_spec(hparams: HyperParams) -> KeySpec:
+    """WISE's edit rows: the key at ``fact_token``, the bare prompt only."""
+    return KeySpec(fact_token=hparams.fact_token, target_eos=hparams.target_eos)
+
+
+def stats_spec(hparams: HyperParams) -> StatsSpec:
+    """The statistics whose null space the side memory reads (``nullspace_threshold``)."""
+    return StatsSpec(module_tmp=hparams.inner_module_tmp, stats_corpus=hparams.stats_corpus,
+                     mom2_n_tokens=hparams.mom2_n_tokens, preserve_questions=hparams.preserve_questions,
+                     preserve_weight=hparams.preserve_weight, fact_token=hparams.fact_token)
 
 
 def activation_of(model):
@@ -267,13 +273,10 @@ def module_inputs(model, tokenizer, texts_ids: list[list[int]], module_name: str
     """The module's input at every real token of the given sequences: (tokens, d_in) float32."""
     module = module_named(model, module_name, 0, "inner_module_tmp")
     device = next(model.parameters()).device
-    ids, mask = _pad_right(texts_ids, pad_id_of(tokenizer), device)
+    ids, mask = pad_right(texts_ids, pad_id_of(tokenizer), device)
     captured = {}
-    handle = module.register_forward_pre_hook(lambda m, i: captured.__setitem__("x", i[0]))
-    try:
+    with trace(model, inputs={module: lambda x: captured.__setitem__("x", x)}):
         model(input_ids=ids, attention_mask=mask)
-    finally:
-        handle.remove()
     return captured["x"][mask.bool()].float()
 
 
@@ -283,7 +286,7 @@ def hinge_mean(values: torch.Tensor) -> torch.Tensor:
     return values[positive].mean() if bool(positive.any()) else values.new_zeros(())
 
 
-def train_shard(model, tokenizer, prepared, irrelevant_ids, hparams: HyperParams, view, layer: int,
+def train_shard(model, tokenizer, prepared, irrelevant_ids, hparams: HyperParams, layer: int,
                 module_name: str, seed: int, desc: str,
                 projector: torch.Tensor | None = None) -> tuple[torch.Tensor, float, dict]:
     """One side-memory shard for these prepared requests: (D, threshold, training record). With a
@@ -291,7 +294,7 @@ def train_shard(model, tokenizer, prepared, irrelevant_ids, hparams: HyperParams
     module = module_named(model, module_name, 0, "inner_module_tmp")
     weight = module.weight
     rows = [p.nll_rows(i)[0] for i, p in enumerate(prepared)]
-    stack = UpperStack(model, tokenizer, rows, view, layer, capture_input=module_name)
+    stack = UpperStack(model, tokenizer, rows, hparams.layer_module_tmp, layer, capture_input=module_name)
     P = stack.P
     x_all = stack.captured_input.float()                       # (n, P + S, d_in)
     real = stack.layout_mask.bool()
@@ -369,8 +372,8 @@ def train_shard(model, tokenizer, prepared, irrelevant_ids, hparams: HyperParams
 
 def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperParams, *,
           seed: int = 0, env: MethodEnv) -> MethodReport:
-    layer, view, module_name, module = hparams.edit_site(model)
-    prepared = prepare_requests(model, tokenizer, forget, view, env, seed)
+    layer, module_name, module = hparams.edit_site(model)
+    prepared = prepare_requests(model, tokenizer, forget, key_spec(hparams), env, seed)
     before = target_nll(model, tokenizer, prepared)
     activation, _ = activation_of(model)
     memory = SideMemory(module_name, [], [], activation)
@@ -378,7 +381,7 @@ def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperPar
     started = time.perf_counter()
     projector, null_space = None, None
     if hparams.nullspace_threshold is not None:
-        moments, statistics = statistics_for(model, tokenizer, view, [layer], env)
+        moments, statistics = statistics_for(model, tokenizer, stats_spec(hparams), [layer], env)
         projector, kept = null_space_projector(moments[layer], hparams.nullspace_threshold,
                                                hparams.nullspace_rule)
         if kept == 0:
@@ -397,7 +400,7 @@ def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperPar
             env.log(f"e2u: WISE: the model answered {len(prompts)} irrelevant prompts (up to "
                     f"{hparams.irrelevant_answer_tokens} tokens) in {time.perf_counter() - answering:.1f} s")
         delta, threshold, record = train_shard(
-            model, tokenizer, chunk, irrelevant_ids, hparams, view, layer, module_name,
+            model, tokenizer, chunk, irrelevant_ids, hparams, layer, module_name,
             seed + number, desc=f"WISE shard {number + 1} ({len(chunk)} edits)", projector=projector)
         check_finite(delta, f"WISE side memory shard {number}")
         memory.deltas.append(delta)
@@ -417,5 +420,5 @@ def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperPar
         "null_space": null_space,
         "adapters": [{"kind": memory.kind, "module": module_name}],
     }
-    details["verification"] = verification(before, after, prepared, view, {}, env.log)
+    details["verification"] = verification(before, after, prepared, hparams.verify_nll, {}, env.log)
     return MethodReport(method=NAME, details=details)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from e2u_models.editing.locate import target_token_ids
+from e2u_models.editing.requests import target_token_ids
 from e2u_models.protocol import EditRequest, MethodEnv
 from e2u_models.training.hparams import TrainHParams
 from e2u_tasks.errors import E2UError

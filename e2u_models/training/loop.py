@@ -19,16 +19,17 @@ import math
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
 
-from e2u_models.editing.locate import pad_id_of
+from e2u_models.nethook import pad_id_of
 from e2u_models.protocol import EditRequest, MethodEnv, MethodReport
 from e2u_models.training.batching import Batch, Example, StepBatch, collate, examples_of
 from e2u_models.training.hparams import LLAMA_PROJECTIONS, TrainHParams
 from e2u_models.training.losses import logits_of, sequence_logprob
+from e2u_models.snapshot import WeightSnapshot
 from e2u_models.training.lower_stack import FrozenLowerStack
 from e2u_tasks.errors import E2UError
 
@@ -79,8 +80,7 @@ def _schedule(total_steps: int, warmup_ratio: float):
 
 def _adamw(groups: list[dict], lr: float) -> torch.optim.AdamW:
     """AdamW as one fused kernel where torch has it (floating-point parameters on CPU or CUDA):
-    the same update, ~6x faster than the multi-tensor version for SmolLM2's 50M trained
-    parameters on a CPU core (0.11 s against 0.65 s a step), which is a fifth of a small step."""
+    the same update as the multi-tensor version, several times faster on a CPU."""
     try:
         return torch.optim.AdamW(groups, lr=lr, fused=True)
     except (RuntimeError, ValueError):
@@ -90,7 +90,7 @@ def _adamw(groups: list[dict], lr: float) -> torch.optim.AdamW:
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
 
-def _full_trainable(model, from_layer: int) -> list:
+def full_trainable(model, from_layer: int) -> list:
     """Parameters of full fine-tuning: all, or (``from_layer`` > 0) the decoder layers from
     ``from_layer`` on and the other non-embedding parameters after them (the final norm)."""
     if not from_layer:
@@ -152,6 +152,58 @@ class _Reference:
             return sequence_logprob(self.peft_model, batch)
 
 
+@dataclass
+class _Plan:
+    """How long a run is: steps per epoch, total optimizer steps, the learning-rate schedule."""
+
+    steps_per_epoch: int
+    total_steps: int
+    factor: Callable[[int], float]
+    warmup: int
+
+    @classmethod
+    def of(cls, examples: int, hparams: TrainHParams) -> _Plan:
+        micro_per_epoch = math.ceil(examples / hparams.train_batch_size)
+        # A last, shorter accumulation group at the end of an epoch is still one optimizer step.
+        steps_per_epoch = math.ceil(micro_per_epoch / hparams.grad_accum_steps)
+        total_steps = hparams.max_steps or hparams.epochs * steps_per_epoch
+        return cls(steps_per_epoch, total_steps, *_schedule(total_steps, hparams.warmup_ratio))
+
+
+@dataclass
+class _RunState:
+    """What a run has done so far (read by the report, also after a failure)."""
+
+    peft_model: object = None
+    step: int = 0
+    epoch: int = 0
+    tokens: int = 0
+    stopped_early_at: int | None = None
+    losses: list = field(default_factory=list)
+    parts_log: list = field(default_factory=list)
+
+
+@dataclass
+class _Loop:
+    """The pieces of one optimisation, built by :func:`_set_up`."""
+
+    setup: TrainSetup
+    hparams: TrainHParams
+    plan: _Plan
+    network: object
+    reference: _Reference | None
+    trainable: list
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: object
+    autocast: Callable
+    pad_id: int
+    device: torch.device
+    order_gen: torch.Generator
+    retain_gen: torch.Generator
+    progress: object = None
+
+
 def train(model, tokenizer, setup: TrainSetup, hparams: TrainHParams, *, seed: int,
           log: Callable[[str], None] = print) -> dict:
     """Train ``model`` in place on ``setup``; returns the run's report (steps, losses, seconds).
@@ -163,115 +215,24 @@ def train(model, tokenizer, setup: TrainSetup, hparams: TrainHParams, *, seed: i
         raise E2UError(f"{setup.name}: nothing to train on (the forget set is empty)")
     if setup.retain is not None and not setup.retain:
         raise E2UError(f"{setup.name} needs retain rows, but the retain split is empty")
-    device = next(model.parameters()).device
-    pad_id = pad_id_of(tokenizer)
     autocast, scaler, precision = _autocast(model, hparams.precision)
-    batch_size = hparams.train_batch_size
-    micro_per_epoch = math.ceil(len(setup.forget) / batch_size)
-    # A last, shorter accumulation group at the end of an epoch is still one optimizer step.
-    steps_per_epoch = math.ceil(micro_per_epoch / hparams.grad_accum_steps)
-    total_steps = hparams.max_steps or hparams.epochs * steps_per_epoch
-    factor, warmup = _schedule(total_steps, hparams.warmup_ratio)
-
-    candidates = {n: p for n, p in model.named_parameters()}
-    saved = {n: p.detach().to("cpu", copy=True) for n, p in candidates.items()}
+    plan = _Plan.of(len(setup.forget), hparams)
+    snapshot = WeightSnapshot(dict(model.named_parameters()), device="cpu")
     was_training = model.training
     grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    peft_model = None
+    state = _RunState()
     started = time.perf_counter()
-    losses: list[float] = []
-    parts_log: list[dict[str, float]] = []
-    tokens = 0
-    step = 0
-    stopped_early_at = None
     try:
-        if hparams.lora:
-            peft_model = _attach_lora(model, hparams)
-            trainable = [p for p in peft_model.parameters() if p.requires_grad]
-        else:
-            trainable = _full_trainable(model, hparams.train_from_layer)
-            for p in model.parameters():
-                p.requires_grad_(False)
-            for p in trainable:
-                p.requires_grad_(True)
-        reference = _Reference(model, peft_model) if setup.needs_reference else None
-        network = peft_model if peft_model is not None else model
-        if hparams.train_from_layer and peft_model is None:
-            network = FrozenLowerStack(model, hparams.train_from_layer, pad_id)
-            network.precompute(setup.forget + (setup.retain or []))
-        if setup.prepare is not None:
-            network.eval()
-            setup.prepare(network, reference)
-        decay = [p for p in trainable if p.ndim >= 2]
-        no_decay = [p for p in trainable if p.ndim < 2]
-        optimizer = _adamw([{"params": decay, "weight_decay": hparams.weight_decay},
-                            {"params": no_decay, "weight_decay": 0.0}], hparams.lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        order_gen = torch.Generator().manual_seed(seed)
-        retain_gen = torch.Generator().manual_seed(seed + 1_000_003)
-        network.train()
-        progress = tqdm(total=total_steps, desc=f"{setup.name} training", leave=False)
-        epoch = 0
-        while step < total_steps:
-            epoch += 1
-            order = torch.randperm(len(setup.forget), generator=order_gen).tolist()
-            chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-            micro = 0
-            for chunk in chunks:
-                batch = collate([setup.forget[i] for i in chunk], pad_id, device)
-                retain = None
-                if setup.retain is not None:
-                    picks = torch.randint(len(setup.retain), (len(chunk),), generator=retain_gen).tolist()
-                    retain = collate([setup.retain[i] for i in picks], pad_id, device)
-                extra = setup.extra_batches(chunk, device) if setup.extra_batches else {}
-                micro_step = StepBatch(forget=batch, forget_indices=chunk, retain=retain, extra=extra)
-                with autocast():
-                    loss, parts = setup.loss(network, micro_step, reference)
-                if not torch.isfinite(loss):
-                    raise E2UError(f"{setup.name}: the loss became {loss.item()} at optimizer step "
-                                   f"{step + 1}/{total_steps} (epoch {epoch}); lower lr (now "
-                                   f"{hparams.lr}) or use precision=fp32; weights restored")
-                scaled = loss / hparams.grad_accum_steps
-                (scaler.scale(scaled) if scaler else scaled).backward()
-                tokens += batch.tokens + (retain.tokens if retain is not None else 0)
-                micro += 1
-                if micro % hparams.grad_accum_steps and micro != len(chunks):
-                    continue
-                if scaler:
-                    scaler.unscale_(optimizer)
-                if hparams.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(trainable, hparams.max_grad_norm)
-                (scaler.step(optimizer) if scaler else optimizer.step())
-                if scaler:
-                    scaler.update()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                losses.append(round(loss.item(), 5))
-                parts_log.append({k: round(v, 5) for k, v in parts.items()})
-                progress.update(1)
-                progress.set_postfix(loss=f"{losses[-1]:.4f}", epoch=epoch)
-                if step >= total_steps:
-                    break
-            if setup.on_epoch_end is not None:
-                network.eval()
-                stop = setup.on_epoch_end(epoch)
-                network.train()
-                if stop:
-                    stopped_early_at = epoch
-                    break
-        progress.close()
-        if peft_model is not None:
-            peft_model.merge_and_unload()
-            peft_model = None
+        loop = _set_up(model, tokenizer, setup, hparams, seed, plan, state, autocast, scaler)
+        _run(loop, state)
+        if state.peft_model is not None:
+            state.peft_model.merge_and_unload()
+            state.peft_model = None
     except BaseException:
-        if peft_model is not None:
+        if state.peft_model is not None:
             with contextlib.suppress(Exception):
-                peft_model.unload()
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name in saved:
-                    p.copy_(saved[name].to(p.device, p.dtype))
+                state.peft_model.unload()
+        snapshot.restore(dict(model.named_parameters()))
         raise
     finally:
         for n, p in model.named_parameters():
@@ -279,13 +240,128 @@ def train(model, tokenizer, setup: TrainSetup, hparams: TrainHParams, *, seed: i
         model.train(was_training)
         model.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - started
-    changed = [n for n, p in model.named_parameters()
-               if n in saved and not torch.equal(p.detach().cpu(), saved[n])]
-    log(f"e2u: {setup.name} trained {step} optimizer steps ({epoch} epochs) in {seconds:.1f} s, "
-        f"final loss {losses[-1] if losses else float('nan'):.4f}")
+    changed = snapshot.changed(dict(model.named_parameters()))
+    log(f"e2u: {setup.name} trained {state.step} optimizer steps ({state.epoch} epochs) in {seconds:.1f} s, "
+        f"final loss {state.losses[-1] if state.losses else float('nan'):.4f}")
+    return _report(setup, hparams, plan, state, precision, seconds, changed)
+
+
+def _set_up(model, tokenizer, setup: TrainSetup, hparams: TrainHParams, seed: int, plan: _Plan,
+            state: _RunState, autocast, scaler) -> _Loop:
+    """The trained parameters (LoRA adapter, or full with ``train_from_layer``), the reference
+    model, the network the loss runs (a :class:`FrozenLowerStack` above a frozen lower part),
+    the optimizer and scheduler, and the seeded generators of the example order and retain draws."""
+    device = next(model.parameters()).device
+    pad_id = pad_id_of(tokenizer)
+    if hparams.lora:
+        state.peft_model = _attach_lora(model, hparams)
+        trainable = [p for p in state.peft_model.parameters() if p.requires_grad]
+    else:
+        trainable = full_trainable(model, hparams.train_from_layer)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in trainable:
+            p.requires_grad_(True)
+    reference = _Reference(model, state.peft_model) if setup.needs_reference else None
+    network = state.peft_model if state.peft_model is not None else model
+    if hparams.train_from_layer and state.peft_model is None:
+        network = FrozenLowerStack(model, hparams.train_from_layer, pad_id)
+        network.precompute(setup.forget + (setup.retain or []))
+    if setup.prepare is not None:
+        network.eval()
+        setup.prepare(network, reference)
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
+    optimizer = _adamw([{"params": decay, "weight_decay": hparams.weight_decay},
+                        {"params": no_decay, "weight_decay": 0.0}], hparams.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, plan.factor)
+    order_gen = torch.Generator().manual_seed(seed)
+    retain_gen = torch.Generator().manual_seed(seed + 1_000_003)
+    return _Loop(setup, hparams, plan, network, reference, trainable, optimizer, scheduler, scaler,
+                 autocast, pad_id, device, order_gen, retain_gen)
+
+
+def _run(loop: _Loop, state: _RunState) -> None:
+    """Epochs until the planned optimizer steps are done or ``on_epoch_end`` stops the run."""
+    setup, network = loop.setup, loop.network
+    network.train()
+    loop.progress = tqdm(total=loop.plan.total_steps, desc=f"{setup.name} training", leave=False)
+    while state.step < loop.plan.total_steps:
+        state.epoch += 1
+        _epoch(loop, state)
+        if setup.on_epoch_end is not None:
+            network.eval()
+            stop = setup.on_epoch_end(state.epoch)
+            network.train()
+            if stop:
+                state.stopped_early_at = state.epoch
+                break
+    loop.progress.close()
+
+
+def _epoch(loop: _Loop, state: _RunState) -> None:
+    """One pass over the forget examples in a seeded order, ``grad_accum_steps`` micro-batches
+    per optimizer step."""
+    hparams, setup, batch_size = loop.hparams, loop.setup, loop.hparams.train_batch_size
+    order = torch.randperm(len(setup.forget), generator=loop.order_gen).tolist()
+    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    micro = 0
+    for chunk in chunks:
+        loss, parts = _backward(loop, state, chunk)
+        micro += 1
+        if micro % hparams.grad_accum_steps and micro != len(chunks):
+            continue
+        _optimizer_step(loop)
+        state.step += 1
+        state.losses.append(round(loss.item(), 5))
+        state.parts_log.append({k: round(v, 5) for k, v in parts.items()})
+        loop.progress.update(1)
+        loop.progress.set_postfix(loss=f"{state.losses[-1]:.4f}", epoch=state.epoch)
+        if state.step >= loop.plan.total_steps:
+            break
+
+
+def _backward(loop: _Loop, state: _RunState, chunk: list[int]):
+    """The loss of one micro-batch (these forget examples, as many retain draws), backpropagated."""
+    setup, hparams = loop.setup, loop.hparams
+    batch = collate([setup.forget[i] for i in chunk], loop.pad_id, loop.device)
+    retain = None
+    if setup.retain is not None:
+        picks = torch.randint(len(setup.retain), (len(chunk),), generator=loop.retain_gen).tolist()
+        retain = collate([setup.retain[i] for i in picks], loop.pad_id, loop.device)
+    extra = setup.extra_batches(chunk, loop.device) if setup.extra_batches else {}
+    micro_step = StepBatch(forget=batch, forget_indices=chunk, retain=retain, extra=extra)
+    with loop.autocast():
+        loss, parts = setup.loss(loop.network, micro_step, loop.reference)
+    if not torch.isfinite(loss):
+        raise E2UError(f"{setup.name}: the loss became {loss.item()} at optimizer step "
+                       f"{state.step + 1}/{loop.plan.total_steps} (epoch {state.epoch}); lower lr (now "
+                       f"{hparams.lr}) or use precision=fp32; weights restored")
+    scaled = loss / hparams.grad_accum_steps
+    (loop.scaler.scale(scaled) if loop.scaler else scaled).backward()
+    state.tokens += batch.tokens + (retain.tokens if retain is not None else 0)
+    return loss, parts
+
+
+def _optimizer_step(loop: _Loop) -> None:
+    scaler, optimizer = loop.scaler, loop.optimizer
+    if scaler:
+        scaler.unscale_(optimizer)
+    if loop.hparams.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(loop.trainable, loop.hparams.max_grad_norm)
+    (scaler.step(optimizer) if scaler else optimizer.step())
+    if scaler:
+        scaler.update()
+    loop.scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _report(setup: TrainSetup, hparams: TrainHParams, plan: _Plan, state: _RunState, precision: str,
+            seconds: float, changed: list[str]) -> dict:
+    losses, parts_log, tokens = state.losses, state.parts_log, state.tokens
     return {
-        "optimizer_steps": step, "epochs_run": epoch, "steps_per_epoch": steps_per_epoch,
-        "warmup_steps": warmup, "stopped_early_at_epoch": stopped_early_at,
+        "optimizer_steps": state.step, "epochs_run": state.epoch, "steps_per_epoch": plan.steps_per_epoch,
+        "warmup_steps": plan.warmup, "stopped_early_at_epoch": state.stopped_early_at,
         "precision": precision, "lora": hparams.lora, "forget_examples": len(setup.forget),
         "retain_examples": len(setup.retain) if setup.retain is not None else 0,
         "reference_model": "the model just before training (frozen)" if setup.needs_reference else None,

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
-from e2u_models.shared_prefix import FixedPrefixKV, RecordingKV, cache_keyword, common_prefix_length
+from e2u_models.layers import FixedPrefixKV, LayerRunner, RecordingKV, additive_mask
+from e2u_models.nethook import StopForward, forward_until_stopped, trace
+from e2u_models.shared_prefix import common_prefix_length
 from e2u_models.training.batching import Example, collate
-from e2u_tasks.errors import E2UError
 
 # Batches with more tokens (after the shared prefix) than this run left-padded instead of packed:
 # the packed sequence's attention costs (total tokens)², the padded batch's rows × length².
@@ -29,13 +30,11 @@ class FrozenLowerStack(torch.nn.Module):
 
     def __init__(self, model, from_layer: int, pad_id: int, share_prefix: bool = True) -> None:
         super().__init__()
-        base = model.base_model
-        if not all(hasattr(base, name) for name in ("layers", "norm", "rotary_emb")):
-            raise E2UError("train_from_layer needs a llama-style decoder (layers, norm, rotary_emb); "
-                           "use train_from_layer=0 for this architecture")
-        self.model, self.base, self.from_layer, self.pad_id = model, base, from_layer, pad_id
+        runner = LayerRunner(model, from_layer, "train_from_layer", "use train_from_layer=0 for this architecture")
+        self.runner = runner
+        self.model, self.base, self.from_layer, self.pad_id = model, runner.base, from_layer, pad_id
         self.share_prefix = share_prefix  # False: the plain left-padded pass (benchmarks compare)
-        self.upper = list(base.layers)[from_layer:]
+        self.upper = runner.layers
         self.states: dict[tuple[int, ...], torch.Tensor] = {}
 
     @torch.no_grad()
@@ -45,26 +44,22 @@ class FrozenLowerStack(torch.nn.Module):
         todo = [e for e in {e.ids: e for e in examples}.values() if e.ids not in self.states]
         captured = {}
 
-        def capture(module, args, kwargs):
-            captured["h"] = (args[0] if args else kwargs["hidden_states"]).detach()
-            raise _Reached
+        def capture(hidden):
+            captured["h"] = hidden.detach()
+            raise StopForward
 
-        handle = self.upper[0].register_forward_pre_hook(capture, with_kwargs=True)
         was_training = self.model.training
         self.model.eval()
         try:
-            for start in range(0, len(todo), batch_size):
-                chunk = todo[start:start + batch_size]
-                batch = collate(chunk, self.pad_id, device)
-                try:
-                    self.base(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                              position_ids=batch.position_ids)
-                except _Reached:
-                    pass
-                for row, example in enumerate(chunk):
-                    self.states[example.ids] = captured["h"][row, -len(example.ids):].clone()
+            with trace(self.model, inputs={self.upper[0]: capture}):
+                for start in range(0, len(todo), batch_size):
+                    chunk = todo[start:start + batch_size]
+                    batch = collate(chunk, self.pad_id, device)
+                    forward_until_stopped(self.base, input_ids=batch.input_ids,
+                                          attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+                    for row, example in enumerate(chunk):
+                        self.states[example.ids] = captured["h"][row, -len(example.ids):].clone()
         finally:
-            handle.remove()
             self.model.train(was_training)
 
     def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int = 0):
@@ -84,21 +79,7 @@ class FrozenLowerStack(torch.nn.Module):
             hidden = self._run_left_padded(sequences, width, attention_mask, position_ids)
             if logits_to_keep:
                 hidden = hidden[:, -logits_to_keep:]
-        return _Logits(self.model.get_output_embeddings()(self.base.norm(hidden)))
-
-    def _layers(self, hidden, mask, positions, cache=None):
-        embeddings = self.base.rotary_emb(hidden, positions)
-        extra = {} if cache is None else {cache_keyword(self.upper[0]): cache, "use_cache": True}
-        for layer in self.upper:
-            out = layer(hidden, attention_mask=mask, position_ids=positions,
-                        position_embeddings=embeddings, **extra)
-            hidden = out[0] if isinstance(out, tuple) else out
-        return hidden
-
-    @staticmethod
-    def _additive(allowed: torch.Tensor, dtype) -> torch.Tensor:
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min)[:, None]
+        return _Logits(self.runner.logits(hidden))
 
     def _run_left_padded(self, sequences, width, attention_mask, position_ids):
         """Every row's full sequence, left-padded as the batch is."""
@@ -109,7 +90,7 @@ class FrozenLowerStack(torch.nn.Module):
             hidden[row, width - len(ids):] = self.states[ids]
         allowed = torch.ones(width, width, dtype=torch.bool, device=device).tril()[None] \
             & attention_mask[:, None, :].bool()
-        return self._layers(hidden, self._additive(allowed, hidden.dtype), position_ids)
+        return self.runner.run(hidden, additive_mask(allowed, hidden.dtype), position_ids)
 
     def _run_after_shared_prefix(self, sequences, shared: int, keep: int):
         """The last ``keep`` positions of every row, ``[rows, keep, d]``, computed without padding.
@@ -122,7 +103,7 @@ class FrozenLowerStack(torch.nn.Module):
         device, dtype = first.device, first.dtype
         record = RecordingKV()
         causal = torch.ones(shared, shared, dtype=torch.bool, device=device).tril()[None]
-        self._layers(first[None, :shared], self._additive(causal, dtype),
+        self.runner.run(first[None, :shared], additive_mask(causal, dtype),
                      torch.arange(shared, device=device)[None], record)
         lengths = [len(ids) - shared for ids in sequences]
         packed = torch.cat([self.states[ids][shared:] for ids in sequences])[None]
@@ -133,15 +114,11 @@ class FrozenLowerStack(torch.nn.Module):
         own_row = (row_of[:, None] == row_of[None, :]) & torch.ones(total, total, dtype=torch.bool,
                                                                     device=device).tril()
         allowed = torch.cat([torch.ones((total, shared), dtype=torch.bool, device=device), own_row], dim=1)
-        hidden = self._layers(packed, self._additive(allowed[None], dtype), positions,
+        hidden = self.runner.run(packed, additive_mask(allowed[None], dtype), positions,
                               FixedPrefixKV(record.layers))
         ends = torch.tensor(lengths, device=device).cumsum(0)
         tail = ends[:, None] - keep + torch.arange(keep, device=device)[None]
         return hidden[0, tail]
-
-
-class _Reached(Exception):
-    """Stops the lower-layer pass once the cached layer's input is captured."""
 
 
 @dataclass

@@ -1,0 +1,113 @@
+"""Running decoder layers k..n directly, after a fixed prefix, under a mask of one's own.
+
+Used by the v* engine (the layers above the injection point, after each row's cached prefix), by
+training above a frozen lower stack (the upper layers, after the batch's shared prefix) and by
+the shared-prefix evaluation (the cache of the prompts' common prefix). Everything here depends
+on transformers internals (a llama-style ``base_model`` with ``layers``, ``norm`` and
+``rotary_emb``; cache objects and the name of the cache argument); nothing outside this module does.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import torch
+
+from e2u_tasks.errors import E2UError
+
+KV = dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+
+def cache_keyword(module) -> str:
+    """The name of ``module.forward``'s key/value cache argument: ``cache`` in transformers >=
+    5.2x, ``past_key_values`` in older releases (deprecated since)."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def cache_of(output):
+    """The key/value cache a forward with ``use_cache=True`` returned."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+def repeated_cache(cache, batch: int):
+    """A copy of a one-row cache repeated for ``batch`` rows."""
+    cache = copy.deepcopy(cache)
+    cache.batch_repeat_interleave(batch)
+    return cache
+
+
+def crop_cache(cache, drop: int) -> None:
+    """Drop the last ``drop`` positions (a negative length works on old and new caches)."""
+    cache.crop(-drop)
+
+
+def select_cache_rows(cache, index: torch.Tensor) -> None:
+    cache.batch_select_indices(index)
+
+
+def prefix_kv(cache, layers: range, length: int) -> KV:
+    """The first ``length`` positions' keys/values of these layers of a cache, detached."""
+    return {index: (cache.layers[index].keys[:, :, :length].detach(),
+                    cache.layers[index].values[:, :, :length].detach()) for index in layers}
+
+
+class FixedPrefixKV:
+    """Cache stand-in for decoder layers called directly: returns fixed prefix keys/values (per
+    layer index) followed by the call's own, storing nothing, so every call sees the same prefix."""
+
+    def __init__(self, prefix: KV):
+        self.prefix = prefix
+
+    def update(self, keys, values, layer_idx, *args, **kwargs):
+        prefix_keys, prefix_values = self.prefix[layer_idx]
+        return torch.cat([prefix_keys, keys], dim=2), torch.cat([prefix_values, values], dim=2)
+
+
+class RecordingKV:
+    """Cache stand-in that records each layer's keys/values of one pass (gradients kept), for a
+    :class:`FixedPrefixKV` of later passes."""
+
+    def __init__(self):
+        self.layers: KV = {}
+
+    def update(self, keys, values, layer_idx, *args, **kwargs):
+        self.layers[layer_idx] = (keys, values)
+        return keys, values
+
+
+def additive_mask(allowed: torch.Tensor, dtype) -> torch.Tensor:
+    """(rows, queries, keys) booleans -> the additive attention mask (rows, 1, queries, keys)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)[:, None]
+
+
+class LayerRunner:
+    """Decoder layers ``first``.. of a llama-style model, run on given hidden states with a given
+    additive mask and positions, optionally after a cache stand-in's prefix keys/values; the
+    final norm and the vocabulary head applied where asked. ``what``/``instead``: the error of a
+    model that is not llama-style."""
+
+    def __init__(self, model, first: int, what: str, instead: str) -> None:
+        base = model.base_model
+        if not all(hasattr(base, name) for name in ("layers", "norm", "rotary_emb")):
+            raise E2UError(f"{what} needs a llama-style decoder (layers, norm, rotary_emb); {instead}")
+        self.model, self.base, self.first = model, base, first
+        self.count = len(base.layers)
+        self.layers = list(base.layers)[first:]
+        self.head = model.get_output_embeddings()
+
+    def run(self, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:
+        """Hidden states after the last layer (before the final norm)."""
+        embeddings = self.base.rotary_emb(hidden, positions)
+        extra = {} if cache is None or not self.layers else \
+            {cache_keyword(self.layers[0]): cache, "use_cache": True}
+        for layer in self.layers:
+            out = layer(hidden, attention_mask=mask, position_ids=positions,
+                        position_embeddings=embeddings, **extra)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(self.base.norm(hidden))
