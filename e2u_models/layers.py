@@ -77,6 +77,18 @@ class RecordingKV:
         return keys, values
 
 
+def activation_named(name: str):
+    """transformers' activation function of this name (as in a model config's ``hidden_act``)."""
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
+
+
+def hidden_activation(model) -> str:
+    """The name of the model's MLP activation."""
+    return getattr(model.config, "hidden_act", None) or getattr(model.config, "hidden_activation", "silu")
+
+
 def additive_mask(allowed: torch.Tensor, dtype) -> torch.Tensor:
     """(rows, queries, keys) booleans -> the additive attention mask (rows, 1, queries, keys)."""
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(

@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from e2u_models.cache import atomic_directory, cache_root, json_sha256, verified_entry
+from e2u_models.nethook import pad_id_of
 from e2u_models.shared_prefix import continue_greedily, stop_token_ids
 from e2u_tasks.errors import E2UError
 from e2u_tasks.refusal import answer_leak, expresses_not_knowing, key_entity, mentions
@@ -111,7 +112,7 @@ def _generate(model, tokenizer, prompts: list[str], sample_seed: int | None, bat
     """Replies to ``prompts`` (greedy, or seeded sampling), each up to its first line break.
     The instruction and examples are a prefix shared by every prompt: computed once."""
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id_of(tokenizer)
     stops = stop_token_ids(tokenizer)
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     pick = None

@@ -1,8 +1,8 @@
 """Batched answer scoring and greedy decoding from one prompt pass, common prefix computed once.
 
-Every e2u prompt starts with the same chat-template text (system prompt, user header): about half
-of SmolLM2's prompt tokens. Running that prefix once, repeating its key/value cache across the
-batch and feeding only each row's remaining tokens roughly halves the prompt cost. The gold answer
+Every e2u prompt starts with the same chat-template text (system prompt, user header), a large
+part of each prompt. Running that prefix once, repeating its key/value cache across the batch
+and feeding only each row's remaining tokens saves that part of the prompt cost. The gold answer
 is scored teacher-forced in the same forward pass that reads the prompt, and greedy decoding
 continues from that pass's cache cropped back to the prompt, so each prompt is computed once.
 Rows are padded *after* the prefix with matching attention mask and position ids, so each row

@@ -9,7 +9,7 @@ layer up to the module's), the module name, the corpus identity and content, the
 the sequence cap and the storage dtype. A cached second request reads the files and runs nothing.
 
 Kept apart from the methods on purpose (as in the original ROME code): a method asks for
-statistics, it never computes them itself.
+statistics (:func:`statistics_for` with a :class:`StatsSpec`), it never computes them itself.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ DEFAULT_CORPUS = "e2u"
 
 def python_docs_corpus() -> TextCorpus:
     """The offline default: the English prose of Python's own documentation topics
-    (``pydoc_data.topics``, ~465k characters, ~110k SmolLM2 tokens), shipped with every CPython,
+    (``pydoc_data.topics``, about the default token budget), shipped with every CPython,
     so statistics can always be collected without a network. It is technical English, narrower
     than Wikipedia: edits protect the directions common in such text; the identity and content hash
     recorded with every result say which corpus was used."""

@@ -268,8 +268,9 @@ def length_buckets(lengths: Sequence[int], row_overhead: float = 4.0) -> list[li
 
 def _fast(run: VStarRun) -> None:
     nll_rows, kl_rows = _rows(run.prepared, with_kl=run.settings.kl_factor > 0)
-    # The NLL rows run in groups of similar length (refusals differ in length; padding them all to
-    # the longest wastes a third of the tokens); the KL rows need one token from the key on.
+    # The NLL rows run in groups of similar length (refusals differ in length, and padding them
+    # all to the longest would spend much of each step on padding); the KL rows need one token
+    # from the key on.
     template = run.settings.layer_module_tmp
     nll_stacks = [(group, UpperStack(run.model, run.tokenizer, [nll_rows[j] for j in group], template, run.layer))
                   for group in length_buckets([len(r.ids) - r.key for r in nll_rows])]

@@ -70,10 +70,11 @@ def edit_batches(model, tokenizer, prepared: Sequence[PreparedRequest], hparams,
     z_layer = layers[-1]
     size = hparams.edit_batch_size or len(prepared)
     weights = {l: rewrite_weight(model, hparams, l) for l in layers}
+    settings = VStarSettings.of(hparams)
     v_seconds, losses = 0.0, []
     for start in range(0, len(prepared), size):
         batch = prepared[start: start + size]
-        result = optimise_targets(model, tokenizer, batch, VStarSettings.of(hparams), z_layer,
+        result = optimise_targets(model, tokenizer, batch, settings, z_layer,
                                   hparams.layer_module_tmp.format(z_layer),
                                   desc=f"{name} v* batch {start // size + 1}")
         v_seconds += result.seconds

@@ -51,9 +51,11 @@ from e2u_models.editing.requests import KeySpec, prepare_requests
 from e2u_models.editing.stats import StatsSpec, statistics_for
 from e2u_models.editing.verify import check_finite, target_nll, verification
 from e2u_models.editing.vstar import UpperStack
+from e2u_models.layers import activation_named, hidden_activation
 from e2u_models.nethook import pad_id_of, pad_right, trace
 from e2u_models.question_sets import QUESTION_SETS, load_questions, off_dataset
 from e2u_models.shared_prefix import continue_greedily, stop_token_ids
+from e2u_models.snapshot import frozen
 from e2u_tasks.errors import E2UError
 
 NAME = "wise"
@@ -175,10 +177,8 @@ def stats_spec(hparams: HyperParams) -> StatsSpec:
 
 
 def activation_of(model):
-    from transformers.activations import ACT2FN
-
-    name = getattr(model.config, "hidden_act", None) or getattr(model.config, "hidden_activation", "silu")
-    return name, ACT2FN[name]
+    name = hidden_activation(model)
+    return name, activation_named(name)
 
 
 class SideMemory(Adapter):
@@ -189,11 +189,9 @@ class SideMemory(Adapter):
 
     def __init__(self, module_name: str, deltas: list[torch.Tensor], thresholds: list[float],
                  activation: str) -> None:
-        from transformers.activations import ACT2FN
-
         super().__init__(module_name)
         self.deltas, self.thresholds, self.activation = deltas, thresholds, activation
-        self.act = ACT2FN[activation]
+        self.act = activation_named(activation)
 
     def distances(self, x: torch.Tensor, main: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         side = main + x @ delta.T
@@ -286,20 +284,14 @@ def hinge_mean(values: torch.Tensor) -> torch.Tensor:
     return values[positive].mean() if bool(positive.any()) else values.new_zeros(())
 
 
-def train_shard(model, tokenizer, prepared, irrelevant_ids, hparams: HyperParams, layer: int,
-                module_name: str, seed: int, desc: str,
-                projector: torch.Tensor | None = None) -> tuple[torch.Tensor, float, dict]:
-    """One side-memory shard for these prepared requests: (D, threshold, training record). With a
-    ``projector`` P the side memory is D̃P: inputs are projected once, D̃ is trained."""
-    module = module_named(model, module_name, 0, "inner_module_tmp")
-    weight = module.weight
-    rows = [p.nll_rows(i)[0] for i, p in enumerate(prepared)]
-    stack = UpperStack(model, tokenizer, rows, hparams.layer_module_tmp, layer, capture_input=module_name)
+def scoped_inputs(model, tokenizer, stack: UpperStack, irrelevant_ids, module_name: str,
+                  key_only: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The edited module's inputs (float32): the edit rows' from the key on (rows, S, d_in), those
+    in scope (tokens, d_in) and those out of scope (tokens, d_in)."""
     P = stack.P
     x_all = stack.captured_input.float()                       # (n, P + S, d_in)
     real = stack.layout_mask.bool()
     suffix_x, suffix_real = x_all[:, P:], real[:, P:]
-    key_only = hparams.edit_positions == "key"
     in_x = suffix_x[:, 0] if key_only else suffix_x[suffix_real]  # the key (column 0) / from the key on
     # Out of scope: the irrelevant rows and the edit rows' tokens before the key (from_key) or
     # all of them but the key (key).
@@ -309,6 +301,20 @@ def train_shard(model, tokenizer, prepared, irrelevant_ids, hparams: HyperParams
     else:
         edit_out[:, P:] = False
     out_x = torch.cat([x_all[edit_out], module_inputs(model, tokenizer, irrelevant_ids, module_name)])
+    return suffix_x, in_x, out_x
+
+
+def train_shard(model, tokenizer, prepared, irrelevant_ids, hparams: HyperParams, layer: int,
+                module_name: str, seed: int, desc: str,
+                projector: torch.Tensor | None = None) -> tuple[torch.Tensor, float, dict]:
+    """One side-memory shard for these prepared requests: (D, threshold, training record). With a
+    ``projector`` P the side memory is D̃P: inputs are projected once, D̃ is trained."""
+    module = module_named(model, module_name, 0, "inner_module_tmp")
+    weight = module.weight
+    rows = [p.nll_rows(i)[0] for i, p in enumerate(prepared)]
+    stack = UpperStack(model, tokenizer, rows, hparams.layer_module_tmp, layer, capture_input=module_name)
+    key_only = hparams.edit_positions == "key"
+    suffix_x, in_x, out_x = scoped_inputs(model, tokenizer, stack, irrelevant_ids, module_name, key_only)
     with torch.no_grad():
         in_main = F.linear(in_x, weight.float())
         out_main = F.linear(out_x, weight.float())
@@ -328,12 +334,9 @@ def train_shard(model, tokenizer, prepared, irrelevant_ids, hparams: HyperParams
     grad_mask = (torch.rand(weight.shape, generator=generator) < hparams.mask_ratio).to(device, torch.float32)
     delta = torch.zeros(weight.shape, device=device, dtype=torch.float32, requires_grad=True)
     optimiser = torch.optim.SGD([delta], lr=hparams.edit_lr, weight_decay=hparams.weight_decay)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:
-        p.requires_grad_(False)
     record: dict = {"steps": 0}
     previous = None
-    try:
+    with frozen(model):
         with tqdm(total=hparams.n_iter, desc=desc, leave=False) as progress:
             for step in range(hparams.n_iter):
                 d_in = (act(in_main + in_x @ delta.T) - act(in_main)).norm(dim=-1)
@@ -362,9 +365,6 @@ def train_shard(model, tokenizer, prepared, irrelevant_ids, hparams: HyperParams
                 optimiser.step()
                 with torch.no_grad():
                     delta.clamp_(-hparams.norm_constraint, hparams.norm_constraint)
-    finally:
-        for p in trainable:
-            p.requires_grad_(True)
     threshold = hparams.act_ratio * record["in_min"]
     side = delta.detach() if projector is None else delta.detach() @ project
     return side, threshold, record

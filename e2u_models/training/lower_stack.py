@@ -95,8 +95,8 @@ class FrozenLowerStack(torch.nn.Module):
     def _run_after_shared_prefix(self, sequences, shared: int, keep: int):
         """The last ``keep`` positions of every row, ``[rows, keep, d]``, computed without padding.
 
-        The tokens all rows share (the chat template's system prompt and user header: a third to
-        a half of a short QA sequence) run once; then the rows' own tokens run packed into one
+        The tokens all rows share (the chat template's system prompt and user header, a large
+        part of a short QA sequence) run once; then the rows' own tokens run packed into one
         sequence, each token attending to the shared keys/values (gradients flow through them) and
         to the earlier tokens of its own row, at its own position."""
         first = self.states[sequences[0]]
