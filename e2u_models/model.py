@@ -41,7 +41,7 @@ from e2u_models.methods import get_method
 from e2u_models.edit_cache import EditCache, edit_key
 from e2u_models.edit_cache import model_sha256 as edit_model_sha256
 from e2u_models.protocol import EditRequest, MethodEnv, MethodReport
-from e2u_models.hparams import hparams_file, load_hparams, resolve_hparams_path
+from e2u_models.hparams import has_presets, hparams_file, load_hparams, resolve_hparams_path
 from e2u_models.question_sets import load_questions, off_dataset
 from e2u_models.prompts import PromptFormat, parse_chat_template
 from e2u_models.saving import check_save_target, save_edited_model
@@ -242,13 +242,14 @@ class E2ULM(HFLM):
         elif isinstance(pretrained, str):
             _check_local_model(pretrained)
         check_model = getattr(self.hparams, "check_model", None)
-        if callable(check_model) and isinstance(pretrained, str):
+        if (callable(check_model) or has_presets(method_name)) and isinstance(pretrained, str):
             config = _load_config(pretrained, kwargs)
             if config is not None:  # unreachable hub config: HFLM reports it when loading
                 self.hparams_source = resolve_hparams_path(method_name, hparams, config)
                 self.hparams = load_hparams(self.method.HyperParams, method_name,
                                             self.hparams_source, overrides)
-                self.hparams.check_model(config)
+                if callable(check_model):
+                    self.hparams.check_model(config)
         super().__init__(pretrained=pretrained, **kwargs)
         self.prompt_format = PromptFormat.for_tokenizer(self.tokenizer, chat_template, system_prompt)
         if isinstance(pretrained, str) and has_saved_adapters(pretrained):
