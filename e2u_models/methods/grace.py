@@ -28,7 +28,6 @@ from e2u_models.editing.locate import (
     LocateHParams, check_finite, module_named, OneLayerChoice, prepare_requests, read_at_keys, target_nll,
     verification)
 from e2u_models.editing.vstar import optimise_targets
-from e2u_tasks.errors import E2UError
 
 NAME = "grace"
 KIND = "editing"
