@@ -159,6 +159,10 @@ class E2ULM(HFLM):
         return self.prepared.method_report
 
     @property
+    def finetune_report(self) -> dict | None:
+        return self.prepared.finetune_report
+
+    @property
     def model_sha256(self) -> str | None:
         return self.prepared.model_sha256
 
