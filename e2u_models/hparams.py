@@ -190,10 +190,9 @@ def check_field(name: str, value: Any, rule: typing.Mapping) -> None:
         return
     choices = rule.get("choices")
     if choices is not None:
-        ok = value in choices
-        default = "hparam {name}={value!r} is not accepted; use one of {choices}"
+        ok, default = value in choices, "hparam {name}={value!r} is not accepted; use one of {choices}"
     else:
-        ok = True
+        ok, default = True, "hparam {name}={value} is not accepted"
         if "min" in rule:
             ok, default = value >= rule["min"], f"hparam {{name}}={{value}} must be >= {rule['min']}"
         if "above" in rule:
@@ -202,8 +201,7 @@ def check_field(name: str, value: Any, rule: typing.Mapping) -> None:
             low, high, closed_low, closed_high = _interval(rule["range"])
             ok = (low <= value if closed_low else low < value) and (value <= high if closed_high else value < high)
             default = f"hparam {{name}}={{value}} must be in {rule['range']}"
-        if rule.get("finite") and not math.isfinite(value):
-            ok = False
+        ok = ok and not (rule.get("finite") and not math.isfinite(value))
         default += f" ({rule['hint']})" if "hint" in rule else ""
     if not ok:
         message = rule.get("message", default)
