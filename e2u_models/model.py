@@ -94,6 +94,7 @@ class E2ULM(HFLM):
         # Every argument is checked, and the hparams resolved against the model's config, before
         # HFLM loads the weights: a bad argument costs no model load.
         self.args: E2UArgs = parse_model_args(pretrained, **model_args)
+        # Plain attributes, not properties: every request reads them (and tests stand in a method).
         self.method, self.splits = self.args.method, self.args.splits
         super().__init__(pretrained=self.args.pretrained, **self.args.hf_args)
         self.prompt_format = PromptFormat.for_tokenizer(self.tokenizer, self.args.chat_template,
