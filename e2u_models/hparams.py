@@ -1,8 +1,21 @@
-"""Type-checked hyperparameters: a method's YAML (or a model preset), then model-arg overrides."""
+"""Hyperparameters resolved in one place: defaults, the method's YAML (or a model preset or a
+user file, each possibly on top of a ``base:`` file), then model-arg overrides; every value
+type-checked, checked against the rules declared on its field, and traced to where it came from.
+
+A field declares its own choices and range in ``field(metadata=...)``, so a rule sits next to the
+value it constrains and one loader checks them all (a class's ``validate()`` keeps the rules that
+involve several fields):
+
+- ``choices``: accepted values; ``min`` (>=), ``above`` (>), ``range`` (``"[0, 1)"``: brackets say
+  whether the ends are included), ``finite`` (reject inf/nan);
+- ``hint``: appended in parentheses to the range message; ``message``: the whole message, a
+  format string with ``{name}``, ``{value}`` and ``{choices}`` (for rules stated jointly).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from importlib import resources
@@ -15,19 +28,31 @@ from e2u_tasks.errors import E2UError
 from e2u_tasks.splits import parse_int
 
 
-# Keys of a hparams YAML that describe the file rather than set a hyperparameter.
-PRESET_META_KEYS = ("match",)
+# Keys of a hparams YAML that describe the file rather than set a hyperparameter: ``match`` (the
+# model configs a preset is for) and ``base`` (the shipped file it changes).
+PRESET_META_KEYS = ("match", "base")
+MODEL_ARGS = "model args"
+DEFAULT = "default"
+
+
+def hparams_dir() -> Path:
+    return Path(str(resources.files("e2u_models.methods").joinpath("hparams")))
 
 
 def hparams_file(method: str) -> Path:
     """The YAML shipped with a method (``e2u_models/methods/hparams/<method>.yaml``)."""
-    return Path(str(resources.files("e2u_models.methods").joinpath("hparams", f"{method}.yaml")))
+    return hparams_dir() / f"{method}.yaml"
 
 
 def preset_files(method: str) -> dict[str, Path]:
-    """Model-specific presets of a method: ``hparams/<method>/<name>.yaml``."""
-    folder = Path(str(resources.files("e2u_models.methods").joinpath("hparams", method)))
+    """Model-specific presets of a method: ``hparams/<method>/<name>.yaml``. A method opts into
+    model presets by having this folder; without it the config is never consulted."""
+    folder = hparams_dir() / method
     return {f.stem: f for f in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+
+
+def has_presets(method: str) -> bool:
+    return bool(preset_files(method))
 
 
 def preset_for(method: str, config) -> Path | None:
@@ -55,6 +80,13 @@ def resolve_hparams_path(method: str, hparams: str | None, config=None) -> str |
         preset = preset_for(method, config)
         return str(preset) if preset else None
     return None
+
+
+def source_name(path: Path | str) -> str:
+    """How results name a hparams file: a shipped one as ``hparams/<...>.yaml``, a user's as given."""
+    text = str(path).replace("\\", "/")
+    shipped = str(hparams_dir()).replace("\\", "/") + "/"
+    return "hparams/" + text[len(shipped):] if text.startswith(shipped) else str(path)
 
 
 def _coerce(name: str, value: Any, annotation: Any) -> Any:
@@ -108,33 +140,115 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
     raise E2UError(f"hparam {name}={value!r} is not a {getattr(annotation, '__name__', annotation)}")
 
 
-def load_hparams(cls: type, method: str, path: str | None = None,
-                 overrides: dict[str, Any] | None = None) -> Any:
-    """Hyperparameters: the method's YAML (or ``path``), then ``key=value`` overrides, each
-    checked against the dataclass ``cls`` (unknown keys and wrong types are one-line errors)."""
-    source = Path(path).expanduser() if path else hparams_file(method)
+def _read_mapping(source: Path, given: bool) -> dict:
+    """A hparams YAML as a mapping ({} for a shipped method without a file)."""
     try:
         raw = yaml.safe_load(source.read_text(encoding="utf-8")) if source.is_file() else None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise E2UError(f"hparams file {str(source)!r} cannot be read as YAML ({type(exc).__name__})") from None
-    if path and not source.is_file():
+    if given and not source.is_file():
         raise E2UError(f"hparams file {str(source)!r} does not exist")
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise E2UError(f"hparams file {str(source)!r} must hold a mapping of name: value")
+    return raw
+
+
+def file_layers(method: str, path: str | None) -> list[tuple[Path, dict]]:
+    """The files that set values, lowest first: a file's ``base:`` (a shipped method file, e.g.
+    ``base: rome`` for ``hparams/rome.yaml``), then the file itself. A preset thus lists only what
+    differs from its method's file, and each default lives in one place."""
+    source = Path(path).expanduser() if path else hparams_file(method)
+    raw = _read_mapping(source, given=bool(path))
+    base = raw.get("base")
+    if base is None:
+        return [(source, raw)]
+    shipped = sorted(p.stem for p in hparams_dir().glob("*.yaml"))
+    if base not in shipped or hparams_file(base) == source:
+        raise E2UError(f"hparams file {str(source)!r}: base={base!r} is not accepted; use one of "
+                       f"{', '.join(shipped)}")
+    return [*file_layers(base, str(hparams_file(base))), (source, raw)]
+
+
+def field_rules(cls: type) -> dict[str, typing.Mapping]:
+    """Each field's declared rules; a subclass that only changes a default keeps its base's rules."""
+    rules: dict[str, typing.Mapping] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            rules.update({f.name: f.metadata for f in dataclasses.fields(klass) if f.metadata})
+    return rules
+
+
+def _interval(text: str) -> tuple[float, float, bool, bool]:
+    low, high = (float(part) for part in text[1:-1].split(","))
+    return low, high, text[0] == "[", text[-1] == "]"
+
+
+def check_field(name: str, value: Any, rule: typing.Mapping) -> None:
+    """One field's declared rules (``choices``, ``min``, ``above``, ``range``, ``finite``)."""
+    if value is None:  # optional fields: None means "not used"
+        return
+    choices = rule.get("choices")
+    if choices is not None:
+        ok, default = value in choices, "hparam {name}={value!r} is not accepted; use one of {choices}"
+    else:
+        ok, default = True, "hparam {name}={value} is not accepted"
+        if "min" in rule:
+            ok, default = value >= rule["min"], f"hparam {{name}}={{value}} must be >= {rule['min']}"
+        if "above" in rule:
+            ok, default = value > rule["above"], f"hparam {{name}}={{value}} must be > {rule['above']}"
+        if "range" in rule:
+            low, high, closed_low, closed_high = _interval(rule["range"])
+            ok = (low <= value if closed_low else low < value) and (value <= high if closed_high else value < high)
+            default = f"hparam {{name}}={{value}} must be in {rule['range']}"
+        ok = ok and not (rule.get("finite") and not math.isfinite(value))
+        default += f" ({rule['hint']})" if "hint" in rule else ""
+    if not ok:
+        message = rule.get("message", default)
+        raise E2UError(message.format(name=name, value=value, choices=", ".join(map(str, choices or ()))))
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """Resolved hyperparameters: ``values`` (the checked dataclass), ``path`` (the file chosen:
+    preset or user file; None = the method's own file) and, per field, where its value came from
+    (``sources``: a file as :func:`source_name` writes it, ``"model args"`` or ``"default"``)."""
+
+    values: Any
+    path: str | None
+    sources: dict[str, str]
+
+
+def resolve_hparams(cls: type, method: str, hparams: str | None = None,
+                    overrides: dict[str, Any] | None = None, config=None) -> Resolved:
+    """The one function that resolves hyperparameters: ``hparams=`` (a file or a preset name), else
+    the preset matching ``config`` (methods with a preset folder only), else the method's file;
+    then ``key=value`` overrides. Unknown keys, wrong types and values outside a field's rules are
+    one-line errors; then the class's ``validate()`` checks the rules across fields."""
+    path = resolve_hparams_path(method, hparams, config if has_presets(method) else None)
     hints = typing.get_type_hints(cls)
     known = [f.name for f in dataclasses.fields(cls)]
     values: dict[str, Any] = {}
-    for origin, mapping in (("file " + str(source), raw), ("model args", overrides or {})):
+    sources = dict.fromkeys(known, DEFAULT)
+    layers = [("file " + str(source), source_name(source), raw) for source, raw in file_layers(method, path)]
+    for origin, name, mapping in [*layers, (MODEL_ARGS, MODEL_ARGS, overrides or {})]:
         for key, value in mapping.items():
-            if origin != "model args" and key in PRESET_META_KEYS:
+            if origin != MODEL_ARGS and key in PRESET_META_KEYS:
                 continue
             if key not in known:
                 raise E2UError(f"unknown hparam {key!r} for method {method} (from {origin}); "
                                f"accepted: {', '.join(known) or 'none'}")
-            values[key] = _coerce(key, value, hints[key])
-    hparams = cls(**values)
-    validate = getattr(hparams, "validate", None)
+            values[key], sources[key] = _coerce(key, value, hints[key]), name
+    resolved = cls(**values)
+    for name, rule in field_rules(cls).items():
+        check_field(name, getattr(resolved, name), rule)
+    validate = getattr(resolved, "validate", None)
     if callable(validate):
         validate()
-    return hparams
+    return Resolved(resolved, path, sources)
+
+
+def load_hparams(cls: type, method: str, path: str | None = None,
+                 overrides: dict[str, Any] | None = None) -> Any:
+    """Just the values of :func:`resolve_hparams` for ``path`` (a file; None = the method's own)."""
+    return resolve_hparams(cls, method, path, overrides).values

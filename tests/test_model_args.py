@@ -84,7 +84,7 @@ def test_batch_size_defaults(monkeypatch, tiny_model_dir, argv, given, expected)
 def test_no_hparam_shadows_a_model_arg():
     """A hparam named like an hf/e2u model arg (e.g. batch_size) would silently take that arg."""
     from e2u_models.methods import METHODS
-    from e2u_models.model import E2U_ARGS, FROM_PRETRAINED_ARGS, HFLM_ARGS
+    from e2u_models.args import E2U_ARGS, FROM_PRETRAINED_ARGS, HFLM_ARGS
 
     reserved = set(HFLM_ARGS) | set(FROM_PRETRAINED_ARGS) | set(E2U_ARGS)
     for name in METHODS:

@@ -32,40 +32,43 @@ class LocateHParams:
     layer_fractions: list[float] = field(default_factory=lambda: [0.15])
     rewrite_module_tmp: str = "model.layers.{}.mlp.down_proj"
     layer_module_tmp: str = "model.layers.{}"
-    fact_token: str = "question_last"
+    fact_token: str = field(default="question_last", metadata={"choices": FACT_TOKENS})
     # [[new tokens, count], ...] of prefixes sampled from the model (EasyEdit's contexts); [] =
     # the bare prompt only.
     context_template_length_params: list[list[int]] = field(default_factory=list)
-    v_num_grad_steps: int = 25
-    v_lr: float = 0.5
-    v_weight_decay: float = 1e-3
-    clamp_norm_factor: float = 4.0
-    kl_factor: float = 0.0625
-    v_loss_threshold: float = 5e-2
+    v_num_grad_steps: int = field(default=25, metadata={"min": 1})
+    v_lr: float = field(default=0.5, metadata={"above": 0})
+    v_weight_decay: float = field(default=1e-3, metadata={"min": 0})
+    clamp_norm_factor: float = field(default=4.0, metadata={"above": 0})
+    kl_factor: float = field(default=0.0625, metadata={"min": 0})
+    v_loss_threshold: float = field(default=5e-2, metadata={"above": 0})
     # fast: all requests of a batch together, upper layers only, logits only where the loss reads
     # them; classic: one request at a time with full forward passes (the reference).
-    v_mode: str = "fast"
+    v_mode: str = field(default="fast", metadata={
+        "choices": ("fast", "classic"), "message": "hparam {name}={value!r} is not accepted; use fast or classic"})
     # Teach the end-of-turn token after the refusal, so generation stops there.
     target_eos: bool = True
     # Merge this many forget questions (dataset order) into one edit prompt with one target.
-    merge: int = 1
+    merge: int = field(default=1, metadata={"min": 1, "message": "merge={value} is not accepted; merge counts "
+                                                               "questions per edit (1 = no merging, e.g. merge=5)"})
     # Where a merged edit reads its key: "merged" = the merged prompt only (the paper: the key at
     # its end); "members" = the merged prompt and each of its questions asked alone, as contexts
     # (v* must make every one refuse; ROME's key is their mean, MEMIT/AlphaEdit take one key
     # column per question), so the edit sits on the keys the evaluation will see.
-    merge_keys: str = "merged"
+    merge_keys: str = field(default="merged", metadata={"choices": MERGE_KEYS})
     stats_corpus: str = "e2u"
-    mom2_n_tokens: int = 100_000
+    mom2_n_tokens: int = field(default=100_000, metadata={"min": 1})
     mom2_max_length: int = 512
-    mom2_dtype: str = "float32"
+    mom2_dtype: str = field(default="float32", metadata={
+        "choices": ("float32", "float64"), "message": "hparam {name}={value!r} is not accepted; use float32 or float64"})
     # Preserved knowledge besides the corpus (AlphaEdit's K0 are keys of facts): the keys at
     # ``fact_token`` of e2u's own questions ("factual", "generic") or a file's (one a line), the
     # questions about the evaluated dataset's entities dropped; their second moment, weighted by
     # ``preserve_weight``, is added to C. None: the corpus alone.
     preserve_questions: str | None = None
-    preserve_weight: float = 10.0
+    preserve_weight: float = field(default=10.0, metadata={"min": 0})
     # A request whose per-token target NLL after editing stays above this is reported unreached.
-    verify_nll: float = 1.0
+    verify_nll: float = field(default=1.0, metadata={"above": 0})
 
     def validate(self) -> None:
         if self.layers is not None and not self.layers:
@@ -73,27 +76,8 @@ class LocateHParams:
         if self.layers is None and (not self.layer_fractions
                                     or any(not 0.0 <= f <= 1.0 for f in self.layer_fractions)):
             raise E2UError(f"hparam layer_fractions={self.layer_fractions} must be numbers in [0, 1]")
-        if self.fact_token not in FACT_TOKENS:
-            raise E2UError(f"hparam fact_token={self.fact_token!r} is not accepted; use one of "
-                           f"{', '.join(FACT_TOKENS)}")
-        if self.v_mode not in ("fast", "classic"):
-            raise E2UError(f"hparam v_mode={self.v_mode!r} is not accepted; use fast or classic")
-        for name in ("v_lr", "clamp_norm_factor", "v_loss_threshold", "verify_nll"):
-            if not getattr(self, name) > 0:
-                raise E2UError(f"hparam {name}={getattr(self, name)} must be > 0")
-        for name in ("v_weight_decay", "kl_factor"):
-            if getattr(self, name) < 0:
-                raise E2UError(f"hparam {name}={getattr(self, name)} must be >= 0")
-        if self.v_num_grad_steps < 1:
-            raise E2UError(f"hparam v_num_grad_steps={self.v_num_grad_steps} must be >= 1")
-        if self.merge < 1:
-            raise E2UError(f"merge={self.merge} is not accepted; merge counts questions per edit "
-                           "(1 = no merging, e.g. merge=5)")
-        if self.merge_keys not in MERGE_KEYS:
-            raise E2UError(f"hparam merge_keys={self.merge_keys!r} is not accepted; use one of "
-                           f"{', '.join(MERGE_KEYS)}")
-        if self.mom2_n_tokens < 1:
-            raise E2UError(f"hparam mom2_n_tokens={self.mom2_n_tokens} must be >= 1")
+        # Choices and ranges of single fields are declared on the fields (checked by
+        # e2u_models.hparams); here: rules across fields, and look-ups of corpora and files.
         from e2u_models.editing.stats import corpus_kind
 
         corpus_kind(self.stats_corpus)
@@ -101,10 +85,6 @@ class LocateHParams:
             from e2u_models.question_sets import check_question_source
 
             check_question_source(self.preserve_questions, "preserve_questions")
-        if self.preserve_weight < 0:
-            raise E2UError(f"hparam preserve_weight={self.preserve_weight} must be >= 0")
-        if self.mom2_dtype not in ("float32", "float64"):
-            raise E2UError(f"hparam mom2_dtype={self.mom2_dtype!r} is not accepted; use float32 or float64")
         for pair in self.context_template_length_params:
             if len(pair) != 2 or min(pair) < 1:
                 raise E2UError("hparam context_template_length_params must be pairs "

@@ -10,7 +10,7 @@ created per run, never in a module-level global. Everything else is MEMIT's loop
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,16 +30,12 @@ USES_RETAIN = False
 class HyperParams(LocateHParams):
     nullspace_threshold: float = 2e-2
     nullspace_rule: str = "absolute"
-    L2: float = 10.0
-    edit_batch_size: int = 0
+    L2: float = field(default=10.0, metadata={"min": 0})
+    edit_batch_size: int = field(default=0, metadata={"min": 0, "hint": "0 = one batch"})
 
     def validate(self) -> None:
         super().validate()
         check_null_space_hparams(self.nullspace_threshold, self.nullspace_rule)
-        if self.L2 < 0:
-            raise E2UError(f"hparam L2={self.L2} must be >= 0")
-        if self.edit_batch_size < 0:
-            raise E2UError(f"hparam edit_batch_size={self.edit_batch_size} must be >= 0 (0 = one batch)")
 
 
 class AlphaEditor:

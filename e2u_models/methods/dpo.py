@@ -11,7 +11,7 @@ pairs are computed once before training, so no copy of the model is kept. No ret
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +31,7 @@ USES_RETAIN = False
 
 @dataclass(frozen=True)
 class HyperParams(TrainHParams):
-    beta: float = 0.1
-
-    def validate(self) -> None:
-        super().validate()
-        if not self.beta > 0:
-            raise E2UError(f"hparam beta={self.beta} must be > 0 (e.g. beta=0.1)")
+    beta: float = field(default=0.1, metadata={"above": 0, "hint": "e.g. beta=0.1"})
 
 
 def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperParams, *,

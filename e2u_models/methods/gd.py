@@ -4,28 +4,25 @@ references). One uniformly drawn retain row per forget row per step (seeded, as 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from e2u_models.protocol import EditRequest, MethodEnv, MethodReport
 from e2u_models.training.hparams import TrainHParams
 from e2u_models.training.loop import apply_training
 from e2u_models.training.losses import nll
-from e2u_tasks.errors import E2UError
 
 NAME = "gd"
 KIND = "unlearning"
 USES_RETAIN = True
 
+# The two weights share one message (they were checked together).
+WEIGHT_RULE = {"min": 0, "message": "hparams forget_weight and retain_weight must be >= 0"}
+
 
 @dataclass(frozen=True)
 class HyperParams(TrainHParams):
-    forget_weight: float = 1.0
-    retain_weight: float = 1.0
-
-    def validate(self) -> None:
-        super().validate()
-        if self.forget_weight < 0 or self.retain_weight < 0:
-            raise E2UError("hparams forget_weight and retain_weight must be >= 0")
+    forget_weight: float = field(default=1.0, metadata=WEIGHT_RULE)
+    retain_weight: float = field(default=1.0, metadata=WEIGHT_RULE)
 
 
 def apply(model, tokenizer, forget: list[EditRequest], retain: list[EditRequest] | None,

@@ -17,7 +17,7 @@ the edit acts the same under teacher forcing, batched/padded inputs and KV-cache
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,13 +29,15 @@ from e2u_models.editing.locate import OneLayerChoice, module_named
 from e2u_models.editing.requests import KeySpec, prepare_requests
 from e2u_models.editing.verify import check_finite, target_nll, verification
 from e2u_models.editing.vstar import VStarSettings, optimise_targets
-from e2u_tasks.errors import E2UError
 
 NAME = "grace"
 KIND = "editing"
 USES_RETAIN = False
 VAL_INITS = ("warm",)
 EPS_EXPANDS = ("coverage",)
+# Messages of rules declared on the fields (checked by e2u_models.hparams).
+NOT_IMPLEMENTED = "hparam {name}={value!r} is not implemented; accepted: {choices}"
+NLL_MESSAGE = "hparams loss_threshold must be >= 0 and verify_nll > 0"
 
 
 @dataclass(frozen=True)
@@ -44,35 +46,19 @@ class HyperParams(OneLayerChoice):
     ``val_init``, ``eps_expand``). ``layer`` wins over ``layer_fraction`` (relative depth)."""
 
     layer: int | None = None
-    layer_fraction: float = 0.85
+    layer_fraction: float = field(default=0.85, metadata={"range": "[0, 1]"})
     inner_module_tmp: str = "model.layers.{}.mlp.down_proj"
     layer_module_tmp: str = "model.layers.{}"
-    eps: float = 1.0
-    edit_lr: float = 1.0
-    n_iter: int = 50
+    eps: float = field(default=1.0, metadata={"above": 0, "message": "hparam {name}={value} is not accepted; the "
+                                                                    "deferral radius must be > 0 (e.g. eps=1.0)"})
+    edit_lr: float = field(default=1.0, metadata={"above": 0})
+    n_iter: int = field(default=50, metadata={"min": 1})
     # e2u addition: stop training a value once the target NLL is below this (0 = all n_iter steps).
-    loss_threshold: float = 5e-2
-    val_init: str = "warm"
-    eps_expand: str = "coverage"
+    loss_threshold: float = field(default=5e-2, metadata={"min": 0, "message": NLL_MESSAGE})
+    val_init: str = field(default="warm", metadata={"choices": VAL_INITS, "message": NOT_IMPLEMENTED})
+    eps_expand: str = field(default="coverage", metadata={"choices": EPS_EXPANDS, "message": NOT_IMPLEMENTED})
     target_eos: bool = True
-    verify_nll: float = 1.0
-
-    def validate(self) -> None:
-        if not self.eps > 0:
-            raise E2UError(f"hparam eps={self.eps} is not accepted; the deferral radius must be > 0 (e.g. eps=1.0)")
-        if not self.edit_lr > 0:
-            raise E2UError(f"hparam edit_lr={self.edit_lr} must be > 0")
-        if self.n_iter < 1:
-            raise E2UError(f"hparam n_iter={self.n_iter} must be >= 1")
-        if self.loss_threshold < 0 or not self.verify_nll > 0:
-            raise E2UError("hparams loss_threshold must be >= 0 and verify_nll > 0")
-        if not 0.0 <= self.layer_fraction <= 1.0:
-            raise E2UError(f"hparam layer_fraction={self.layer_fraction} must be in [0, 1]")
-        if self.val_init not in VAL_INITS:
-            raise E2UError(f"hparam val_init={self.val_init!r} is not implemented; accepted: {', '.join(VAL_INITS)}")
-        if self.eps_expand not in EPS_EXPANDS:
-            raise E2UError(f"hparam eps_expand={self.eps_expand!r} is not implemented; accepted: "
-                           f"{', '.join(EPS_EXPANDS)}")
+    verify_nll: float = field(default=1.0, metadata={"above": 0, "message": NLL_MESSAGE})
 
 
 def key_spec(hparams: HyperParams) -> KeySpec:

@@ -10,13 +10,12 @@ all B·L positions, so their value depends on the padding length.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from e2u_models.protocol import EditRequest, MethodEnv, MethodReport
 from e2u_models.training.hparams import TrainHParams
 from e2u_models.training.loop import apply_training
 from e2u_models.training.losses import logits_of, masked_kl, nll
-from e2u_tasks.errors import E2UError
 
 NAME = "kl"
 KIND = "unlearning"
@@ -25,12 +24,7 @@ USES_RETAIN = True
 
 @dataclass(frozen=True)
 class HyperParams(TrainHParams):
-    kl_weight: float = 1.0
-
-    def validate(self) -> None:
-        super().validate()
-        if self.kl_weight < 0:
-            raise E2UError(f"hparam kl_weight={self.kl_weight} must be >= 0")
+    kl_weight: float = field(default=1.0, metadata={"min": 0})
 
 
 def apply(model, tokenizer, forget: list[EditRequest], retain: list[EditRequest] | None,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,7 +26,6 @@ from e2u_models.editing.stats import StatsSpec, statistics_for
 from e2u_models.editing.verify import check_finite, target_nll, verification
 from e2u_models.editing.vstar import VStarSettings, optimise_targets
 from e2u_models.snapshot import restored_on_failure
-from e2u_tasks.errors import E2UError
 
 NAME = "memit"
 KIND = "editing"
@@ -38,15 +37,8 @@ Solver = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class HyperParams(LocateHParams):
-    mom2_update_weight: float = 15000.0
-    edit_batch_size: int = 0
-
-    def validate(self) -> None:
-        super().validate()
-        if self.mom2_update_weight < 0:
-            raise E2UError(f"hparam mom2_update_weight={self.mom2_update_weight} must be >= 0")
-        if self.edit_batch_size < 0:
-            raise E2UError(f"hparam edit_batch_size={self.edit_batch_size} must be >= 0 (0 = one batch)")
+    mom2_update_weight: float = field(default=15000.0, metadata={"min": 0})
+    edit_batch_size: int = field(default=0, metadata={"min": 0, "hint": "0 = one batch"})
 
 
 def keys_and_outputs(model, tokenizer, batch: Sequence[PreparedRequest], hparams: LocateHParams,

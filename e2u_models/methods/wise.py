@@ -60,6 +60,8 @@ from e2u_tasks.errors import E2UError
 
 NAME = "wise"
 EDIT_POSITIONS = ("from_key", "key")
+# n_iter, save_freq and irrelevant_per_edit share one message (they were checked together).
+PER_EDIT_COUNT = {"min": 1, "message": "hparams n_iter, save_freq and irrelevant_per_edit must be >= 1"}
 KIND = "editing"
 USES_RETAIN = False
 
@@ -70,34 +72,36 @@ class HyperParams(OneLayerChoice):
     ``act_ratio``, ``mask_ratio``, ``norm_constraint``, ``save_freq``)."""
 
     layer: int | None = None
-    layer_fraction: float = 0.85
+    layer_fraction: float = field(default=0.85, metadata={"range": "[0, 1]"})
     inner_module_tmp: str = "model.layers.{}.mlp.down_proj"
     layer_module_tmp: str = "model.layers.{}"
-    edit_lr: float = 1.0
-    n_iter: int = 70
+    edit_lr: float = field(default=1.0, metadata={"above": 0})
+    n_iter: int = field(default=70, metadata=PER_EDIT_COUNT)
     act_margin: list[float] = field(default_factory=lambda: [5.0, 20.0, 10.0])
-    act_ratio: float = 0.88
-    mask_ratio: float = 0.2
-    norm_constraint: float = 1.0
-    weight_decay: float = 1e-5
+    act_ratio: float = field(default=0.88, metadata={"above": 0})
+    mask_ratio: float = field(default=0.2, metadata={"range": "(0, 1]"})
+    norm_constraint: float = field(default=1.0, metadata={"above": 0})
+    weight_decay: float = field(default=1e-5, metadata={"min": 0})
     # Edits per side-memory shard (WISE's save_freq).
-    save_freq: int = 500
+    save_freq: int = field(default=500, metadata=PER_EDIT_COUNT)
     # e2u's own irrelevant questions: "generic" (600 everyday how/why questions) or "factual"
     # (300 trivia questions in the style of TOFU's, none of them TOFU's); irrelevant_file
     # (one prompt a line) replaces them.
-    irrelevant_set: str = "generic"
+    irrelevant_set: str = field(default="generic", metadata={
+        "choices": QUESTION_SETS, "message": "hparam {name}={value!r} is not accepted; use one of {choices} "
+                                             "(or irrelevant_file=<your file>)"})
     irrelevant_file: str | None = None
     # Irrelevant prompts per edit (WISE: 1).
-    irrelevant_per_edit: int = 1
+    irrelevant_per_edit: int = field(default=1, metadata=PER_EDIT_COUNT)
     # Up to this many tokens of the unedited model's own greedy answer follow each irrelevant
     # prompt (0 = the prompt alone). WISE's irrelevant rows carry answers; without them every
     # assistant-turn token the router sees out of scope is a prompt token.
-    irrelevant_answer_tokens: int = 0
+    irrelevant_answer_tokens: int = field(default=0, metadata={"min": 0})
     target_eos: bool = True
-    verify_nll: float = 1.0
+    verify_nll: float = field(default=1.0, metadata={"above": 0})
     # Weight of the CE against the margin terms. WISE trains one edit at a time, n_iter steps
     # each; trained together (n edits), ce_scale = n would push each edit as hard as alone.
-    ce_scale: float = 1.0
+    ce_scale: float = field(default=1.0, metadata={"above": 0})
     # e2u's option, off in WISE: the side memory reads only the null space of the layer's input
     # statistics (AlphaEdit's projector, D = D̃P): tokens like those of the corpus, the question
     # format included, barely move it, so the router sees what is specific to the edits.
@@ -105,57 +109,33 @@ class HyperParams(OneLayerChoice):
     nullspace_threshold: float | None = None
     nullspace_rule: str = "absolute"
     stats_corpus: str = "e2u"
-    mom2_n_tokens: int = 100_000
+    mom2_n_tokens: int = field(default=100_000, metadata={"min": 1})
     # With the null space: also keep out the directions of these questions' keys at the prompt's
     # last token (where WISE's edit tokens begin), as AlphaEdit's ``preserve_questions``.
     preserve_questions: str | None = None
-    preserve_weight: float = 10.0
+    preserve_weight: float = field(default=10.0, metadata={"min": 0})
     # Where an edit's in-scope tokens are (e2u's option; WISE: from the prompt's last token on).
     # ``fact_token`` picks the key token as ROME's does; ``edit_positions`` = "from_key" (WISE: the
     # side memory writes every position from the key on, the answer's included) or "key" (only the
     # key token is in scope and edited, as ROME edits the subject's last token: with
     # ``fact_token=subject_last`` the router then fires on the question's entity, where forget and
     # retain questions differ, instead of the answer's positions, where they do not).
-    fact_token: str = "prompt_last"
-    edit_positions: str = "from_key"
+    fact_token: str = field(default="prompt_last", metadata={"choices": FACT_TOKENS})
+    edit_positions: str = field(default="from_key", metadata={"choices": EDIT_POSITIONS})
 
     def validate(self) -> None:
-        for name in ("edit_lr", "act_ratio", "norm_constraint", "verify_nll", "ce_scale"):
-            if not getattr(self, name) > 0:
-                raise E2UError(f"hparam {name}={getattr(self, name)} must be > 0")
-        if not 0.0 < self.mask_ratio <= 1.0:
-            raise E2UError(f"hparam mask_ratio={self.mask_ratio} must be in (0, 1]")
-        if self.irrelevant_answer_tokens < 0:
-            raise E2UError(f"hparam irrelevant_answer_tokens={self.irrelevant_answer_tokens} must be >= 0")
-        if self.n_iter < 1 or self.save_freq < 1 or self.irrelevant_per_edit < 1:
-            raise E2UError("hparams n_iter, save_freq and irrelevant_per_edit must be >= 1")
+        # Choices and ranges of single fields are declared on the fields; here: list shapes, rules
+        # across fields, and look-ups of corpora and files.
         if len(self.act_margin) != 3 or min(self.act_margin) < 0:
             raise E2UError(f"hparam act_margin={self.act_margin} must be three numbers >= 0 [alpha, beta, gamma]")
-        if self.weight_decay < 0:
-            raise E2UError(f"hparam weight_decay={self.weight_decay} must be >= 0")
-        if not 0.0 <= self.layer_fraction <= 1.0:
-            raise E2UError(f"hparam layer_fraction={self.layer_fraction} must be in [0, 1]")
-        if self.irrelevant_set not in QUESTION_SETS:
-            raise E2UError(f"hparam irrelevant_set={self.irrelevant_set!r} is not accepted; use one of "
-                           f"{', '.join(QUESTION_SETS)} (or irrelevant_file=<your file>)")
         if self.nullspace_threshold is not None:
             check_null_space_hparams(self.nullspace_threshold, self.nullspace_rule)
-        if self.mom2_n_tokens < 1:
-            raise E2UError(f"hparam mom2_n_tokens={self.mom2_n_tokens} must be >= 1")
         if self.preserve_questions is not None:
             if self.nullspace_threshold is None:
                 raise E2UError("hparam preserve_questions shapes WISE's null space; set nullspace_threshold too")
             from e2u_models.question_sets import check_question_source
 
             check_question_source(self.preserve_questions, "preserve_questions")
-        if self.preserve_weight < 0:
-            raise E2UError(f"hparam preserve_weight={self.preserve_weight} must be >= 0")
-        if self.fact_token not in FACT_TOKENS:
-            raise E2UError(f"hparam fact_token={self.fact_token!r} is not accepted; use one of "
-                           f"{', '.join(FACT_TOKENS)}")
-        if self.edit_positions not in EDIT_POSITIONS:
-            raise E2UError(f"hparam edit_positions={self.edit_positions!r} is not accepted; use one of "
-                           f"{', '.join(EDIT_POSITIONS)}")
         from e2u_models.editing.stats import corpus_kind
 
         corpus_kind(self.stats_corpus)

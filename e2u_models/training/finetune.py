@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from e2u_models.cache import json_sha256
 from e2u_models.edit_cache import EditCache, code_sha256, model_sha256
@@ -31,6 +31,7 @@ from e2u_tasks.metrics import rouge1_recall, rouge1_scorer
 
 HPARAMS_NAME = "finetune"  # hparams/finetune.yaml and presets in hparams/finetune/
 FORMAT_VERSION = 1
+CHECK_MESSAGE = "finetune_check_rows must be >= 0 and finetune_check_from_epoch >= 1"
 
 
 @dataclass(frozen=True)
@@ -42,17 +43,11 @@ class FinetuneHParams(TrainHParams):
     train_batch_size: int = 16
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1
-    target_rouge: float = 0.95
+    target_rouge: float = field(default=0.95, metadata={
+        "range": "(0, 1]", "message": "finetune_target_rouge={value} must be in (0, 1]"})
     # Rows scored after each epoch (a seeded subset, 0 = all); the final check scores all rows.
-    check_rows: int = 100
-    check_from_epoch: int = 1
-
-    def validate(self) -> None:
-        super().validate()
-        if not 0.0 < self.target_rouge <= 1.0:
-            raise E2UError(f"finetune_target_rouge={self.target_rouge} must be in (0, 1]")
-        if self.check_rows < 0 or self.check_from_epoch < 1:
-            raise E2UError("finetune_check_rows must be >= 0 and finetune_check_from_epoch >= 1")
+    check_rows: int = field(default=100, metadata={"min": 0, "message": CHECK_MESSAGE})
+    check_from_epoch: int = field(default=1, metadata={"min": 1, "message": CHECK_MESSAGE})
 
 
 AnswerFn = Callable[[Sequence[EditRequest]], list[str]]
