@@ -19,7 +19,7 @@ from typing import Any
 from lm_eval.models.huggingface import HFLM
 
 from e2u_models.cache import cache_root
-from e2u_models.embedded import DEFAULT_MODEL, EMBEDDED_MODELS, resolve_embedded
+from e2u_models.embedded import DEFAULT_MODEL, EMBEDDED_MODELS, embedded_config, resolve_embedded
 from e2u_models.hparams import Resolved, has_presets, resolve_hparams
 from e2u_models.methods import get_method
 from e2u_models.prompts import parse_chat_template
@@ -121,8 +121,8 @@ def parse_model_args(pretrained: Any = DEFAULT_MODEL, **model_args: Any) -> E2UA
     if method_name != "none" and checked["use_cache"]:
         cache_root(own["cache_dir"])  # a cache that cannot be written fails now, not after the edit
     save_edited = check_save_target(own["save_edited"])
-    pretrained, model_source = _resolve_pretrained(pretrained, own["cache_dir"])
-    config = _load_config(pretrained, args.hf) if _needs_config(method, method_name, finetune, pretrained) else None
+    config = (_load_config(pretrained, args.hf, own["cache_dir"])
+              if _needs_config(method, method_name, finetune, pretrained) else None)
     # A model instance (Python API) keeps its given hparams; only its fine-tuning recipe follows
     # its config (as when the recipe was chosen after loading).
     method_config = config if isinstance(pretrained, str) else None
@@ -132,6 +132,8 @@ def parse_model_args(pretrained: Any = DEFAULT_MODEL, **model_args: Any) -> E2UA
         check_model(method_config)
     recipe = (resolve_hparams(FinetuneHParams, FINETUNE_HPARAMS, own["finetune_hparams"], args.recipe, config)
               if finetune else None)
+    # Last: an embedded model's first use converts its weights (tens of seconds).
+    pretrained, model_source = _resolve_pretrained(pretrained, own["cache_dir"])
     return E2UArgs(pretrained=pretrained, hf_args=args.hf, model_source=model_source, method=method,
                    hparams=hparams, save_edited=save_edited, finetune=finetune,
                    finetune_rows=finetune_rows, finetune_hparams=recipe, **checked)
@@ -220,10 +222,13 @@ def _needs_config(method: ModuleType, method_name: str, finetune: str | None, pr
             or (finetune is not None and has_presets(FINETUNE_HPARAMS)))
 
 
-def _load_config(pretrained: Any, hf_args: Mapping[str, Any]):
+def _load_config(pretrained: Any, hf_args: Mapping[str, Any], cache_dir: str | None):
     """The model's config alone (cheap), so hparams can be checked against it before loading."""
     if not isinstance(pretrained, str):
         return getattr(pretrained, "config", None)
+    if pretrained.lower() in EMBEDDED_MODELS:
+        return embedded_config(pretrained, cache_dir)
+    _check_local_model(pretrained)
     from transformers import AutoConfig
 
     try:

@@ -53,12 +53,30 @@ def gguf_path(model: EmbeddedModel) -> Path:
     return path
 
 
-def resolve_embedded(alias: str, cache_dir: str | None = None) -> tuple[str, dict]:
-    """Folder of the cached fp32 copy of an embedded model (built on first use), and provenance."""
+def embedded_config(alias: str, cache_dir: str | None = None):
+    """The model's config, without de-quantising the weights (from the cached copy when there is
+    one, else from the GGUF's metadata): the hparams are checked against it before a first-use
+    conversion starts."""
+    from transformers import AutoConfig
+
+    folder, source, _ = _cache_folder(alias, cache_dir)
+    if (folder / "config.json").is_file():
+        return AutoConfig.from_pretrained(folder)
+    return AutoConfig.from_pretrained(source.parent, gguf_file=source.name)
+
+
+def _cache_folder(alias: str, cache_dir: str | None) -> tuple[Path, Path, str]:
+    """(cached fp32 folder, GGUF file, its sha256) of an embedded model."""
     model = EMBEDDED_MODELS[alias.lower()]
     source = gguf_path(model)
     sha = file_sha256(source)
-    folder = cache_root(cache_dir) / "models" / f"{model.alias}-{sha[:16]}"
+    return cache_root(cache_dir) / "models" / f"{model.alias}-{sha[:16]}", source, sha
+
+
+def resolve_embedded(alias: str, cache_dir: str | None = None) -> tuple[str, dict]:
+    """Folder of the cached fp32 copy of an embedded model (built on first use), and provenance."""
+    model = EMBEDDED_MODELS[alias.lower()]
+    folder, source, sha = _cache_folder(alias, cache_dir)
     provenance = {"alias": model.alias, "wheel": model.pip_name, "gguf": model.gguf_name,
                   "gguf_sha256": sha, "dtype": "float32 (de-quantised from GGUF)"}
     if verified_entry(folder, log.warning, "cached model copy"):
