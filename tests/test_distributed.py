@@ -75,15 +75,17 @@ def test_under_accelerate_the_edit_runs_inside_main_process_first(tiny_model_dir
         original_init(self, *args, **kwargs)
         self.accelerator = accelerator  # what HFLM sets under `accelerate launch`
 
-    seen = []
-    original_apply = E2ULM._apply_method
+    from e2u_models import pipeline
 
-    def apply_and_record(self):
+    seen = []
+    original_apply = pipeline.apply_method
+
+    def apply_and_record(*args, **kwargs):
         seen.append(accelerator.inside)
-        return original_apply(self)
+        return original_apply(*args, **kwargs)
 
     monkeypatch.setattr(HFLM, "__init__", init_with_accelerator)
-    monkeypatch.setattr(E2ULM, "_apply_method", apply_and_record)
+    monkeypatch.setattr(pipeline, "apply_method", apply_and_record)
     args = {**FAST, "seed": 11}  # an edit no other test caches
     rank0 = E2ULM(pretrained=tiny_model_dir, method="memit", cache_dir=shared_cache, **args)
     rank1 = E2ULM(pretrained=tiny_model_dir, method="memit", cache_dir=shared_cache, **args)
