@@ -184,28 +184,38 @@ def _interval(text: str) -> tuple[float, float, bool, bool]:
     return low, high, text[0] == "[", text[-1] == "]"
 
 
+def _broken_rule(value: Any, rule: typing.Mapping) -> str | None:
+    """The default message of the first declared rule ``value`` breaks, else None."""
+    if "choices" in rule:
+        return None if value in rule["choices"] else "hparam {name}={value!r} is not accepted; use one of {choices}"
+    if "min" in rule and not value >= rule["min"]:
+        return f"hparam {{name}}={{value}} must be >= {rule['min']}"
+    if "above" in rule and not value > rule["above"]:
+        return f"hparam {{name}}={{value}} must be > {rule['above']}"
+    if "range" in rule:
+        low, high, closed_low, closed_high = _interval(rule["range"])
+        if not ((low <= value if closed_low else low < value) and (value <= high if closed_high else value < high)):
+            return f"hparam {{name}}={{value}} must be in {rule['range']}"
+    if rule.get("finite") and not math.isfinite(value):  # worded like the field's bound, if any
+        bounds = [f"must be >= {rule['min']}" if "min" in rule else None,
+                  f"must be > {rule['above']}" if "above" in rule else None,
+                  f"must be in {rule['range']}" if "range" in rule else None]
+        return "hparam {name}={value} " + next((b for b in reversed(bounds) if b), "is not accepted")
+    return None
+
+
 def check_field(name: str, value: Any, rule: typing.Mapping) -> None:
-    """One field's declared rules (``choices``, ``min``, ``above``, ``range``, ``finite``)."""
+    """One field's declared rules (``choices``, ``min``, ``above``, ``range``, ``finite``), all of
+    them; a rule's ``message`` replaces the default one, a ``hint`` is appended to it."""
     if value is None:  # optional fields: None means "not used"
         return
-    choices = rule.get("choices")
-    if choices is not None:
-        ok, default = value in choices, "hparam {name}={value!r} is not accepted; use one of {choices}"
-    else:
-        ok, default = True, "hparam {name}={value} is not accepted"
-        if "min" in rule:
-            ok, default = value >= rule["min"], f"hparam {{name}}={{value}} must be >= {rule['min']}"
-        if "above" in rule:
-            ok, default = value > rule["above"], f"hparam {{name}}={{value}} must be > {rule['above']}"
-        if "range" in rule:
-            low, high, closed_low, closed_high = _interval(rule["range"])
-            ok = (low <= value if closed_low else low < value) and (value <= high if closed_high else value < high)
-            default = f"hparam {{name}}={{value}} must be in {rule['range']}"
-        ok = ok and not (rule.get("finite") and not math.isfinite(value))
-        default += f" ({rule['hint']})" if "hint" in rule else ""
-    if not ok:
-        message = rule.get("message", default)
-        raise E2UError(message.format(name=name, value=value, choices=", ".join(map(str, choices or ()))))
+    broken = _broken_rule(value, rule)
+    if broken is None:
+        return
+    if "hint" in rule and "choices" not in rule:
+        broken += f" ({rule['hint']})"
+    message = rule.get("message", broken)
+    raise E2UError(message.format(name=name, value=value, choices=", ".join(map(str, rule.get("choices") or ()))))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -85,3 +85,16 @@ def test_a_subclass_that_changes_a_default_keeps_the_field_rule():
         load_hparams(FinetuneHParams, FINETUNE, None, {"lr": -1})
     with pytest.raises(E2UError, match=r"^hparam v_mode='slow' is not accepted; use fast or classic$"):
         load_hparams(rome.HyperParams, "rome", None, {"v_mode": "slow"})
+
+
+@pytest.mark.parametrize("value, rule, message", [
+    (5, {"min": 0, "range": "[0, 1]"}, "hparam x=5 must be in [0, 1]"),
+    (-1, {"min": 0, "range": "[-2, 1]"}, "hparam x=-1 must be >= 0"),
+    (float("inf"), {"above": 0, "finite": True}, "hparam x=inf must be > 0"),
+])
+def test_every_declared_rule_of_a_field_is_checked(value, rule, message):
+    from e2u_models.hparams import check_field
+
+    with pytest.raises(E2UError) as info:
+        check_field("x", value, rule)
+    assert str(info.value) == message
