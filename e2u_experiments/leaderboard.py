@@ -14,14 +14,16 @@ Format (YAML or JSON)::
         forget_seed: 0
         seed: 0
         limit: null                        # lm-eval --limit
-        run_card: {packages: {...}, hparams_sha256: ..., model_sha256: ..., data_sha256: ...}
+        run_card: {packages: {...}, hparams_sha256: ..., model_sha256: ..., data_sha256: ...,
+                   fingerprint: {device_type, device_name, dtype, torch, ..., threads, ...}}
         metrics:                           # task or group -> metric -> value and tolerance
           tofu_forget: {rouge1_recall: {value: 0.209, tolerance: 1.0e-06}, ...}
           tofu_factual: {composite: {value: 1.064, tolerance: 1.0e-06}}
 
 A result passes when |got - value| <= tolerance (absolute). Run-card differences (package
-versions, hparams or model hash) are printed as notes: they explain a moved number, they are not
-failures by themselves.
+versions, hparams or model hash, and the environment fingerprint: which device, dtype, software
+and thread count wrote the number) are printed as notes: they explain a moved number, they are
+not failures by themselves.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ from e2u_tasks.errors import E2UError
 FORMAT = "e2u-leaderboard/1"
 IDENTITY = ("model", "method", "options", "dataset", "forget_size", "forget_seed", "seed", "limit")
 ENTRY_KEYS = set(IDENTITY) | {"metrics", "run_card"}
-CARD_KEYS = ("packages", "hparams_sha256", "model_sha256", "model_file_sha256", "data_sha256")
+CARD_KEYS = ("packages", "hparams_sha256", "model_sha256", "model_file_sha256", "data_sha256",
+             "fingerprint")
 EXIT_MOVED = 1
 
 

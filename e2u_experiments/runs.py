@@ -221,6 +221,7 @@ def run_card(data: dict) -> dict[str, Any]:
         "forget_row_indices": split.get("forget_row_indices"),
         "edit_seconds": report.get("seconds"),
         "run_card": e2u.get("run_card"),
+        "fingerprint": e2u.get("fingerprint"),
         "unreached": len(((report.get("details") or {}).get("verification") or {}).get("unreached") or []),
     }
     return {k: v for k, v in card.items() if v not in (None, {}, [])}

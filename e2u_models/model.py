@@ -35,7 +35,7 @@ from e2u_models.nethook import pad_id_of
 from e2u_models.pipeline import Prepared, Runtime, edit_requests, method_env, prepare
 from e2u_models.prompts import PromptFormat
 from e2u_models.protocol import EditRequest, MethodEnv
-from e2u_models.provenance import e2u_info, resource_usage
+from e2u_models.provenance import e2u_info, environment_fingerprint, resource_usage
 from e2u_models.shared_prefix import SharedPrefixRunner, common_prefix_length
 from e2u_tasks.errors import E2UError
 
@@ -310,5 +310,6 @@ class E2ULM(HFLM):
         info = super().get_model_info()
         # lm-eval asks for this after evaluating: the evaluation phase ends here.
         run_card = {**self.run_card, "evaluation": resource_usage(self._evaluation_started, self.device)}
-        info["e2u"] = e2u_info(self.args, self.prepared, self.prompt_format, self.model_source, run_card)
+        info["e2u"] = e2u_info(self.args, self.prepared, self.prompt_format, self.model_source, run_card,
+                               environment_fingerprint(self.device, self.model.dtype))
         return info

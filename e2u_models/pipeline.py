@@ -26,7 +26,7 @@ from e2u_models.edit_cache import model_sha256 as edit_model_sha256
 from e2u_models.editing.adapters import adapters_of
 from e2u_models.prompts import PromptFormat
 from e2u_models.protocol import EditRequest, MethodEnv, MethodReport
-from e2u_models.provenance import e2u_info, resource_usage
+from e2u_models.provenance import e2u_info, environment_fingerprint, resource_usage
 from e2u_models.question_sets import load_questions, off_dataset
 from e2u_models.saving import save_edited_model
 from e2u_models.targets import RefusalTargets
@@ -179,7 +179,8 @@ def save(model, tokenizer, args: E2UArgs, runtime: Runtime, state: Prepared) -> 
     if args.save_edited is None:
         return
     run_card = {"edit": state.edit_usage, "evaluation": resource_usage(state.edited_at, runtime.device)}
-    info = e2u_info(args, state, runtime.prompt_format, runtime.model_source, run_card)
+    info = e2u_info(args, state, runtime.prompt_format, runtime.model_source, run_card,
+                    environment_fingerprint(runtime.device, model.dtype))
     save_edited_model(model, tokenizer, args.save_edited,
                       {"method_report": state.method_report.as_dict(), **info}, log=log_line)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import platform
 import sys
 import time
 from collections.abc import Mapping
@@ -59,6 +60,35 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def cpu_name() -> str:
+    """The processor's model name (Linux ``/proc/cpuinfo``; elsewhere what ``platform`` knows)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def environment_fingerprint(device: Any, dtype: Any) -> dict[str, Any]:
+    """What a number can depend on besides the inputs: the device and its name, the dtype, the
+    software, the thread count and the determinism flag. Two runs with equal fingerprints are
+    expected to agree to float noise; across fingerprints only statistically."""
+    kind = torch.device(device).type if device is not None else "cpu"
+    name = (torch.cuda.get_device_name(torch.device(device)) if kind == "cuda" and torch.cuda.is_available()
+            else cpu_name())
+    versions = package_versions()
+    return {
+        "device_type": kind, "device_name": name, "dtype": str(dtype).replace("torch.", ""),
+        "torch": versions["torch"], "transformers": versions["transformers"],
+        "lm_eval": versions["lm_eval"], "e2u": versions["e2u"],
+        "python": platform.python_version(), "threads": torch.get_num_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+    }
+
+
 def file_name(resolved: Resolved, default_name: str) -> str:
     """The hparams file used: a shipped file as its package path, a user file as given."""
     source = resolved.path or str(hparams_file(default_name))
@@ -73,7 +103,7 @@ def finetune_info(args: E2UArgs, report: dict | None) -> dict | None:
 
 
 def e2u_info(args: E2UArgs, prepared: Prepared, prompt_format: PromptFormat,
-             model_source: Mapping[str, Any], run_card: dict) -> dict:
+             model_source: Mapping[str, Any], run_card: dict, fingerprint: dict | None = None) -> dict:
     """The ``config.e2u`` block of the results."""
     hparams = dataclasses.asdict(args.hparams.values)
     targets = prepared.targets
@@ -100,4 +130,5 @@ def e2u_info(args: E2UArgs, prepared: Prepared, prompt_format: PromptFormat,
         "packages": package_versions(),
         "model_sha256": prepared.model_sha256,
         "run_card": run_card,
+        "fingerprint": fingerprint,
     }

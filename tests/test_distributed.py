@@ -106,3 +106,8 @@ def test_results_carry_the_run_card(tiny_model_dir, shared_cache):
     assert "cuda_peak_bytes" not in card["edit"]  # CPU run
     assert len(info["model_sha256"]) == 64
     assert info["split"]["forget_row_indices"] and info["seed"] == 0 and info["packages"]["torch"]
+    fingerprint = info["fingerprint"]
+    assert fingerprint["device_type"] == "cpu" and fingerprint["dtype"] == "float32"
+    assert fingerprint["threads"] == torch.get_num_threads() and fingerprint["device_name"]
+    assert fingerprint["torch"] == info["packages"]["torch"]
+    assert fingerprint["deterministic_algorithms"] is False

@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from e2u_experiments import figures
 from e2u_experiments.cli import main
@@ -71,6 +72,9 @@ def write_result(folder: Path, method: str = "none", options: dict | None = None
                            "model_source": {"pretrained": "smollm2-135m-instruct", "gguf_sha256": "ef" * 32},
                            "method_report": {"seconds": 12.5, "details": {"verification": {"unreached": [0]}}},
                            "packages": {"e2u": "0.1.0", "torch": "2.13.0+cpu"},
+                           "fingerprint": {"device_type": "cpu", "device_name": "Some CPU @ 2.0GHz",
+                                           "dtype": "float32", "torch": "2.13.0+cpu", "threads": 2,
+                                           "deterministic_algorithms": False},
                            "run_card": {"edit": {"seconds": 12.5, "peak_rss_bytes": 2 * 2**30},
                                         "evaluation": {"seconds": 80.0, "peak_rss_bytes": 3 * 2**30}}}},
     }
@@ -286,6 +290,19 @@ def test_run_card_differences_are_notes(board, results_dir, capsys):
     path.write_text(json.dumps(data))
     code, out, _ = run_cli(capsys, "regress", "--leaderboard", str(board), "--results", str(results_dir))
     assert code == 0 and "run card differs: packages: torch 2.13.0+cpu -> 2.14.0" in out
+
+
+def test_the_leaderboard_keeps_the_fingerprint_and_regress_names_what_differs(board, results_dir, capsys):
+    entry = next(e for e in yaml.safe_load(board.read_text())["entries"] if e["method"] == "none")
+    assert entry["run_card"]["fingerprint"]["device_name"] == "Some CPU @ 2.0GHz"
+    path = next((results_dir / "none").rglob("results_*.json"))
+    data = json.loads(path.read_text())
+    data["config"]["e2u"]["fingerprint"].update(device_type="cuda", device_name="NVIDIA H200", threads=16)
+    path.write_text(json.dumps(data))
+    code, out, _ = run_cli(capsys, "regress", "--leaderboard", str(board), "--results", str(results_dir))
+    (note,) = [line for line in out.splitlines() if "fingerprint" in line]
+    assert code == 0 and "device_name Some CPU @ 2.0GHz -> NVIDIA H200" in note
+    assert "device_type cpu -> cuda" in note and "threads 2 -> 16" in note and "dtype" not in note
 
 
 @pytest.mark.parametrize("text, problem", [
