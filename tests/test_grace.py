@@ -10,6 +10,7 @@ from e2u_models.methods import get_method, grace
 from e2u_models.protocol import EditRequest
 from e2u_models.hparams import load_hparams
 from e2u_models.model import E2ULM
+from e2u_models.nethook import pad_id_of
 from e2u_tasks.errors import E2UError
 from tests.conftest import build_tiny_model
 
@@ -126,7 +127,8 @@ def test_edit_cache_restores_the_codebook(tiny_model_dir, tmp_path):
 def logits_of(lm, texts):
     ids = [lm.tok_encode(lm.prompt_format.render(lm.tokenizer, t)) for t in texts]
     width = max(len(i) for i in ids)
-    batch = torch.tensor([[lm._pad_id()] * (width - len(i)) + i for i in ids])
+    pad = pad_id_of(lm.tokenizer, lm.eot_token_id)
+    batch = torch.tensor([[pad] * (width - len(i)) + i for i in ids])
     mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
     with torch.no_grad():
         return lm.model(input_ids=batch, attention_mask=mask).logits
