@@ -45,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     regress.add_argument("--results", required=True, nargs="+", help="results folder(s)")
     regress.add_argument("--tolerance", type=float, default=None,
                          help="override every entry's tolerance (e.g. across machines)")
+    regress.add_argument("--mode", default="auto", choices=("auto", "exact", "statistical"),
+                         help="exact: every number within its tolerance; statistical: paired "
+                              "per-document test against the leaderboard's scores; auto (default): "
+                              "exact where the environment fingerprints match, else statistical")
+    regress.add_argument("--margin", type=float, default=None,
+                         help="statistical mode: override every metric's practical margin")
     regress.add_argument("--allow-missing", action="store_true",
                          help="leaderboard entries without a result are reported, not failures")
     return parser
@@ -76,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             from e2u_experiments.leaderboard import regress
 
             return regress(args.leaderboard, args.results, tolerance=args.tolerance,
-                           allow_missing=args.allow_missing, log=_say)
+                           allow_missing=args.allow_missing, mode=args.mode, margin=args.margin,
+                           log=_say)
     except E2UError as exc:
         print(f"e2u: error: {exc}", file=sys.stderr)
         return 2

@@ -148,3 +148,13 @@ def rephrase_increase(runs: list[Run], boots: list[RunBootstrap], metric: str) -
     # No stderr of a difference of paired means can be had from the aggregate file: samples or none.
     return combine(values, [b.rephrase_increase(metric) for b in boots], [None] * len(runs), None)
 
+
+
+def paired_interval(diffs: np.ndarray, iters: int, key: str, level: float) -> tuple[float, float]:
+    """Percentile interval at ``level`` of the mean of paired per-document differences: the same
+    documents resampled on both sides (numpy's PCG64 seeded by ``key``, so it is reproducible)."""
+    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little"))
+    means = diffs[rng.integers(0, len(diffs), size=(iters, len(diffs)))].mean(axis=1)
+    tail = (1.0 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)

@@ -31,13 +31,16 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from e2u_experiments.runs import Run, load_runs
 from e2u_experiments.report import method_order
+from e2u_experiments.runs import Run, load_runs
+from e2u_experiments.statistical import (Comparison, compare, docs_path, entry_id,
+                                         fingerprint_differences, load_docs, per_document, write_docs)
 from e2u_tasks.errors import E2UError
 
 FORMAT = "e2u-leaderboard/1"
@@ -90,18 +93,23 @@ def write_leaderboard(folders: list[str], out: str, name: str = "", tolerance: f
                       note: str = "", log=print) -> Path:
     if not tolerance >= 0:
         raise E2UError(f"--tolerance {tolerance} is not accepted; give an absolute tolerance >= 0")
-    runs = load_runs(folders, with_samples=False, log=log)
+    runs = load_runs(folders, with_samples=True, log=log)
     board = {"format": FORMAT, "name": name or f"e2u leaderboard from {', '.join(folders)}",
              "note": note, "entries": build_entries(runs, tolerance)}
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
+    tables = {entry_id(_identity_key(identity_of(r))): per_document(r) for r in runs}
+    tables = {key: table for key, table in tables.items() if table}
+    if tables:  # statistical mode of regress reads them (runs written with --log_samples)
+        write_docs(docs_path(path), tables)
     text = (json.dumps(board, indent=1) if path.suffix == ".json"
             else yaml.safe_dump(board, sort_keys=False, width=100, allow_unicode=True))
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
     count = sum(len(m) for e in board["entries"] for m in e["metrics"].values())
-    log(f"e2u: leaderboard with {len(board['entries'])} entries ({count} numbers) written to {path}")
+    log(f"e2u: leaderboard with {len(board['entries'])} entries ({count} numbers) written to {path}"
+        + (f", per-document scores of {len(tables)} to {docs_path(path)}" if tables else ""))
     return path
 
 
@@ -113,6 +121,11 @@ def _bad(path: Path, problem: str) -> E2UError:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_fingerprint(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and (v is None or isinstance(v, (str, int, float, bool))) for k, v in value.items())
 
 
 def load_leaderboard(path: str | Path) -> dict:
@@ -150,6 +163,10 @@ def load_leaderboard(path: str | Path) -> dict:
             raise _bad(path, f"{where}: options must be a mapping")
         entry["options"] = {str(k): str(v) for k, v in options.items()}
         entry["limit"] = _normal_limit(entry.get("limit"))
+        fingerprint = (entry.get("run_card") or {}).get("fingerprint")
+        if fingerprint is not None and not _is_fingerprint(fingerprint):
+            raise _bad(path, f"{where}: run_card.fingerprint must be a mapping of field -> text, "
+                             f"number or boolean (got {fingerprint!r})")
         metrics = entry["metrics"]
         if not isinstance(metrics, dict) or not metrics:
             raise _bad(path, f"{where}: metrics must be a non-empty mapping task -> metric -> "
@@ -188,52 +205,129 @@ def _fmt(value: float) -> str:
     return f"{value:.6g}"
 
 
+MODES = ("auto", "exact", "statistical")
+
+
+@dataclass
+class Checked:
+    """What regress found: failing rows (exact and statistical), notes, how many numbers were
+    checked in each mode, runs without a result."""
+
+    rows: list[tuple] = field(default_factory=list)
+    comparisons: list[tuple[str, Comparison]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=lambda: {"exact": 0, "statistical": 0})
+    runs: dict[str, int] = field(default_factory=lambda: {"exact": 0, "statistical": 0})
+    missing: list[str] = field(default_factory=list)
+
+
+def _mode_for(mode: str, entry: dict, run: Run) -> tuple[str, str]:
+    """(mode, why): ``auto`` is exact when the fingerprints match, statistical otherwise."""
+    if mode != "auto":
+        return mode, "asked"
+    differ = fingerprint_differences((entry.get("run_card") or {}).get("fingerprint"), run.card.get("fingerprint"))
+    if differ is None:  # a leaderboard written before fingerprints: its own tolerances
+        return "exact", "no fingerprint to compare"
+    if differ:
+        return "statistical", f"fingerprint differs in {', '.join(differ)}"
+    return "exact", "fingerprints match"
+
+
+def _check_exact(entry: dict, candidates: list[Run], tolerance: float | None, found: Checked) -> None:
+    for task, values in entry["metrics"].items():
+        for metric, spec in values.items():
+            found.counts["exact"] += 1
+            allowed = spec["tolerance"] if tolerance is None else tolerance
+            got = next((r.metrics[task][metric] for r in reversed(candidates)
+                        if metric in r.metrics.get(task, {})), None)
+            if got is None:
+                found.rows.append((_describe(entry), f"{task}/{metric}", _fmt(spec["value"]), "absent",
+                                   _fmt(allowed), ""))
+            elif not abs(got - spec["value"]) <= allowed + 1e-12:
+                found.rows.append((_describe(entry), f"{task}/{metric}", _fmt(spec["value"]), _fmt(got),
+                                   _fmt(allowed), f"{got - spec['value']:+.6g}"))
+
+
+def _check_statistical(entry: dict, run: Run, docs: dict, margin: float | None, found: Checked) -> None:
+    what = _describe(entry)
+    want = docs.get(entry_id(_identity_key(entry)))
+    if not want:
+        raise E2UError(f"{what}: the leaderboard's per-document scores have no entry for this run; "
+                       "regenerate the leaderboard from results run with --log_samples, or use --mode exact")
+    for comparison in compare(want, run, what, margin):
+        found.counts["statistical"] += 1
+        if comparison.worse:
+            found.comparisons.append((what, comparison))
+
+
 def regress(leaderboard: str, folders: list[str], tolerance: float | None = None,
-            allow_missing: bool = False, log=print) -> int:
+            allow_missing: bool = False, mode: str = "auto", margin: float | None = None,
+            log=print) -> int:
     """Check results against a leaderboard; returns the exit status (0 ok, 1 a number moved or a
-    run is missing)."""
+    run is missing). ``mode``: exact (each number within its tolerance), statistical (paired
+    per-document comparison, see :mod:`e2u_experiments.statistical`) or auto (exact where the
+    environment fingerprints match)."""
     if tolerance is not None and not tolerance >= 0:
         raise E2UError(f"--tolerance {tolerance} is not accepted; give an absolute tolerance >= 0")
+    if mode not in MODES:
+        raise E2UError(f"--mode {mode!r} is not accepted; use one of {', '.join(MODES)}")
+    if margin is not None and not margin >= 0:
+        raise E2UError(f"--margin {margin} is not accepted; give a difference >= 0")
     board = load_leaderboard(leaderboard)
-    runs = load_runs(folders, with_samples=False, log=log)
+    runs = load_runs(folders, with_samples=mode != "exact", log=log)
     by_identity: dict[str, list[Run]] = {}
     for run in runs:
         by_identity.setdefault(_identity_key(identity_of(run)), []).append(run)
-    rows, missing, notes, checked = [], [], [], 0
+    found, docs = Checked(), None
     for entry in board["entries"]:
         candidates = by_identity.get(_identity_key(entry), [])
         if not candidates:
-            missing.append(_describe(entry))
+            found.missing.append(_describe(entry))
             continue
-        for note in _card_notes(entry, candidates[-1]):
-            notes.append(f"{_describe(entry)}: run card differs: {note}")
-        for task, values in entry["metrics"].items():
-            for metric, spec in values.items():
-                checked += 1
-                allowed = spec["tolerance"] if tolerance is None else tolerance
-                got = next((r.metrics[task][metric] for r in reversed(candidates)
-                            if metric in r.metrics.get(task, {})), None)
-                if got is None:
-                    rows.append((_describe(entry), f"{task}/{metric}", _fmt(spec["value"]), "absent",
-                                 _fmt(allowed), ""))
-                elif not abs(got - spec["value"]) <= allowed + 1e-12:
-                    rows.append((_describe(entry), f"{task}/{metric}", _fmt(spec["value"]), _fmt(got),
-                                 _fmt(allowed), f"{got - spec['value']:+.6g}"))
-    for note in notes:
+        found.notes += [f"{_describe(entry)}: run card differs: {note}"
+                        for note in _card_notes(entry, candidates[-1])]
+        chosen, why = _mode_for(mode, entry, candidates[-1])
+        found.runs[chosen] += 1
+        found.notes.append(f"{_describe(entry)}: {chosen} mode ({why})")
+        if chosen == "exact":
+            _check_exact(entry, candidates, tolerance, found)
+        else:
+            docs = load_docs(leaderboard) if docs is None else docs
+            _check_statistical(entry, candidates[-1], docs, margin, found)
+    return _report(found, leaderboard, folders, allow_missing, log)
+
+
+def _report(found: Checked, leaderboard: str, folders: list[str], allow_missing: bool, log) -> int:
+    for note in found.notes:
         log(f"note: {note}")
-    failed = bool(rows) or (bool(missing) and not allow_missing)
-    for item in missing:
+    for item in found.missing:
         log(f"{'missing' if not allow_missing else 'not run'}: no result for {item}")
-    if rows:
-        log(f"e2u regress: {len(rows)} of {checked} numbers outside tolerance "
+    if found.rows:
+        log(f"e2u regress: {len(found.rows)} of {found.counts['exact']} numbers outside tolerance "
             f"(leaderboard {leaderboard}):")
-        header = ("run", "metric", "expected", "got", "tolerance", "diff")
-        widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-        for row in [header, *rows]:
-            log("  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+        _table(("run", "metric", "expected", "got", "tolerance", "diff"), found.rows, log)
+    if found.comparisons:
+        log(f"e2u regress: {len(found.comparisons)} of {found.counts['statistical']} metrics worse "
+            f"beyond their margin, paired over the same documents (leaderboard {leaderboard}):")
+        _table(("run", "metric", "expected", "got", "diff [99% interval]", "margin", "decision"),
+               [(what, f"{c.task}/{c.metric}", _fmt(c.expected), _fmt(c.got),
+                 f"{c.diff:+.4f} [{c.low:+.4f}, {c.high:+.4f}]", _fmt(c.margin), "worse")
+                for what, c in found.comparisons], log)
+    failed = bool(found.rows or found.comparisons) or (bool(found.missing) and not allow_missing)
     if not failed:
-        log(f"e2u regress: all {checked} numbers of {len(board['entries']) - len(missing)} "
-            f"run(s) within tolerance (leaderboard {leaderboard})")
-    elif not rows:
-        log(f"e2u regress: {len(missing)} leaderboard run(s) have no result in {', '.join(folders)}")
+        parts = []
+        if found.runs["exact"]:
+            parts.append(f"all {found.counts['exact']} numbers of {found.runs['exact']} run(s) within tolerance")
+        if found.runs["statistical"]:
+            parts.append(f"{found.runs['statistical']} run(s) in statistical mode: none of "
+                         f"{found.counts['statistical']} metrics worse beyond its margin")
+        log(f"e2u regress: {'; '.join(parts) or 'nothing to check'} (leaderboard {leaderboard})")
+    elif not found.rows and not found.comparisons:
+        log(f"e2u regress: {len(found.missing)} leaderboard run(s) have no result in {', '.join(folders)}")
     return EXIT_MOVED if failed else 0
+
+
+def _table(header: tuple, rows: list[tuple], log) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        log("  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())

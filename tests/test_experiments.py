@@ -300,9 +300,114 @@ def test_the_leaderboard_keeps_the_fingerprint_and_regress_names_what_differs(bo
     data["config"]["e2u"]["fingerprint"].update(device_type="cuda", device_name="NVIDIA H200", threads=16)
     path.write_text(json.dumps(data))
     code, out, _ = run_cli(capsys, "regress", "--leaderboard", str(board), "--results", str(results_dir))
-    (note,) = [line for line in out.splitlines() if "fingerprint" in line]
+    (note,) = [line for line in out.splitlines() if "run card differs: fingerprint" in line]
     assert code == 0 and "device_name Some CPU @ 2.0GHz -> NVIDIA H200" in note
     assert "device_type cpu -> cuda" in note and "threads 2 -> 16" in note and "dtype" not in note
+    assert "none tofu_factual n=4 seed=0: statistical mode (fingerprint differs in device_name, " \
+           "device_type, threads)" in out
+
+
+# ------------------------------------------------------------------ statistical mode
+
+
+def _other_machine(results_dir: Path, method_dir: str = "none", **changes) -> dict:
+    """Mark a run as computed on another machine (a GPU); returns its results JSON for edits."""
+    path = next((results_dir / method_dir).rglob("results_*.json"))
+    data = json.loads(path.read_text())
+    data["config"]["e2u"]["fingerprint"].update(device_type="cuda", device_name="NVIDIA H200", **changes)
+    path.write_text(json.dumps(data))
+    return data
+
+
+def _scale_samples(results_dir: Path, method_dir: str, task: str, metric: str, factor: float,
+                   only_doc: int | None = None) -> None:
+    """Multiply one metric of a run's per-document samples (and its mean in the results)."""
+    samples = next((results_dir / method_dir).rglob(f"samples_{task}_*.jsonl"))
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    for row in rows:
+        if only_doc is None or row["doc_id"] == only_doc:
+            row[metric] *= factor
+    samples.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = next((results_dir / method_dir).rglob("results_*.json"))
+    data = json.loads(path.read_text())
+    data["results"][task][f"{metric},none"] = sum(r[metric] for r in rows) / len(rows)
+    path.write_text(json.dumps(data))
+
+
+@pytest.fixture
+def big_results(tmp_path) -> Path:
+    """Runs with 40 forget and 40 retain documents (the bootstrap needs more than a handful)."""
+    root = tmp_path / "big"
+    forget = [((i * 7) % 10) / 10 for i in range(40)]
+    retain = [((i * 3) % 10) / 10 + 0.05 for i in range(40)]
+    write_result(root / "none", forget=forget, retain=retain)
+    write_result(root / "rome", "rome", forget=[f / 2 for f in forget], retain=retain)
+    return root
+
+
+@pytest.fixture
+def big_board(big_results, tmp_path, capsys) -> Path:
+    path = tmp_path / "big.yaml"
+    code, out, _ = run_cli(capsys, "leaderboard", str(big_results), "--out", str(path))
+    assert code == 0 and "per-document scores of 2 to" in out
+    assert (tmp_path / "big.docs.json").is_file()
+    return path
+
+
+def test_another_machine_with_the_same_documents_passes_statistical_mode(big_board, big_results, capsys):
+    _other_machine(big_results)
+    code, out, _ = run_cli(capsys, "regress", "--leaderboard", str(big_board), "--results", str(big_results))
+    assert code == 0, out
+    assert ("all 15 numbers of 1 run(s) within tolerance; 1 run(s) in statistical mode: none of 14 "
+            "metrics worse beyond its margin") in out
+
+
+def test_float_noise_and_one_flipped_document_do_not_fail(big_board, big_results, capsys):
+    _other_machine(big_results, threads=16)
+    _scale_samples(big_results, "none", "tofu_retain", "prob", 1 + 1e-6)
+    _scale_samples(big_results, "none", "tofu_retain", "rouge1_recall", 0.0, only_doc=3)
+    code, out, _ = run_cli(capsys, "regress", "--leaderboard", str(big_board), "--results", str(big_results))
+    assert code == 0, out
+    # the same changes fail exact mode: it is the wrong test across machines
+    assert run_cli(capsys, "regress", "--leaderboard", str(big_board), "--results", str(big_results),
+                   "--mode", "exact")[0] == 1
+
+
+def test_halved_retain_fails_statistical_mode_and_is_named(big_board, big_results, capsys):
+    _other_machine(big_results)
+    _scale_samples(big_results, "none", "tofu_retain", "rouge1_recall", 0.5)
+    code, out, _ = run_cli(capsys, "regress", "--leaderboard", str(big_board), "--results", str(big_results))
+    assert code == 1
+    (line,) = [l for l in out.splitlines() if "tofu_retain/rouge1_recall" in l]
+    assert "none tofu_factual" in line and "worse" in line and "0.05" in line
+    # a better number never fails: the same change on the forget side is less knowledge
+    _scale_samples(big_results, "none", "tofu_retain", "rouge1_recall", 2.0)
+    _scale_samples(big_results, "none", "tofu_forget", "rouge1_recall", 0.5)
+    assert run_cli(capsys, "regress", "--leaderboard", str(big_board), "--results", str(big_results))[0] == 0
+
+
+def test_statistical_mode_bad_input_is_one_line(big_board, big_results, tmp_path, capsys):
+    (tmp_path / "big.docs.json").rename(tmp_path / "elsewhere.json")
+    code, _, err = run_cli(capsys, "regress", "--leaderboard", str(big_board), "--results",
+                           str(big_results), "--mode", "statistical")
+    assert code == 2 and "has no per-document scores" in err and "--mode exact" in err
+    assert len(err.strip().splitlines()) == 1
+    (tmp_path / "elsewhere.json").rename(tmp_path / "big.docs.json")
+    # other documents than the leaderboard's
+    samples = next((big_results / "rome").rglob("samples_tofu_forget_*.jsonl"))
+    samples.write_text("".join(line + "\n" for line in samples.read_text().splitlines()[:30]))
+    code, _, err = run_cli(capsys, "regress", "--leaderboard", str(big_board), "--results",
+                           str(big_results), "--mode", "statistical")
+    assert code == 2 and "tofu_forget evaluates other documents than the leaderboard (30 vs 40, 30 in common)" in err
+    # a malformed fingerprint in the leaderboard
+    board = yaml.safe_load(big_board.read_text())
+    board["entries"][0]["run_card"]["fingerprint"] = "a GPU"
+    big_board.write_text(yaml.safe_dump(board))
+    code, _, err = run_cli(capsys, "regress", "--leaderboard", str(big_board), "--results", str(big_results))
+    assert code == 2 and "run_card.fingerprint must be a mapping" in err
+    with pytest.raises(SystemExit) as exit_info:  # argparse: one usage line, status 2
+        main(["regress", "--leaderboard", str(big_board), "--results", str(big_results), "--mode", "fast"])
+    assert exit_info.value.code == 2
 
 
 @pytest.mark.parametrize("text, problem", [
