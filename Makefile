@@ -1,9 +1,9 @@
-# make install | test | demo | bench | paper — each installs what it needs (idempotent).
+# make install | test | demo | bench | paper | docs — each installs what it needs (idempotent).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export E2U_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: install test demo demo-pistol bench paper clean
+.PHONY: install test demo demo-pistol bench paper docs clean
 
 install: $(VENV)/.e2u-installed
 
@@ -32,6 +32,10 @@ bench: install
 paper: install
 	$(VENV)/bin/e2u sweep configs/smollm2-table1.yaml
 	$(VENV)/bin/e2u report results/smollm2 --out docs/smollm2
+
+# the generated blocks of README.md and docs/*.md (methods, model args, hparams, results, bad input)
+docs: install
+	$(VENV)/bin/e2u docs
 
 clean:
 	rm -rf results/ .pytest_cache/

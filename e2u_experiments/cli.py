@@ -1,4 +1,4 @@
-"""The ``e2u`` command: ``sweep``, ``report``, ``leaderboard``, ``regress``.
+"""The ``e2u`` command: ``sweep``, ``report``, ``leaderboard``, ``regress``, ``docs``.
 
 Input problems print as one line (``e2u: error: ...``) and exit with status 2; ``regress`` exits
 with 1 when a number is outside its tolerance.
@@ -53,6 +53,15 @@ def _parser() -> argparse.ArgumentParser:
                          help="statistical mode: override every metric's practical margin")
     regress.add_argument("--allow-missing", action="store_true",
                          help="leaderboard entries without a result are reported, not failures")
+
+    docs = sub.add_parser("docs", help="regenerate the generated blocks of README.md and docs/*.md")
+    docs.add_argument("--root", default=".", help="the repository checkout (default: .)")
+    docs.add_argument("--leaderboard", default=None,
+                      help="leaderboard for the results tables (default leaderboards/smollm2-135m.yaml)")
+    docs.add_argument("--check", action="store_true",
+                      help="only report stale blocks (exit 1 if any); write nothing")
+    docs.add_argument("--no-bad-input", action="store_true",
+                      help="skip the bad-input matrix (python -m tests.test_bad_input_matrix)")
     return parser
 
 
@@ -84,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
             return regress(args.leaderboard, args.results, tolerance=args.tolerance,
                            allow_missing=args.allow_missing, mode=args.mode, margin=args.margin,
                            log=_say)
+        if args.command == "docs":
+            from e2u_experiments.docs import write_docs
+
+            return write_docs(args.root, args.leaderboard, check=args.check,
+                              bad_input=not args.no_bad_input, log=_say)
     except E2UError as exc:
         print(f"e2u: error: {exc}", file=sys.stderr)
         return 2

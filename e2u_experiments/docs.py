@@ -1,0 +1,372 @@
+"""``e2u docs``: regenerate the generated blocks of README.md and docs/*.md.
+
+A generated block sits between ``<!-- generated:NAME -->`` and ``<!-- /generated:NAME -->``;
+everything between the markers is replaced by what :func:`generate_blocks` produces, from the
+code (method registry, model args, hparams dataclasses and YAML presets), the leaderboard
+(``leaderboards/smollm2-135m.yaml``) and benchmark output files. The bad-input matrix keeps its
+own generator (``python -m tests.test_bad_input_matrix``), which ``e2u docs`` runs when the
+tests are present. Nothing here imports torch at module import time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from e2u_tasks.errors import E2UError
+
+ROOT = Path(__file__).resolve().parents[1]
+LEADERBOARD = Path("leaderboards/smollm2-135m.yaml")
+BENCHMARK_DIR = Path("benchmarks/results")
+BLOCK = re.compile(r"(<!-- generated:([a-z0-9-]+) -->\n)(.*?)(<!-- /generated:\2 -->)", re.S)
+
+# One sentence per model arg; a new arg without a line here is an error of `e2u docs`.
+MODEL_ARG_HELP = {
+    "pretrained": "hub id, local folder (also one written by `save_edited`), or the embedded alias",
+    "method": "the method applied to the forget split before evaluation (table in the README)",
+    "hparams": "a preset name (e.g. `smollm2-135m`) or a YAML file; default: the preset matching "
+               "the model's config, else the method's YAML",
+    "seed": "seed of the method and of the `idk` refusal draw (recorded)",
+    "cache_dir": "caches: embedded model, statistics, edits, fine-tuned models "
+                 "(default `$E2U_CACHE_DIR`, else `~/.cache/e2u`)",
+    "cache": "reuse and store edits and fine-tuned models in the cache",
+    "chat_template": "`auto` (use the model's template if it has one), `true`, `false`",
+    "system_prompt": "a system turn (default: the template's own default)",
+    "top_m": "the m of `hit_rate`",
+    "target": "refusal target: unset = `idk` (one refusal per forget row, seeded), `self` "
+              "(written by the model), or a literal sentence",
+    "refusal_file": "with `target=idk`: your own refusal set, one sentence a line",
+    "targets_file": "JSON Lines with `question` and `target`: one reviewed refusal per forget question",
+    "export_targets": "write the targets used to this JSON Lines file",
+    "finetune": "fine-tune on a whole dataset first (`pistol`, `tofu_factual`, a file)",
+    "finetune_hparams": "the fine-tuning recipe: a preset name or a YAML file",
+    "finetune_<recipe key>": "one key of the recipe, e.g. `finetune_lr=3e-4`, `finetune_epochs=12`",
+    "save_edited": "write the edited model (and GRACE/WISE state) to this folder",
+    "dataset": "`tofu_factual`, `pistol`, a `.json`/`.jsonl` file or a hub file id "
+               "`<owner>/<name>/<file>`",
+    "forget_size": "rows drawn for the forget set (TOFU and own data; default 40)",
+    "forget_seed": "seed of that draw",
+    "forget_edge": "PISTOL contract(s) to forget: `A_B` (default), or several as `A_B+A_C`",
+    "forget_indices": "explicit row indices instead: `[3,7,9]` (CLI) or `3;7;9`",
+    "data_dir": "local data mirror laid out as `<dataset id>/<file>` (default `$E2U_DATA_DIR`)",
+}
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _cell(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _code(value: Any) -> str:
+    return f"`{_cell(value)}`" if value not in (None, "") else ""
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _first_line(module) -> str:
+    doc = (module.__doc__ or "").strip().splitlines()
+    return doc[0].strip().rstrip(",.").replace("``", "`") if doc else ""
+
+
+# --------------------------------------------------------------------------- blocks from code
+
+
+def methods_block() -> str:
+    """The methods table: registry order, NAME / KIND / USES_RETAIN and the docstring's first line."""
+    from e2u_models.methods import METHODS, get_method
+    from e2u_models.hparams import preset_files
+
+    rows = []
+    for name in METHODS:
+        module = get_method(name)
+        presets = ", ".join(preset_files(name)) or "–"
+        rows.append([f"`{module.NAME}`", module.KIND, "yes" if module.USES_RETAIN else "no", presets,
+                     _cell(_first_line(module))])
+    return _table(["method", "kind", "uses retain split", "model presets", "what it does"], rows)
+
+
+def model_args_block() -> str:
+    """e2u's own model args with their defaults, then the split args (``SPEC_KEYS``)."""
+    from e2u_models.args import DEFAULTS, E2U_ARGS
+    from e2u_models.embedded import DEFAULT_MODEL
+    from e2u_tasks.splits import SPEC_KEYS
+
+    defaults = {"pretrained": DEFAULT_MODEL, **DEFAULTS, "dataset": "tofu_factual",
+                "forget_size": 40, "forget_seed": 0, "forget_edge": "A_B"}
+    missing = [name for name in E2U_ARGS if name not in MODEL_ARG_HELP]
+    if missing:
+        raise E2UError(f"model arg(s) {', '.join(missing)} have no line in e2u_experiments/docs.py "
+                       "MODEL_ARG_HELP; add one")
+    rows = []
+    for name in E2U_ARGS:
+        default = defaults.get(name)
+        shown = "–" if default is None else _code(default if not isinstance(default, bool) else str(default).lower())
+        rows.append([f"`{name}`", "split" if name in SPEC_KEYS else "e2u", shown, MODEL_ARG_HELP[name]])
+    return _table(["model arg", "owner", "default", "meaning"], rows)
+
+
+def _rule(meta) -> str:
+    parts = []
+    if "choices" in meta:
+        parts.append("one of " + ", ".join(f"`{c}`" for c in meta["choices"]))
+    if "min" in meta:
+        parts.append(f"≥ {meta['min']}")
+    if "above" in meta:
+        parts.append(f"> {meta['above']}")
+    if "range" in meta:
+        parts.append(f"in {meta['range']}")
+    if meta.get("finite"):
+        parts.append("finite")
+    return "; ".join(parts)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def _yaml_header(path: Path) -> str:
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    return " ".join(lines)
+
+
+def _fields_table(cls: type) -> str:
+    from e2u_models.hparams import field_rules
+
+    rules = field_rules(cls)
+    rows = [[f"`{f.name}`", _cell(str(f.type)), _code(_default(f)), _rule(rules.get(f.name, {}))]
+            for f in dataclasses.fields(cls)]
+    return _table(["hparam", "type", "default", "rule"], rows) if rows else "No hyperparameters."
+
+
+def _presets_table(method: str) -> str:
+    import yaml
+
+    from e2u_models.hparams import PRESET_META_KEYS, hparams_file, preset_files
+
+    rows = []
+    own = hparams_file(method)
+    if own.is_file():
+        values = yaml.safe_load(own.read_text(encoding="utf-8")) or {}
+        rows.append([f"`{method}.yaml` (default)", "–",
+                     ", ".join(f"`{k}: {_cell(v)}`" for k, v in values.items() if k not in PRESET_META_KEYS),
+                     _cell(_yaml_header(own))])
+    for name, path in preset_files(method).items():
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        match = ", ".join(f"{k}={v}" for k, v in (values.get("match") or {}).items())
+        changes = ", ".join(f"`{k}: {_cell(v)}`" for k, v in values.items() if k not in PRESET_META_KEYS)
+        rows.append([f"`{name}` (base `{values.get('base', '–')}`)", _cell(match) or "–", changes or "–",
+                     _cell(_yaml_header(path))])
+    return _table(["file", "matches config", "sets", "what it is for / tuned on"], rows) if rows else ""
+
+
+def hparams_block() -> str:
+    """Per method: the HyperParams fields (type, default, declared rule) and the YAML files."""
+    from e2u_models.methods import METHODS, get_method
+    from e2u_models.training.finetune import HPARAMS_NAME, FinetuneHParams
+
+    parts = []
+    for name in METHODS:
+        parts.append(f"### `{name}`\n\n{_fields_table(get_method(name).HyperParams)}")
+        presets = _presets_table(name)
+        if presets:
+            parts.append(f"Files in `e2u_models/methods/hparams/` (a preset lists only what it changes):\n\n{presets}")
+    parts.append(f"### `finetune=` recipe (`finetune_<key>=`)\n\n{_fields_table(FinetuneHParams)}")
+    parts.append(f"Files in `e2u_models/methods/hparams/`:\n\n{_presets_table(HPARAMS_NAME)}")
+    return "\n\n".join(parts)
+
+
+# --------------------------------------------------------------------------- blocks from the leaderboard
+
+
+def _load_board(path: Path) -> dict:
+    from e2u_experiments.leaderboard import load_leaderboard
+
+    return load_leaderboard(path)
+
+
+def entry_label(entry: dict) -> str:
+    options = entry.get("options") or {}
+    extra = ", ".join(f"{k}={v}" for k, v in sorted(options.items()))
+    return f"{entry['method']} ({extra})" if extra else entry["method"]
+
+
+def _value(entry: dict, task: str, metric: str) -> float | None:
+    cell = (entry.get("metrics") or {}).get(task, {}).get(metric)
+    return None if cell is None else float(cell["value"])
+
+
+def fmt(value: float | None) -> str:
+    """How every leaderboard number is printed in the docs (3 decimals)."""
+    return "–" if value is None else f"{value:.3f}"
+
+
+def _prefix(entry: dict) -> str:
+    return "pistol" if entry.get("dataset") == "pistol" else "tofu"
+
+
+def glance_block(board: dict, source: str) -> str:
+    rows = []
+    for e in board["entries"]:
+        p = _prefix(e)
+        group = "pistol" if p == "pistol" else "tofu_factual"
+        rows.append([entry_label(e), fmt(_value(e, f"{p}_forget", "rouge1_recall")),
+                     fmt(_value(e, f"{p}_retain", "rouge1_recall")),
+                     fmt(_value(e, f"{p}_rephrase", "rouge1_recall")), fmt(_value(e, group, "composite"))])
+    head = (f"From `{source}` ({board.get('name', '')}). ROUGE-1 recall; forget and rephrase ↓, "
+            "retain ↑, composite = (1 − forget) + retain ↑.\n\n")
+    return head + _table(["method", "forget R1", "retain R1", "rephrase R1", "composite"], rows)
+
+
+def full_block(board: dict, source: str) -> str:
+    rows = []
+    for e in board["entries"]:
+        p = _prefix(e)
+        cells = [entry_label(e)]
+        for split in ("forget", "retain", "rephrase"):
+            cells.append(" / ".join(fmt(_value(e, f"{p}_{split}", m))
+                                    for m in ("rouge1_recall", "prob", "mrr", "hit_rate")))
+        cells.append(fmt(_value(e, "pistol" if p == "pistol" else "tofu_factual", "composite")))
+        rows.append(cells)
+    head = f"From `{source}`; each split: ROUGE-1 / prob / MRR / hit@100.\n\n"
+    return head + _table(["method", "forget", "retain", "rephrase", "composite"], rows)
+
+
+def refusal_block(board: dict, source: str) -> str:
+    rows = []
+    for e in board["entries"]:
+        p = _prefix(e)
+        cells = [entry_label(e)]
+        for split in ("forget", "rephrase"):
+            cells += [fmt(_value(e, f"{p}_{split}", m)) for m in ("refusal_rate", "entity_mention", "answer_leak")]
+        cells.append(fmt(_value(e, f"{p}_retain", "refusal_rate")))
+        rows.append(cells)
+    head = (f"From `{source}`. Refusal ↑ on forget/rephrase, entity mention ↑, leak ↓; retain refusal "
+            "is over-refusal ↓.\n\n")
+    return head + _table(["method", "forget refusal", "forget entity", "forget leak", "rephrase refusal",
+                          "rephrase entity", "rephrase leak", "retain refusal"], rows)
+
+
+# --------------------------------------------------------------------------- benchmark outputs
+
+
+def benchmarks_block(root: Path) -> str:
+    folder = root / BENCHMARK_DIR
+    files = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    how = ("Produce them with `python benchmarks/eval_speed.py --baseline > benchmarks/results/eval_speed.json` "
+           "(prints JSON), `python benchmarks/edit_speed.py --json benchmarks/results/edit_speed.json` and "
+           "then run `e2u docs`; `python benchmarks/train_speed.py` prints its own Markdown table.")
+    if not files:
+        return f"No benchmark output file in `{BENCHMARK_DIR}/`. {how}"
+    parts = []
+    for path in files:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise E2UError(f"benchmark output {path}: not valid JSON ({exc})") from None
+        rows = data if isinstance(data, list) else [data]
+        keys = list(dict.fromkeys(k for row in rows if isinstance(row, dict) for k in row))
+        table = _table(keys, [[_cell(row.get(k, "")) for k in keys] for row in rows if isinstance(row, dict)])
+        parts.append(f"`{BENCHMARK_DIR}/{path.name}`:\n\n{table}")
+    return "\n\n".join(parts) + f"\n\n{how}"
+
+
+# --------------------------------------------------------------------------- generation and checking
+
+
+def generate_blocks(root: Path = ROOT, leaderboard: Path | str | None = None) -> dict[str, str]:
+    """Every generated block by name (the bad-input matrix has its own generator)."""
+    root = Path(root)
+    board_path = Path(leaderboard) if leaderboard else root / LEADERBOARD
+    board = _load_board(board_path)
+    source = f"{LEADERBOARD.parent}/{board_path.name}"
+    makers: dict[str, Callable[[], str]] = {
+        "methods": methods_block,
+        "model-args": model_args_block,
+        "hparams": hparams_block,
+        "results-glance": lambda: glance_block(board, source),
+        "results-full": lambda: full_block(board, source),
+        "refusal-quality": lambda: refusal_block(board, source),
+        "benchmarks": lambda: benchmarks_block(root),
+    }
+    return {name: make() for name, make in makers.items()}
+
+
+def doc_files(root: Path = ROOT) -> list[Path]:
+    root = Path(root)
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+def render(text: str, blocks: dict[str, str], where: str = "") -> str:
+    def replace(match: re.Match) -> str:
+        name = match.group(2)
+        if name not in blocks:
+            raise E2UError(f"{where}: unknown generated block {name!r}; known: {', '.join(blocks)}")
+        return f"{match.group(1)}{blocks[name]}\n{match.group(4)}"
+
+    return BLOCK.sub(replace, text)
+
+
+def block_names(text: str) -> list[str]:
+    return [m.group(2) for m in BLOCK.finditer(text)]
+
+
+def stale_blocks(root: Path = ROOT, blocks: dict[str, str] | None = None,
+                 leaderboard: Path | str | None = None) -> list[str]:
+    """``file: block`` for every generated block whose text differs from the generator's."""
+    blocks = blocks if blocks is not None else generate_blocks(root, leaderboard)
+    stale = []
+    for path in doc_files(root):
+        text = path.read_text(encoding="utf-8")
+        current = {m.group(2): m.group(3) for m in BLOCK.finditer(text)}
+        for name, body in current.items():
+            if name in blocks and body != blocks[name] + "\n":
+                stale.append(f"{path.relative_to(root)}: {name}")
+            elif name not in blocks:
+                stale.append(f"{path.relative_to(root)}: {name} (unknown block)")
+    return stale
+
+
+def write_docs(root: Path = ROOT, leaderboard: Path | str | None = None, check: bool = False,
+               bad_input: bool = True, log: Callable[[str], None] = print) -> int:
+    """Regenerate (or with ``check`` only report) every generated block; 1 if ``check`` finds any stale."""
+    root = Path(root)
+    blocks = generate_blocks(root, leaderboard)
+    if check:
+        stale = stale_blocks(root, blocks)
+        for line in stale:
+            log(f"e2u docs: stale generated block {line}")
+        return 1 if stale else 0
+    for path in doc_files(root):
+        text = path.read_text(encoding="utf-8")
+        new = render(text, blocks, str(path))
+        if new != text:
+            path.write_text(new, encoding="utf-8")
+            log(f"e2u docs: rewrote {', '.join(block_names(text))} in {path.relative_to(root)}")
+    if bad_input:
+        if (root / "tests" / "test_bad_input_matrix.py").is_file():
+            log("e2u docs: regenerating the bad-input matrix (python -m tests.test_bad_input_matrix --write-docs)")
+            subprocess.run([sys.executable, "-m", "tests.test_bad_input_matrix", "--write-docs"],
+                           cwd=root, check=True)
+        else:
+            log("e2u docs: tests/ not found; bad-input matrix left as it is")
+    return 0
