@@ -1,0 +1,174 @@
+"""The docs are checked, not trusted: generated blocks match their generator (``e2u docs``), the
+README's results equal the leaderboard's, and every fenced ``lm_eval``/``e2u`` command parses with
+the real parsers (lm-eval's CLI, ``e2u_experiments.cli._parser()``) and e2u's model-arg sorting.
+No model is loaded and nothing is run.
+
+A fenced command meant to fail carries a trailing ``# fails: <why>`` comment and must be rejected.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from e2u_experiments import docs
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```", re.S | re.M)
+SKIPPED_LANGUAGES = {"yaml", "python", "bibtex", "json", "text"}  # diagrams, configs, code
+E2U_TASK_PREFIXES = ("tofu_", "pistol", "e2u_")
+
+
+# --------------------------------------------------------------------------- generated blocks
+
+
+@pytest.fixture(scope="module")
+def blocks():
+    return docs.generate_blocks(ROOT)
+
+
+def test_every_generated_block_is_current(blocks):
+    assert docs.stale_blocks(ROOT, blocks) == [], "generated docs are stale: run `e2u docs`"
+
+
+def test_each_generated_block_appears_somewhere(blocks):
+    names = {name for path in DOC_FILES for name in docs.block_names(path.read_text(encoding="utf-8"))}
+    assert set(blocks) <= names, f"blocks never placed: {sorted(set(blocks) - names)}"
+
+
+def test_a_changed_leaderboard_number_makes_the_results_blocks_stale(tmp_path):
+    board = yaml.safe_load((ROOT / docs.LEADERBOARD).read_text(encoding="utf-8"))
+    cell = board["entries"][0]["metrics"]["tofu_forget"]["rouge1_recall"]
+    cell["value"] = cell["value"] + 0.1
+    copy = tmp_path / "leaderboards" / docs.LEADERBOARD.name
+    copy.parent.mkdir()
+    copy.write_text(yaml.safe_dump(board, sort_keys=False), encoding="utf-8")
+    assert docs.stale_blocks(ROOT, leaderboard=copy) == [
+        "README.md: results-glance", "docs/experiments.md: results-full"]
+    # the same copy without the change is current again: only the number made the difference
+    shutil.copy(ROOT / docs.LEADERBOARD, copy)
+    assert docs.stale_blocks(ROOT, leaderboard=copy) == []
+
+
+def test_the_check_command_reports_stale_blocks(tmp_path):
+    """`e2u docs --check` on a copy of the checkout with one hand-edited generated number."""
+    for name in ("README.md", "docs", "leaderboards"):
+        source = ROOT / name
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, tmp_path / name)
+    readme = tmp_path / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    body = text.split("<!-- generated:results-glance -->")[1]
+    edited = body.replace("| none | ", "| none | 9", 1)
+    readme.write_text(text.replace(body, edited), encoding="utf-8")
+    lines: list[str] = []
+    assert docs.write_docs(tmp_path, check=True, bad_input=False, log=lines.append) == 1
+    assert lines == ["e2u docs: stale generated block README.md: results-glance"]
+    assert docs.write_docs(tmp_path, bad_input=False, log=lines.append) == 0
+    assert docs.write_docs(tmp_path, check=True, bad_input=False, log=lines.append) == 0
+
+
+def _readme_results() -> dict[str, list[str]]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split("<!-- generated:results-glance -->")[1].split("<!-- /generated:results-glance -->")[0]
+    rows = [line.strip("|").split("|") for line in block.splitlines() if line.startswith("| ")]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[1:]}
+
+
+def test_readme_results_equal_the_leaderboard():
+    """Every number of the README's results table is the leaderboard's value, rounded as printed."""
+    board = yaml.safe_load((ROOT / docs.LEADERBOARD).read_text(encoding="utf-8"))
+    shown = _readme_results()
+    assert len(shown) == len(board["entries"])
+    for entry in board["entries"]:
+        options = entry.get("options") or {}
+        label = entry["method"] + (f" ({', '.join(f'{k}={v}' for k, v in sorted(options.items()))})"
+                                   if options else "")
+        metrics = entry["metrics"]
+        expected = [metrics["tofu_forget"]["rouge1_recall"]["value"],
+                    metrics["tofu_retain"]["rouge1_recall"]["value"],
+                    metrics["tofu_rephrase"]["rouge1_recall"]["value"],
+                    metrics["tofu_factual"]["composite"]["value"]]
+        assert shown[label] == [f"{round(v, 3):.3f}" for v in expected], label
+
+
+# --------------------------------------------------------------------------- fenced commands
+
+
+def fenced_commands() -> list[tuple[str, str, bool]]:
+    """(where, command, expected to fail) for every fenced `lm_eval ...` / `e2u ...` line."""
+    found = []
+    for path in DOC_FILES:
+        text = path.read_text(encoding="utf-8")
+        for match in FENCE.finditer(text):
+            if match.group(1).strip().lower() in SKIPPED_LANGUAGES:
+                continue
+            lines = match.group(2).replace("\\\n", " ").splitlines()
+            prompted = any(line.startswith("$ ") for line in lines)
+            line_no = text[:match.start()].count("\n") + 2
+            for offset, line in enumerate(lines):
+                if prompted:
+                    if not line.startswith("$ "):
+                        continue
+                    line = line[2:]
+                line = line.strip()
+                if not line.startswith(("lm_eval ", "e2u ")):
+                    continue
+                command, _, comment = line.partition(" #")
+                fails = comment.strip().startswith("fails:")
+                found.append((f"{path.relative_to(ROOT)}:{line_no + offset}", command.strip(), fails))
+    return found
+
+
+COMMANDS = fenced_commands()
+
+
+def test_the_docs_have_commands_of_both_kinds():
+    kinds = {command.split()[0] for _, command, _ in COMMANDS}
+    assert kinds == {"lm_eval", "e2u"} and len(COMMANDS) >= 20
+    assert any(fails for *_, fails in COMMANDS), "the troubleshooting page shows commands that fail"
+
+
+def _check_e2u(argv: list[str]) -> None:
+    from e2u_experiments.cli import _parser
+
+    _parser().parse_args(argv)
+
+
+def _check_lm_eval(argv: list[str]) -> None:
+    from lm_eval._cli import HarnessCLI
+
+    from e2u_models.args import _sort
+    from e2u_models.methods import get_method
+
+    cli = HarnessCLI()
+    subcommands = cli._subparsers.choices
+    args = cli._parser.parse_args(argv if argv and argv[0] in subcommands else ["run", *argv])
+    for task in args.tasks or []:
+        if task.startswith(E2U_TASK_PREFIXES):
+            assert (ROOT / "task_configs" / f"{task}.yaml").is_file(), f"no e2u task {task!r}"
+    if args.model == "e2u":
+        model_args = dict(args.model_args or {})
+        method = str(model_args.get("method", "none"))
+        _sort(get_method(method), method, model_args)  # names only: no weights, no data
+
+
+@pytest.mark.parametrize("where,command,fails", COMMANDS, ids=[w for w, _, _ in COMMANDS])
+def test_fenced_command_parses(where, command, fails):
+    from e2u_tasks.errors import E2UError
+
+    argv = shlex.split(command)
+    check = _check_e2u if argv[0] == "e2u" else _check_lm_eval
+    if fails:
+        with pytest.raises((SystemExit, E2UError, AssertionError)):
+            check(argv[1:])
+        return
+    try:
+        check(argv[1:])
+    except SystemExit as exc:  # argparse's way of rejecting a command line
+        pytest.fail(f"{where}: the parser rejects `{command}` (exit {exc.code})")
