@@ -249,6 +249,15 @@ def test_the_matrix_is_large_enough_and_in_the_docs():
     assert missing == [], f"docs/troubleshooting.md's bad-input table lacks {missing}; regenerate it (e2u docs)"
 
 
+
+def test_the_docs_table_is_the_generated_one(tiny_model_dir):
+    """docs/troubleshooting.md shows exactly the table the real messages give (`e2u docs` rewrites it)."""
+    text = DOC.read_text(encoding="utf-8")
+    shown = text.split(TABLE_START)[1].split(TABLE_END)[0].strip("\n")
+    assert shown == markdown_table(str(tiny_model_dir)), (
+        "docs/troubleshooting.md's bad-input table is stale; run `e2u docs` "
+        "(or python -m tests.test_bad_input_matrix --write-docs)")
+
 def markdown_table(model_dir: str) -> str:
     """The docs table: case, model args, the real error line (temporary paths shortened)."""
     rows = ["| case | model args | error line |", "|---|---|---|"]
