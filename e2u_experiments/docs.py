@@ -28,7 +28,7 @@ BLOCK = re.compile(r"(<!-- generated:([a-z0-9-]+) -->\n)(.*?)(<!-- /generated:\2
 # One sentence per model arg; a new arg without a line here is an error of `e2u docs`.
 MODEL_ARG_HELP = {
     "pretrained": "hub id, local folder (also one written by `save_edited`), or the embedded alias",
-    "method": "the method applied to the forget split before evaluation (table in the README)",
+    "method": "the method applied to the forget split before evaluation (the methods table of the README)",
     "hparams": "a preset name (e.g. `smollm2-135m`) or a YAML file; default: the preset matching "
                "the model's config, else the method's YAML",
     "seed": "seed of the method and of the `idk` refusal draw (recorded)",
@@ -42,7 +42,7 @@ MODEL_ARG_HELP = {
               "(written by the model), or a literal sentence",
     "refusal_file": "with `target=idk`: your own refusal set, one sentence a line",
     "targets_file": "JSON Lines with `question` and `target`: one reviewed refusal per forget question",
-    "export_targets": "write the targets used to this JSON Lines file",
+    "export_targets": "write the targets of this run into a JSON Lines file",
     "finetune": "fine-tune on a whole dataset first (`pistol`, `tofu_factual`, a file)",
     "finetune_hparams": "the fine-tuning recipe: a preset name or a YAML file",
     "finetune_<recipe key>": "one key of the recipe, e.g. `finetune_lr=3e-4`, `finetune_epochs=12`",
