@@ -172,3 +172,21 @@ def test_fenced_command_parses(where, command, fails):
         check(argv[1:])
     except SystemExit as exc:  # argparse's way of rejecting a command line
         pytest.fail(f"{where}: the parser rejects `{command}` (exit {exc.code})")
+
+
+def test_benchmark_outputs_are_rendered_when_present(tmp_path):
+    assert "No benchmark output file" in docs.benchmarks_block(tmp_path)
+    out = tmp_path / docs.BENCHMARK_DIR
+    out.mkdir(parents=True)
+    (out / "edit_speed.json").write_text('[{"method": "memit", "edit_s": 49.0}]', encoding="utf-8")
+    block = docs.benchmarks_block(tmp_path)
+    assert "| method | edit_s |" in block and "| memit | 49.0 |" in block
+
+
+def test_the_docs_module_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, e2u_experiments.docs, e2u_experiments.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "False"
