@@ -8,7 +8,7 @@ from e2u_tasks.errors import E2UError
 from e2u_tasks.splits import SplitSpec, seeded_sample
 
 # The default TOFU-factual forget set (forget_size=40, forget_seed=0). Pinned: changing it would
-# silently change every published number. Also printed in the README.
+# silently change every published number. Also printed in docs/tasks-and-metrics.md.
 DEFAULT_TOFU_FORGET = (
     7, 8, 21, 27, 32, 38, 39, 41, 42, 48, 51, 52, 53, 58, 70, 71, 72, 75, 80, 88,
     97, 107, 116, 117, 125, 130, 134, 136, 159, 163, 165, 173, 174, 175, 178, 186, 210, 211, 212, 214,
