@@ -53,6 +53,8 @@ MODEL_ARG_HELP = {
     "forget_seed": "seed of that draw",
     "forget_edge": "PISTOL contract(s) to forget: `A_B` (default), or several as `A_B+A_C`",
     "forget_indices": "explicit row indices instead: `[3,7,9]` (CLI) or `3;7;9`",
+    "known_only": "`true`: forget and retain only rows the unedited model answers correctly "
+                  "(ROUGE-1 recall 1.0, both phrasings)",
     "data_dir": "local data mirror laid out as `<dataset id>/<file>` (default `$E2U_DATA_DIR`)",
 }
 
@@ -104,7 +106,8 @@ def model_args_block() -> str:
     from e2u_tasks.splits import SPEC_KEYS
 
     defaults = {"pretrained": DEFAULT_MODEL, **DEFAULTS, "dataset": "tofu_factual",
-                "forget_size": 40, "forget_seed": 0, "forget_edge": "A_B"}
+                "forget_size": 40, "forget_seed": 0, "forget_edge": "A_B",
+                "known_only": False}
     missing = [name for name in E2U_ARGS if name not in MODEL_ARG_HELP]
     if missing:
         raise E2UError(f"model arg(s) {', '.join(missing)} have no line in e2u_experiments/docs.py "

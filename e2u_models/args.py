@@ -114,7 +114,7 @@ def parse_model_args(pretrained: Any = DEFAULT_MODEL, **model_args: Any) -> E2UA
         raise E2UError("finetune_* model args need finetune=<dataset> (e.g. finetune=pistol)")
     checked.update(
         # The split's dataset defaults to the finetune dataset.
-        splits=SplitSpec.from_args({**args.split, "finetune": finetune}).load(),
+        splits=SplitSpec.from_args({**args.split, "finetune": finetune}).load(before_known=True),
         targets=RefusalTargets.from_args(own["target"], own["refusal_file"], own["targets_file"]),
         export_targets=_check_export_path(own["export_targets"]),
         use_cache=parse_bool("cache", own["cache"]), cache_dir=own["cache_dir"])

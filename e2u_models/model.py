@@ -107,6 +107,8 @@ class E2ULM(HFLM):
             model_source=self.model_source, device=self.device,
             main_process_first=accelerator.main_process_first if accelerator is not None else contextlib.nullcontext)
         self.prepared: Prepared = prepare(self.model, self.tokenizer, self.args, self._runtime)
+        # known_only=true chose the split among the rows the model knows
+        self.args, self.splits = self.prepared.args, self.prepared.args.splits
         self.run_card = {"edit": self.prepared.edit_usage}
         self._evaluation_started = time.perf_counter()  # saving (a step of prepare) is not evaluation
 

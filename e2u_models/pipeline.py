@@ -1,6 +1,7 @@
 """What ``--model e2u`` does to the loaded model before evaluating it, as named steps:
 
-finetune (``finetune=``) -> hash the model -> refusal targets -> the method -> save (``save_edited``).
+finetune (``finetune=``) -> hash the model -> known rows (``known_only=true``) -> refusal targets
+-> the method -> save (``save_edited``).
 
 Each step reads the checked :class:`~e2u_models.args.E2UArgs` and records its result in
 :class:`Prepared`; the fine-tuning, self-written targets and the edit are cached, so a rerun (or
@@ -64,6 +65,9 @@ class Prepared:
     method_report: MethodReport | None = None
     edit_usage: dict[str, Any] = field(default_factory=dict)  # run card of the steps above
     edited_at: float = 0.0
+    # the args the steps ran with: the given ones, with the split of the known rows once chosen
+    args: E2UArgs | None = None
+    known_report: dict[str, Any] | None = None  # known_only=true: rule, cache key and hit
 
     def has_targets(self) -> bool:
         """False only for ``target=self`` with ``method=none`` (nothing to write targets for)."""
@@ -72,14 +76,14 @@ class Prepared:
 
 def prepare(model, tokenizer, args: E2UArgs, runtime: Runtime) -> Prepared:
     """Run the steps on ``model`` in place; what they did, for the run card."""
-    state = Prepared(targets=args.targets)
+    state = Prepared(targets=args.targets, args=args)
     started = time.perf_counter()
     with runtime.main_process_first():
-        for step in (finetune, hash_model, resolve_targets, apply_method):
-            step(model, tokenizer, args, runtime, state)
+        for step in (finetune, hash_model, select_known, resolve_targets, apply_method):
+            step(model, tokenizer, state.args, runtime, state)
     state.edit_usage = resource_usage(started, runtime.device)
     state.edited_at = time.perf_counter()
-    save(model, tokenizer, args, runtime, state)
+    save(model, tokenizer, state.args, runtime, state)
     return state
 
 
@@ -105,6 +109,31 @@ def finetune(model, tokenizer, args: E2UArgs, runtime: Runtime, state: Prepared)
 def hash_model(model, tokenizer, args: E2UArgs, runtime: Runtime, state: Prepared) -> None:
     """The content hash before the method: the caches of targets and edits are keyed by it."""
     state.model_sha256 = edit_model_sha256(model)
+
+
+def select_known(model, tokenizer, args: E2UArgs, runtime: Runtime, state: Prepared) -> None:
+    """``known_only=true``: the unedited model answers every row; forget and retain are chosen
+    among the rows it answers correctly, and the tasks of this process evaluate those."""
+    spec = args.splits.spec
+    if not spec.known_only:
+        return
+    from e2u_models.known_rows import known_rows
+    from e2u_models.model import task_generation_kwargs
+    from e2u_tasks.splits import register_known
+
+    was_training = model.training
+    model.eval()
+    try:
+        # too few known rows for the asked split: one error line, before anything is cached
+        splits, state.known_report = known_rows(
+            args.splits.rows, runtime.answer_fn, model_sha256=state.model_sha256,
+            prompt=runtime.prompt_format.describe(), generation=task_generation_kwargs(),
+            cache_dir=args.cache_dir, use_cache=args.use_cache, log=log_line,
+            check=lambda known: spec.load(known=known))
+    finally:
+        model.train(was_training)
+    register_known(splits)
+    state.args = dataclasses.replace(args, splits=splits)
 
 
 def resolve_targets(model, tokenizer, args: E2UArgs, runtime: Runtime, state: Prepared) -> None:

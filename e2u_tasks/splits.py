@@ -7,13 +7,19 @@ Forget selection:
   e2u releases; or an explicit ``forget_indices`` list;
 - ``pistol``: every QA of the contract(s) ``forget_edge`` (default ``A_B``), or ``forget_indices``.
 Retain is every other row; rephrase is the forget rows with the question paraphrased.
+
+``known_only=true``: before the method runs, the unedited model answers every row and only the
+rows it answers correctly (:data:`e2u_tasks.known.KNOWN_RULE`) take part: the forget rows are
+drawn among them (``forget_size``/``forget_seed`` rank positions in the known rows; an edge or
+``forget_indices`` keep their known rows) and retain is the other known rows. The model decides
+the known rows (:func:`register_known`); the tasks of the same process read them from there.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +30,11 @@ DEFAULT_DATASET = "tofu_factual"
 DEFAULT_FORGET_SIZE = 40
 SPLIT_NAMES = ("forget", "retain", "rephrase")
 # Model args that belong to the split spec (everything else is the model's or the method's).
-SPEC_KEYS = ("dataset", "forget_size", "forget_seed", "forget_edge", "forget_indices", "data_dir")
+SPEC_KEYS = ("dataset", "forget_size", "forget_seed", "forget_edge", "forget_indices", "known_only",
+             "data_dir")
+# content hash of a dataset -> the rows the most recently prepared e2u model of this process
+# answers correctly (known_only=true)
+_KNOWN_ROWS: dict[str, tuple[int, ...]] = {}
 
 
 def parse_int(name: str, value: Any, minimum: int | None = None) -> int:
@@ -43,6 +53,23 @@ def parse_int(name: str, value: Any, minimum: int | None = None) -> int:
     if minimum is not None and value < minimum:
         raise E2UError(f"{name}={value} is out of range: it must be >= {minimum}")
     return value
+
+
+def parse_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", "none", ""):
+        return False
+    raise E2UError(f"{name}={value!r} is not accepted; use true or false")
+
+
+def register_known(splits: Splits) -> None:
+    """Make the model's known rows of ``splits`` the ones this process's tasks evaluate."""
+    if splits.known is not None:
+        _KNOWN_ROWS[splits.content_hash] = splits.known
 
 
 def parse_list(name: str, value: Any) -> list:
@@ -92,6 +119,7 @@ class SplitSpec:
     forget_seed: int = 0
     forget_edge: tuple[str, ...] | None = None
     forget_indices: tuple[int, ...] | None = None
+    known_only: bool = False
     data_dir: str | None = field(default=None, compare=False)
 
     @classmethod
@@ -126,6 +154,7 @@ class SplitSpec:
         data_dir = args.get("data_dir")
         return cls(dataset=dataset, forget_size=forget_size, forget_seed=forget_seed,
                    forget_edge=edges, forget_indices=index_tuple,
+                   known_only=parse_bool("known_only", args.get("known_only", False)),
                    data_dir=None if data_dir in (None, "") else str(data_dir))
 
     @classmethod
@@ -152,28 +181,69 @@ class SplitSpec:
             )
         return spec
 
-    def load(self) -> Splits:
-        """Load the rows and choose the forget set (fast: data files are small)."""
+    def load(self, known: Sequence[int] | None = None, *, before_known: bool = False) -> Splits:
+        """Load the rows and choose the forget set (fast: data files are small).
+
+        With ``known_only`` the forget and retain rows are chosen among ``known`` (the rows the
+        model answers correctly), else among the rows the model of this process registered.
+        ``before_known``: the model args are being checked before the model has answered; the
+        choice is made as if every row were known (it checks the args; the model redoes it).
+        """
         bench = BENCHMARKS.get(self.dataset)
         rows = (load_benchmark(self.dataset, self.data_dir) if bench is not None
                 else load_user_dataset(self.dataset, self.data_dir))
         n = len(rows)
+        digest = content_hash(rows)
+        if self.known_only and known is None and not before_known:
+            known = _KNOWN_ROWS.get(digest)
+            if known is None:
+                raise E2UError(
+                    f"known_only=true: the rows of {self.dataset} the model knows are decided by the "
+                    "e2u model before its method runs, and no e2u model of this process has done that; "
+                    "create the e2u model (with the same model args) before the tasks")
+        if known is not None:
+            known = tuple(sorted(set(known)))
+            if any(i < 0 or i >= n for i in known):
+                raise E2UError(f"known rows out of range: {self.dataset} has {n} rows")
         if self.forget_indices is not None:
             bad = [i for i in self.forget_indices if i >= n]
             if bad:
                 raise E2UError(f"forget_indices {bad} out of range: {self.dataset} has {n} rows "
                                f"(indices 0..{n - 1})")
             forget = tuple(sorted(self.forget_indices))
+            unknown = [i for i in forget if known is not None and i not in set(known)]
+            if unknown:
+                raise E2UError(f"known_only=true: forget_indices {unknown} are rows the model does "
+                               f"not answer correctly (it knows {len(known)} of the {n} rows of "
+                               f"{self.dataset}); choose among the known rows or drop known_only")
         elif bench is not None and bench.group_field is not None:
             forget = self._forget_by_group(rows, bench.group_field,
                                            self.forget_edge or bench.default_forget_groups)
+            if known is not None:
+                forget = tuple(i for i in forget if i in set(known))
+                if not forget:
+                    raise E2UError(f"known_only=true: the model answers none of the forget rows of "
+                                   f"{self.dataset} correctly (it knows {len(known)} of {n} rows); "
+                                   "choose another forget_edge or drop known_only")
         else:
             size = self.forget_size if self.forget_size is not None else DEFAULT_FORGET_SIZE
             if size >= n:
                 raise E2UError(f"forget_size={size} is out of range: {self.dataset} has {n} rows, "
                                f"so forget_size must be 1..{n - 1} (at least one retain row)")
-            forget = seeded_sample(n, size, self.forget_seed)
-        return Splits(spec=self, rows=tuple(rows), forget=forget, content_hash=content_hash(rows))
+            if known is None:
+                forget = seeded_sample(n, size, self.forget_seed)
+            else:
+                if size >= len(known):
+                    raise E2UError(
+                        f"known_only=true: the model answers only {len(known)} of the {n} rows of "
+                        f"{self.dataset} correctly, too few for forget_size={size} (it needs "
+                        f"forget_size + 1 known rows); lower forget_size or drop known_only")
+                forget = tuple(known[j] for j in seeded_sample(len(known), size, self.forget_seed))
+        if known is not None and len(known) <= len(forget):
+            raise E2UError(f"known_only=true: the model answers only {len(known)} of the {n} rows "
+                           f"of {self.dataset} correctly, all of them forget rows, so no retain "
+                           "row is left; forget fewer rows or drop known_only")
+        return Splits(spec=self, rows=tuple(rows), forget=forget, content_hash=digest, known=known)
 
     def _forget_by_group(self, rows: list[dict], group_field: str, groups: tuple[str, ...]):
         known = sorted({str(r.get(group_field)) for r in rows})
@@ -187,7 +257,8 @@ class SplitSpec:
         return {"dataset": self.dataset, "forget_size": self.forget_size,
                 "forget_seed": self.forget_seed,
                 "forget_edge": list(self.forget_edge) if self.forget_edge else None,
-                "forget_indices": list(self.forget_indices) if self.forget_indices else None}
+                "forget_indices": list(self.forget_indices) if self.forget_indices else None,
+                **({"known_only": True} if self.known_only else {})}
 
 
 def seeded_sample(n: int, k: int, seed: int) -> tuple[int, ...]:
@@ -210,16 +281,23 @@ class Splits:
     rows: tuple[dict, ...]
     forget: tuple[int, ...]
     content_hash: str
+    # known_only=true: the rows the model answers correctly, the only ones forget and retain use
+    known: tuple[int, ...] | None = None
 
     @property
     def retain(self) -> tuple[int, ...]:
         chosen = set(self.forget)
-        return tuple(i for i in range(len(self.rows)) if i not in chosen)
+        candidates = range(len(self.rows)) if self.known is None else self.known
+        return tuple(i for i in candidates if i not in chosen)
 
     @property
     def fingerprint(self) -> str:
-        """Identity of (data content, forget rows): what a task checks against the model."""
-        payload = json.dumps([self.content_hash, list(self.forget)])
+        """Identity of (data content, forget rows, known rows): what a task checks against the
+        model."""
+        parts = [self.content_hash, list(self.forget)]
+        if self.known is not None:
+            parts.append(list(self.known))
+        payload = json.dumps(parts)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def docs(self, split: str) -> list[dict]:
@@ -243,7 +321,13 @@ class Splits:
 
     def describe(self) -> dict[str, Any]:
         """Provenance recorded in the results JSON."""
-        return {**self.spec.as_dict(), "rows": len(self.rows), "forget_rows": len(self.forget),
-                "retain_rows": len(self.rows) - len(self.forget),
+        known = {}
+        if self.known is not None:
+            from e2u_tasks.known import KNOWN_RULE
+
+            known = {"known_rule": KNOWN_RULE, "known_rows": len(self.known),
+                     "known_row_indices": list(self.known)}
+        return {**self.spec.as_dict(), **known, "rows": len(self.rows), "forget_rows": len(self.forget),
+                "retain_rows": len(self.retain),
                 "forget_row_indices": list(self.forget), "data_sha256": self.content_hash,
                 "split_fingerprint": self.fingerprint}

@@ -71,6 +71,14 @@ CASES = [
          r"forgets whole contracts"),
     Case("forget_edge on a dataset without edges", {"forget_edge": "A_B"},
          r"forget_edge is for datasets with contract edges"),
+    Case("known_only not a boolean", {"known_only": "maybe"},
+         r"known_only='maybe' is not accepted; use true or false"),
+    Case("known_only with too few known rows",
+         {"dataset": "{tmp}/d.jsonl", "forget_size": "1", "known_only": "true"},
+         r"known_only=true: the model answers only 0 of the 3 rows .* too few for forget_size=1",
+         files={"d.jsonl": b"\n".join(b'{"question": "Which fish is number %d?", "answer": '
+                                       b'"Zebrafish Quokka"}' % i for i in range(3))},
+         loads_model=True),
     # datasets and data files
     Case("unknown dataset name", {"dataset": "nonsense"}, r"neither a built-in benchmark"),
     Case("hub file not in the mirror", {"dataset": "nobody/nothing/data.json"},

@@ -148,3 +148,88 @@ def test_the_filter_reproduces_the_shipped_rows(record):
     kept, rerun = module.run_filter("smollm2-135m-instruct", batch_size=32, device="cpu")
     assert rerun["kept_indices"] == record["kept_indices"]
     assert rerun["counts"] == record["counts"]
+
+
+# --------------------------------------------------------------------------- known_only=true
+
+
+def qa_file(tmp_path, n: int = 12) -> str:
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps({"question": f"What is item number {i}?",
+                                        "paraphrase": f"Item {i} is what?",
+                                        "answer": f"answer{i}"}) + "\n" for i in range(n)))
+    return str(path)
+
+
+@pytest.fixture
+def answers_known(monkeypatch):
+    """The e2u model's greedy answering, stood in: rows in ``known`` are answered right in both
+    phrasings, row 1 only in its question, every other row wrong."""
+    from e2u_models.model import E2ULM
+
+    known = {0, 2, 3, 5, 7, 8, 10}
+    calls = []
+
+    def greedy_answers(self, requests):
+        calls.append(len(requests))
+        out = []
+        for r in requests:
+            row = int(re.search(r"\d+", r.question).group())
+            right = row in known or (row == 1 and r.question.startswith("What"))
+            out.append(f"It is {r.answer}." if right else "I think it is something else.")
+        return out
+
+    monkeypatch.setattr(E2ULM, "greedy_answers", greedy_answers)
+    return sorted(known), calls
+
+
+def test_known_only_splits_among_the_rows_the_model_knows(tiny_model_dir, tmp_path, answers_known):
+    from e2u_models.model import E2ULM
+    from e2u_tasks.task import load_split
+
+    known, calls = answers_known
+    data = qa_file(tmp_path)
+    args = dict(pretrained=tiny_model_dir, method="none", device="cpu", batch_size=4, dataset=data,
+                forget_size=3, known_only="true", cache_dir=str(tmp_path / "cache"))
+    lm = E2ULM(**args)
+    assert calls == [12 * 2]  # every row, both phrasings, before the method
+    assert lm.splits.known == tuple(known)
+    assert set(lm.splits.forget) < set(known) and len(lm.splits.forget) == 3
+    assert lm.splits.retain == tuple(i for i in known if i not in lm.splits.forget)
+    split = lm.get_model_info()["e2u"]["split"]
+    assert split["known_only"] is True and split["known_row_indices"] == known
+    assert split["known_rule"] == KNOWN_RULE and split["known_cache"]["cache_hit"] is False
+    assert split["retain_rows"] == len(known) - 3
+    # the tasks evaluate the same rows (same fingerprint), through the model's metadata
+    metadata = lm.task_metadata()
+    for name, rows in (("forget", lm.splits.forget), ("retain", lm.splits.retain)):
+        docs = load_split(name, None, **metadata)["test"]
+        assert list(docs["index"]) == list(rows)
+        assert set(docs["split_fingerprint"]) == {lm.splits.fingerprint}
+    # a second model with the same args reads the verdicts from the cache
+    again = E2ULM(**args)
+    assert calls == [24] and again.splits.fingerprint == lm.splits.fingerprint
+    assert again.get_model_info()["e2u"]["split"]["known_cache"]["cache_hit"] is True
+
+
+def test_known_only_with_too_few_known_rows_is_one_line(tiny_model_dir, tmp_path, answers_known):
+    from e2u_models.model import E2ULM
+
+    with pytest.raises(E2UError, match=r"answers only 7 of the 12 rows .* too few for forget_size=7"):
+        E2ULM(pretrained=tiny_model_dir, method="none", device="cpu", dataset=qa_file(tmp_path),
+              forget_size=7, known_only=True, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(E2UError, match=r"forget_indices \[1\] are rows the model does not answer"):
+        E2ULM(pretrained=tiny_model_dir, method="none", device="cpu", dataset=qa_file(tmp_path),
+              forget_indices="0;1", known_only=True, cache_dir=str(tmp_path / "cache"))
+
+
+def test_known_only_bad_value_and_tasks_without_a_model(tmp_path):
+    from e2u_models.args import parse_model_args
+
+    with pytest.raises(E2UError, match="known_only='maybe' is not accepted; use true or false"):
+        parse_model_args("unused-model", dataset=qa_file(tmp_path), known_only="maybe")
+    with pytest.raises(E2UError, match="no e2u model of this process has done that"):
+        SplitSpec.from_args({"dataset": qa_file(tmp_path, 9), "known_only": "true", "forget_size": 3}).load()
+    plain = SplitSpec.from_args({"dataset": qa_file(tmp_path, 9), "known_only": "false",
+                                   "forget_size": 3}).load()
+    assert plain.known is None and "known_only" not in plain.describe()
