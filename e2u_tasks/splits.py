@@ -201,8 +201,10 @@ class SplitSpec:
                     f"known_only=true: the rows of {self.dataset} the model knows are decided by the "
                     "e2u model before its method runs, and no e2u model of this process has done that; "
                     "create the e2u model (with the same model args) before the tasks")
+        known_set: set[int] = set()
         if known is not None:
             known = tuple(sorted(set(known)))
+            known_set = set(known)
             if any(i < 0 or i >= n for i in known):
                 raise E2UError(f"known rows out of range: {self.dataset} has {n} rows")
         if self.forget_indices is not None:
@@ -211,7 +213,7 @@ class SplitSpec:
                 raise E2UError(f"forget_indices {bad} out of range: {self.dataset} has {n} rows "
                                f"(indices 0..{n - 1})")
             forget = tuple(sorted(self.forget_indices))
-            unknown = [i for i in forget if known is not None and i not in set(known)]
+            unknown = [i for i in forget if known is not None and i not in known_set]
             if unknown:
                 raise E2UError(f"known_only=true: forget_indices {unknown} are rows the model does "
                                f"not answer correctly (it knows {len(known)} of the {n} rows of "
@@ -220,7 +222,7 @@ class SplitSpec:
             forget = self._forget_by_group(rows, bench.group_field,
                                            self.forget_edge or bench.default_forget_groups)
             if known is not None:
-                forget = tuple(i for i in forget if i in set(known))
+                forget = tuple(i for i in forget if i in known_set)
                 if not forget:
                     raise E2UError(f"known_only=true: the model answers none of the forget rows of "
                                    f"{self.dataset} correctly (it knows {len(known)} of {n} rows); "

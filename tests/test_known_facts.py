@@ -206,6 +206,17 @@ def test_known_only_splits_among_the_rows_the_model_knows(tiny_model_dir, tmp_pa
         docs = load_split(name, None, **metadata)["test"]
         assert list(docs["index"]) == list(rows)
         assert set(docs["split_fingerprint"]) == {lm.splits.fingerprint}
+    # as on the CLI: lm-eval builds the model, then the tasks with the model args as metadata
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from e2u_models.autoload import tasks_dir
+
+    cli_metadata = {k: v for k, v in args.items() if k not in ("pretrained", "device", "batch_size")}
+    manager = TaskManager(include_path=tasks_dir(), include_defaults=False, metadata=cli_metadata)
+    result = simple_evaluate(model=lm, tasks=["e2u_custom"], task_manager=manager, log_samples=False)
+    assert result["n-samples"]["e2u_forget"]["effective"] == 3
+    assert result["n-samples"]["e2u_retain"]["effective"] == len(known) - 3
     # a second model with the same args reads the verdicts from the cache
     again = E2ULM(**args)
     assert calls == [24] and again.splits.fingerprint == lm.splits.fingerprint
