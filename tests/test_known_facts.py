@@ -244,3 +244,22 @@ def test_known_only_bad_value_and_tasks_without_a_model(tmp_path):
     plain = SplitSpec.from_args({"dataset": qa_file(tmp_path, 9), "known_only": "false",
                                    "forget_size": 3}).load()
     assert plain.known is None and "known_only" not in plain.describe()
+
+
+def test_known_only_selection_rules():
+    """Size draws rank positions among the known rows; an edge keeps its known rows."""
+    spec = SplitSpec.from_args({"dataset": "known_facts", "forget_size": 5, "known_only": True})
+    known = tuple(range(0, 117, 3))
+    splits = spec.load(known=known)
+    from e2u_tasks.splits import seeded_sample
+
+    assert splits.forget == tuple(known[j] for j in seeded_sample(len(known), 5, 0))
+    assert len(splits.forget) == 5 and set(splits.forget) <= set(known)
+    assert set(splits.retain) == set(known) - set(splits.forget)
+    assert splits.fingerprint != spec.load(known=known[:-1]).fingerprint
+    pistol = SplitSpec.from_args({"dataset": "pistol", "known_only": "true"})
+    edge = SplitSpec.from_args({"dataset": "pistol"}).load().forget
+    kept = pistol.load(known=edge[::2] + tuple(range(100, 140)))
+    assert kept.forget == edge[::2] and kept.retain == tuple(range(100, 140))
+    with pytest.raises(E2UError, match="answers none of the forget rows of pistol"):
+        pistol.load(known=tuple(range(100, 140)))
