@@ -30,7 +30,7 @@ from e2u_models.training.finetune import FinetuneHParams
 from e2u_tasks.data import BENCHMARKS, load_benchmark, load_user_dataset
 from e2u_tasks.errors import E2UError
 from e2u_tasks.metrics import DEFAULT_TOP_M
-from e2u_tasks.splits import SPEC_KEYS, Splits, SplitSpec, parse_int
+from e2u_tasks.splits import SPEC_KEYS, Splits, SplitSpec, parse_bool, parse_int
 
 # Keyword arguments HFLM forwards to ``from_pretrained`` that users legitimately pass.
 FROM_PRETRAINED_ARGS = frozenset({
@@ -87,23 +87,12 @@ class _Sorted:
     hf: dict[str, Any]
 
 
-def parse_bool(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes"):
-        return True
-    if text in ("false", "0", "no"):
-        return False
-    raise E2UError(f"{name}={value!r} is not accepted; use true or false")
-
-
 def parse_model_args(pretrained: Any = DEFAULT_MODEL, **model_args: Any) -> E2UArgs:
     """All model args checked, in the order their errors are reported; the model's config is
     read (not its weights) to pick the hparams preset and check the hparams against it."""
     method_name = _method_name(model_args.get("method", DEFAULTS["method"]))
     method = get_method(method_name)
-    args = _sort(method, method_name, model_args)
+    args = sort_model_args(method, method_name, model_args)
     own = args.own
     checked: dict[str, Any] = dict(
         seed=parse_int("seed", own["seed"]), top_m=parse_int("top_m", own["top_m"], 1),
@@ -149,7 +138,7 @@ def _finetune_name(finetune: Any) -> str | None:
     return str(finetune).strip()
 
 
-def _sort(method: ModuleType, method_name: str, model_args: dict[str, Any]) -> _Sorted:
+def sort_model_args(method: ModuleType, method_name: str, model_args: dict[str, Any]) -> _Sorted:
     """Model args by owner; a name no owner accepts is an error listing every accepted name."""
     rest = dict(model_args)
     own = {key: rest.pop(key, default) for key, default in DEFAULTS.items()}

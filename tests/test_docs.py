@@ -1,6 +1,6 @@
 """The docs are checked, not trusted: generated blocks match their generator (``e2u docs``), the
 README's results equal the leaderboard's, and every fenced ``lm_eval``/``e2u`` command parses with
-the real parsers (lm-eval's CLI, ``e2u_experiments.cli._parser()``) and e2u's model-arg sorting.
+the real parsers (lm-eval's CLI, ``e2u_experiments.cli.build_parser()``) and e2u's model-arg sorting.
 No model is loaded and nothing is run.
 
 A fenced command meant to fail carries a trailing ``# fails: <why>`` comment and must be rejected.
@@ -135,15 +135,15 @@ def test_the_docs_have_commands_of_both_kinds():
 
 
 def _check_e2u(argv: list[str]) -> None:
-    from e2u_experiments.cli import _parser
+    from e2u_experiments.cli import build_parser
 
-    _parser().parse_args(argv)
+    build_parser().parse_args(argv)
 
 
 def _check_lm_eval(argv: list[str]) -> None:
     from lm_eval._cli import HarnessCLI
 
-    from e2u_models.args import _sort
+    from e2u_models.args import sort_model_args
     from e2u_models.methods import get_method
 
     cli = HarnessCLI()
@@ -155,7 +155,7 @@ def _check_lm_eval(argv: list[str]) -> None:
     if args.model == "e2u":
         model_args = dict(args.model_args or {})
         method = str(model_args.get("method", "none"))
-        _sort(get_method(method), method, model_args)  # names only: no weights, no data
+        sort_model_args(get_method(method), method, model_args)  # names only: no weights, no data
 
 
 @pytest.mark.parametrize("where,command,fails", COMMANDS, ids=[w for w, _, _ in COMMANDS])
