@@ -224,14 +224,23 @@ def fmt(value: float | None) -> str:
 
 
 def _prefix(entry: dict) -> str:
-    return "pistol" if entry.get("dataset") == "pistol" else "tofu"
+    """The entry's task prefix (``tofu``, ``pistol``, ``facts``, ``e2u``), read from its metrics."""
+    forget = sorted(t for t in entry["metrics"] if t.endswith("_forget"))
+    return forget[0][: -len("_forget")] if forget else "tofu"
+
+
+def _group(entry: dict) -> str:
+    """The entry's group (``tofu_factual``, ``pistol``, ``known_facts``, ...): the metrics' task
+    that is none of the three splits."""
+    splits = ("_forget", "_retain", "_rephrase")
+    groups = sorted(t for t in entry["metrics"] if not t.endswith(splits))
+    return groups[0] if groups else "tofu_factual"
 
 
 def glance_block(board: dict, source: str) -> str:
     rows = []
     for e in board["entries"]:
-        p = _prefix(e)
-        group = "pistol" if p == "pistol" else "tofu_factual"
+        p, group = _prefix(e), _group(e)
         rows.append([entry_label(e), fmt(_value(e, f"{p}_forget", "rouge1_recall")),
                      fmt(_value(e, f"{p}_retain", "rouge1_recall")),
                      fmt(_value(e, f"{p}_rephrase", "rouge1_recall")), fmt(_value(e, group, "composite"))])
@@ -248,7 +257,7 @@ def full_block(board: dict, source: str) -> str:
         for split in ("forget", "retain", "rephrase"):
             cells.append(" / ".join(fmt(_value(e, f"{p}_{split}", m))
                                     for m in ("rouge1_recall", "prob", "mrr", "hit_rate")))
-        cells.append(fmt(_value(e, "pistol" if p == "pistol" else "tofu_factual", "composite")))
+        cells.append(fmt(_value(e, _group(e), "composite")))
         rows.append(cells)
     head = f"From `{source}`; each split: ROUGE-1 / prob / MRR / hit@100.\n\n"
     return head + _table(["method", "forget", "retain", "rephrase", "composite"], rows)
