@@ -381,7 +381,7 @@ def test_corrupted_finetune_cache_is_recomputed(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     ({"finetune": "no_such_set"}, r"finetune='no_such_set': dataset 'no_such_set' is neither a built-in "
-                                  r"benchmark \(pistol, tofu_factual\)"),
+                                  r"benchmark \(known_facts, pistol, tofu_factual\)"),
     ({"finetune_lr": "0", "finetune": "pistol"}, r"hparam lr=0.0 must be > 0"),
     ({"finetune_epochs": "3"}, r"finetune_\* model args need finetune=<dataset>"),
     ({"method": "gd", "lr": "-1"}, r"hparam lr=-1.0 must be > 0"),
