@@ -74,3 +74,18 @@ def test_bad_requests_are_one_line_errors(tiny, tmp_path):
         StatsRequest(MODULES, n_tokens=0)
     with pytest.raises(E2UError, match="not a text file"):
         TextCorpus.from_path(tmp_path / "missing")
+
+
+def test_shipped_prose_corpus_does_not_depend_on_the_interpreter(monkeypatch):
+    """The default statistics corpus is read from the package, never from CPython's pydoc_data
+    (which differs between Python versions); its content is the pinned 3.11 snapshot."""
+    import sys
+
+    from e2u_models.editing.stats import python_docs_corpus
+
+    monkeypatch.setitem(sys.modules, "pydoc_data", None)  # an interpreter without pydoc_data
+    monkeypatch.setitem(sys.modules, "pydoc_data.topics", None)
+    corpus = python_docs_corpus()
+    assert corpus.identity == "python-docs:snapshot-python3.11"
+    assert corpus.content_sha256 == "7a74ae4635c92e7b3686ba2d2bd02848dc94a43457d20122523ba701b73d70f3"
+    assert len(list(corpus.texts())) == 1987

@@ -70,25 +70,23 @@ class TextCorpus:
 
 BUILTIN_CORPUS = "python-docs"
 DEFAULT_CORPUS = "e2u"
+PYTHON_DOCS_FILE = "python_docs_prose.txt.gz"
+PYTHON_DOCS_SNAPSHOT = "snapshot-python3.11"  # written by tools/snapshot_python_docs.py
 
 
 def python_docs_corpus() -> TextCorpus:
-    """The offline default: the English prose of Python's own documentation topics
-    (``pydoc_data.topics``, about the default token budget), shipped with every CPython,
-    so statistics can always be collected without a network. It is technical English, narrower
-    than Wikipedia: edits protect the directions common in such text; the identity and content hash
-    recorded with every result say which corpus was used."""
-    import sys
+    """The offline prose: blocks of Python's documentation topics, shipped with e2u as a fixed
+    snapshot (``e2u_models/data/python_docs_prose.txt.gz``, about the default token budget) so
+    statistics can always be collected without a network and do not depend on the user's
+    interpreter (CPython's own ``pydoc_data`` differs between versions). It is technical English,
+    narrower than Wikipedia: edits protect the directions common in such text; the identity and
+    content hash recorded with every result say which corpus was used."""
+    import gzip
+    from importlib import resources
 
-    try:
-        from pydoc_data.topics import topics
-    except ImportError:
-        raise E2UError("stats_corpus=python-docs needs pydoc_data (part of CPython); give "
-                       "stats_corpus=<text file or folder> instead") from None
-    documents = [block.strip() for name in sorted(topics) for block in topics[name].split("\n\n")
-                 if len(block.strip()) > 40]
-    version = ".".join(map(str, sys.version_info[:2]))
-    return TextCorpus.from_texts(f"{BUILTIN_CORPUS}:python{version}", documents)
+    packed = resources.files("e2u_models").joinpath("data", PYTHON_DOCS_FILE).read_bytes()
+    documents = gzip.decompress(packed).decode("utf-8").split("\n\n")
+    return TextCorpus.from_texts(f"{BUILTIN_CORPUS}:{PYTHON_DOCS_SNAPSHOT}", documents)
 
 
 def hub_text_corpus(spec: str) -> TextCorpus:
