@@ -141,8 +141,8 @@ def _compare_metric(task, metric, table, mine, order, margin, what) -> Compariso
 
 
 def fingerprint_differences(want: Any, got: Any) -> list[str] | None:
-    """The fields in which two fingerprints differ; None when either run has none (then the
-    machines cannot be told apart and statistical mode is the safe choice)."""
+    """The fields in which two fingerprints differ; None when either run has none (a leaderboard
+    written before fingerprints: it is compared with its own stored tolerances)."""
     if not isinstance(want, dict) or not isinstance(got, dict):
         return None
     return [k for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k)]

@@ -52,7 +52,7 @@ def resource_usage(started: float, device: Any = None) -> dict[str, Any]:
 
 def package_versions() -> dict[str, str]:
     versions = {}
-    for dist in ("e2u", "lm_eval", "torch", "transformers", "datasets", "rouge_score"):
+    for dist in ("e2u", "lm_eval", "torch", "transformers", "tokenizers", "datasets", "rouge_score"):
         try:
             versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -74,8 +74,10 @@ def cpu_name() -> str:
 
 def environment_fingerprint(device: Any, dtype: Any) -> dict[str, Any]:
     """What a number can depend on besides the inputs: the device and its name, the dtype, the
-    software, the thread count and the determinism flag. Two runs with equal fingerprints are
-    expected to agree to float noise; across fingerprints only statistically."""
+    software (the tokenizer library included: it decides the token ids), the CPU kernels torch
+    dispatches to (``cpu_capability``: AVX2 and AVX-512 sum in different orders), the thread
+    count and the determinism flag. Two runs with equal fingerprints are expected to agree to
+    float noise; across fingerprints only statistically."""
     kind = torch.device(device).type if device is not None else "cpu"
     name = (torch.cuda.get_device_name(torch.device(device)) if kind == "cuda" and torch.cuda.is_available()
             else cpu_name())
@@ -83,8 +85,9 @@ def environment_fingerprint(device: Any, dtype: Any) -> dict[str, Any]:
     return {
         "device_type": kind, "device_name": name, "dtype": str(dtype).replace("torch.", ""),
         "torch": versions["torch"], "transformers": versions["transformers"],
-        "lm_eval": versions["lm_eval"], "e2u": versions["e2u"],
-        "python": platform.python_version(), "threads": torch.get_num_threads(),
+        "lm_eval": versions["lm_eval"], "e2u": versions["e2u"], "tokenizers": versions["tokenizers"],
+        "python": platform.python_version(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
     }
 
