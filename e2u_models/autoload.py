@@ -17,7 +17,11 @@ It never prints or raises at start-up (also when lm-eval, torch or transformers 
 broken): a failing callback prints one line to stderr and leaves lm-eval as it was. Set
 ``E2U_DISABLE_AUTOLOAD=1`` to switch it off; ``e2u-lm-eval`` works either way.
 
-Import-light on purpose (``os`` and ``sys`` only): it runs in every interpreter of the environment.
+In the lm-eval CLI only, :mod:`e2u_models.terminal` makes what lm-eval prints true for e2u's tasks
+(the batch size used, no warnings that do not apply, ``composite`` rows on groups only).
+
+Import-light on purpose (``os`` and ``sys`` only; ``logging`` in the CLI): it runs in every
+interpreter of the environment.
 """
 
 import os
@@ -41,6 +45,8 @@ def install(force: bool = False) -> None:
             return
         if not any(getattr(f, _MARK, False) for f in sys.meta_path):
             sys.meta_path.insert(0, _PostImportFinder())
+        if _running_the_cli():
+            _prepare_the_cli()
         # Modules imported before the hook was installed get their callback now.
         for name, callback in _CALLBACKS.items():
             module = sys.modules.get(name)
@@ -48,6 +54,36 @@ def install(force: bool = False) -> None:
                 _run_callback(callback, module)
     except Exception as exc:  # never break the interpreter
         _warn(exc)
+
+
+def _running_the_cli() -> bool:
+    from e2u_models.terminal import cli_module
+
+    return cli_module(sys.argv or [""], getattr(sys, "orig_argv", []), CLI_NAMES)
+
+
+def _prepare_the_cli() -> None:
+    """e2u's default batch size on the command line, lm-eval's warnings that do not apply to e2u's
+    tasks dropped (see :mod:`e2u_models.terminal`)."""
+    from e2u_models import terminal
+
+    args = terminal.with_default_batch_size(sys.argv[1:])
+    if args is not None:
+        sys.argv[1:] = args
+    folder = tasks_dir()
+    if folder is not None:
+        terminal.install_warning_filter(e2u_task_names(folder))
+
+
+def _after_utils(module) -> None:
+    """In the CLI, the printed table shows ``composite`` on groups only."""
+    from e2u_models import terminal
+
+    folder = tasks_dir()
+    table = getattr(module, "make_table", None)
+    if folder is None or table is None or getattr(table, _MARK, False) or not _running_the_cli():
+        return
+    module.make_table = terminal.without_composite_parts(table, e2u_task_names(folder))
 
 
 def tasks_dir():
@@ -205,5 +241,6 @@ def _cli_asks_only_e2u_tasks(folder) -> bool:
 
 _CALLBACKS = {
     "lm_eval.models": _after_models,
+    "lm_eval.utils": _after_utils,
     "lm_eval.tasks.manager": _after_task_manager,
 }

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import sys
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -28,7 +26,6 @@ from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
 from e2u_models.args import E2UArgs, parse_model_args
-from e2u_models.autoload import CLI_NAMES
 from e2u_models.editing.adapters import has_saved_adapters, load_adapters
 from e2u_models.embedded import DEFAULT_MODEL
 from e2u_models.nethook import pad_id_of
@@ -38,11 +35,6 @@ from e2u_models.protocol import EditRequest, MethodEnv
 from e2u_models.provenance import e2u_info, environment_fingerprint, resource_usage
 from e2u_models.shared_prefix import SharedPrefixRunner, common_prefix_length
 from e2u_tasks.errors import E2UError
-
-# Batch size when neither --batch_size nor model_args batch_size is given (generation dominates
-# the run time and batches well).
-DEFAULT_BATCH_SIZE = 64
-
 
 @dataclass(frozen=True)
 class AnswerQuery:
@@ -57,15 +49,6 @@ class AnswerQuery:
 
 def _is_greedy(gen_kwargs: dict) -> bool:
     return not gen_kwargs.get("do_sample") and not float(gen_kwargs.get("temperature") or 0.0)
-
-
-def _cli_default_batch_size() -> bool:
-    """True when lm-eval's CLI passed its default batch size 1 (no ``--batch_size`` flag)."""
-    program = sys.argv[0].replace("\\", "/") if sys.argv else ""
-    as_module = program.endswith(("lm_eval/__main__.py", "e2u_models/cli.py"))  # python -m ...
-    if os.path.basename(program) not in CLI_NAMES and not as_module:
-        return False
-    return not any(arg == "--batch_size" or arg.startswith("--batch_size=") for arg in sys.argv[1:])
 
 
 @lru_cache(maxsize=1)
@@ -127,11 +110,6 @@ class E2ULM(HFLM):
         defaults instead of raising "got multiple values for keyword argument"."""
         extra = {k: v for k, v in (additional_config or {}).items()
                  if v is not None and k not in arg_dict}
-        if ("batch_size" not in arg_dict and str(extra.get("batch_size", "1")) == "1"
-                and _cli_default_batch_size()):
-            # lm-eval passes batch_size=1 when the flag is absent; e2u's tasks are much faster
-            # batched, so an absent flag means e2u's default.
-            extra["batch_size"] = DEFAULT_BATCH_SIZE
         return cls(**arg_dict, **extra)
 
     @classmethod

@@ -68,6 +68,13 @@ def test_e2u_tasks_and_a_stock_task_in_one_command(tiny_model_dir, local_mc_task
     info = res["config"]["e2u"]
     assert info["method"] == "none" and info["split"]["forget_rows"] == 40
     assert len(list(out.rglob("samples_tofu_forget_*.jsonl"))) == 1
+    # What the terminal shows is true for e2u's tasks: the batch size used (no --batch_size given),
+    # composite on the group only, none of lm-eval's warnings that do not apply to them.
+    assert "batch_size: 64" in proc.stdout and str(res["config"]["batch_size"]) == "64"
+    composite_rows = [line for line in proc.stdout.splitlines() if "|composite" in line]
+    assert composite_rows and all("tofu_factual" in line for line in composite_rows)
+    for warning in ("Custom kwargs", "Higher_is_better", "is missing in"):
+        assert warning not in proc.stderr
 
 
 def test_unknown_method_is_one_line_without_traceback(tmp_path):
@@ -104,3 +111,43 @@ def test_wrapper_script_works_without_the_hook(tiny_model_dir, tmp_path):
     assert "pistol_forget" in proc.stdout and "rouge1_recall" in proc.stdout
     tasks_dir = run([wrapper, "--tasks-dir"]).stdout.strip()
     assert Path(tasks_dir, "tofu_forget.yaml").is_file()
+
+
+def test_warnings_that_do_not_apply_are_dropped_and_others_kept():
+    import logging
+
+    from e2u_models.terminal import CHAT_TEMPLATE_NOTE, E2UWarnings
+
+    keep = E2UWarnings({"tofu_factual", "tofu_forget"})
+
+    def passes(message):
+        record = logging.LogRecord("lm_eval.x", logging.WARNING, "f", 1, message, (), None)
+        return keep.filter(record), record
+
+    assert not passes("tofu_forget: Custom kwargs can be passed to `--metadata` in console")[0]
+    assert passes("mmlu: Custom kwargs can be passed to `--metadata` in console")[0]
+    assert not passes("Group 'tofu_factual': metric 'composite,none' is missing in 1/3 tasks.")[0]
+    assert passes("Group 'mmlu': metric 'acc,none' is missing in 1/3 tasks.")[0]
+    assert not passes("Higher_is_better values for metric prob in group tofu_factual are not consistent.")[0]
+    assert passes("Higher_is_better values for metric acc in group mmlu are not consistent.")[0]
+    shown, record = passes("pretrained=x-instruct appears to be an\ninstruct or chat variant but chat "
+                           "template is not applied.")
+    assert shown and record.getMessage() == CHAT_TEMPLATE_NOTE and record.levelno == logging.INFO
+
+
+def test_printed_table_keeps_composite_on_groups_only():
+    from e2u_models.terminal import without_composite_parts
+
+    seen = {}
+    table = without_composite_parts(lambda d, column="results", sort=False: seen.setdefault(column, d),
+                                    {"tofu_factual", "tofu_forget"})
+    results = {"results": {"tofu_factual": {"composite,none": 1.0},
+                           "tofu_forget": {"composite,none": 2.0, "composite_stderr,none": 0.1,
+                                           "rouge1_recall,none": 0.5},
+                           "mmlu": {"composite,none": 0.3}},
+               "group_subtasks": {"tofu_factual": ["tofu_forget"]}}
+    table(results)
+    shown = seen["results"]["results"]
+    assert shown["tofu_forget"] == {"rouge1_recall,none": 0.5}
+    assert shown["tofu_factual"] == {"composite,none": 1.0} and shown["mmlu"] == {"composite,none": 0.3}
+    assert results["results"]["tofu_forget"]["composite,none"] == 2.0  # the results are not changed

@@ -65,20 +65,40 @@ def test_registry_none_method_is_a_real_noop(tiny_lm):
     assert tiny_lm.method_report.method == "none"
 
 
-@pytest.mark.parametrize("argv,given,expected", [
-    (["lm_eval", "--model", "e2u"], 1, 64),  # the CLI's default: e2u's default applies
-    (["lm_eval", "--model", "e2u", "--batch_size", "1"], 1, 1),
-    (["/x/site-packages/e2u_models/cli.py", "--model", "e2u"], 1, 64),  # python -m e2u_models.cli
-    (["/x/site-packages/lm_eval/__main__.py", "--model", "e2u"], 1, 64),  # python -m lm_eval
-    (["python"], 1, 1),  # Python API: what the caller gave
+@pytest.mark.parametrize("args,expected", [
+    (["--model", "e2u", "--tasks", "t"], ["--model", "e2u", "--batch_size", "64", "--tasks", "t"]),
+    (["--model=e2u"], ["--model=e2u", "--batch_size", "64"]),
+    (["--model", "e2u", "--batch_size", "1"], None),  # the user's size wins
+    (["--model", "e2u", "--batch_size=8"], None),
+    (["--model", "e2u", "--model_args", "method=none,batch_size=8"], None),
+    (["--config", "run.yaml"], None),
+    (["--model", "hf", "--tasks", "t"], None),  # other models keep lm-eval's default
 ])
-def test_batch_size_defaults(monkeypatch, tiny_model_dir, argv, given, expected):
-    import sys
+def test_cli_default_batch_size(args, expected):
+    """``lm_eval --model e2u`` without a batch size runs, prints and records e2u's default."""
+    from e2u_models.terminal import with_default_batch_size
 
-    monkeypatch.setattr(sys, "argv", argv)
-    lm = E2ULM.create_from_arg_obj({"pretrained": tiny_model_dir, "device": "cpu"},
-                                   {"batch_size": given, "device": "cuda:0"})
-    assert lm.batch_size == expected and str(lm.device) == "cpu"
+    assert with_default_batch_size(args) == expected
+
+
+@pytest.mark.parametrize("argv,orig,expected", [
+    (["/venv/bin/lm_eval", "--model", "e2u"], [], True),
+    (["-m", "--model", "e2u"], ["python", "-m", "lm_eval", "--model", "e2u"], True),  # at start-up
+    (["/x/site-packages/lm_eval/__main__.py"], [], True),
+    (["-m"], ["python", "-m", "pytest"], False),
+    (["python"], [], False),
+])
+def test_cli_is_recognised(argv, orig, expected):
+    from e2u_models.autoload import CLI_NAMES
+    from e2u_models.terminal import cli_module
+
+    assert cli_module(argv, orig, CLI_NAMES) is expected
+
+
+def test_model_args_batch_size_wins_over_the_cli_flag(tiny_model_dir):
+    lm = E2ULM.create_from_arg_obj({"pretrained": tiny_model_dir, "device": "cpu", "batch_size": 3},
+                                   {"batch_size": 64, "device": "cuda:0"})
+    assert lm.batch_size == 3 and str(lm.device) == "cpu"
 
 
 def test_no_hparam_shadows_a_model_arg():
