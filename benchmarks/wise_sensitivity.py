@@ -1,0 +1,113 @@
+"""How far does float noise move WISE's outcome? (issue #20, part 3: WISE across machines)
+
+Another CPU or a GPU changes the model's floating-point sums in the last bits. This benchmark
+imitates that on one machine: every weight is multiplied by (1 + eps·N(0, 1)) with eps at float
+noise (1e-7 relative, about fp32's resolution), WISE is trained again on the same requests, and
+the outcome is compared with the unperturbed run: the relative change of the side memory D, the
+routing threshold, and the share of probe tokens (edit and other prompts) routed differently.
+A stable method moves by about eps; a chaotic training amplifies it to whole decisions.
+
+Figures per ``edit_lr`` (WISE's SGD step; the shipped value is EasyEdit's 1.0), side by side in one
+run, on a tiny random llama by default (seconds):
+
+    python benchmarks/wise_sensitivity.py
+    python benchmarks/wise_sensitivity.py --lrs 1.0 0.1 0.01 --eps 1e-7 1e-6 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+QUESTIONS = [f"Who wrote the book number {i} about {topic}?" for i, topic in enumerate(
+    ["rivers", "stars", "cats", "glass", "salt", "maps", "wind", "coins", "bells", "ice", "paper", "trains"])]
+PROBES = QUESTIONS + [f"What colour is the {thing}?" for thing in ("sky", "grass", "sea", "sun", "snow", "coal")]
+
+
+def build(eps: float, noise_seed: int):
+    import torch
+
+    from tests.conftest import build_tiny_model, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer, layers=4, initializer_range=0.2)
+    if eps:
+        generator = torch.Generator().manual_seed(noise_seed)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.mul_(1 + eps * torch.randn(parameter.shape, generator=generator))
+    return model, tokenizer
+
+
+def train(eps: float, noise_seed: int, edit_lr: float, n_iter: int):
+    """WISE on the (perturbed) tiny model: its side memory, threshold and probe routing."""
+    import torch
+
+    from e2u_models.editing.adapters import adapters_of
+    from e2u_models.hparams import load_hparams
+    from e2u_models.methods import wise
+    from e2u_models.prompts import PromptFormat
+    from e2u_models.protocol import EditRequest, MethodEnv
+
+    model, tokenizer = build(eps, noise_seed)
+    prompt_format = PromptFormat.for_tokenizer(tokenizer)
+    env = MethodEnv(encode=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+                    render=lambda q: prompt_format.render(tokenizer, q),
+                    answer_delimiter=prompt_format.answer_delimiter, log=lambda *_: None)
+    requests = [EditRequest(index=i, question=q, answer="?", prompt=env.render(q), target="I don't know")
+                for i, q in enumerate(QUESTIONS)]
+    hparams = load_hparams(wise.HyperParams, "wise", None, {
+        "layer": 1, "n_iter": n_iter, "edit_lr": edit_lr, "act_margin": [1.0, 4.0, 2.0], "target_eos": False})
+    wise.apply(model, tokenizer, requests, None, hparams, seed=0, env=env)
+    (memory,) = adapters_of(model)
+    module = dict(model.named_modules())[memory.module_name]
+    routed = []
+    for question in PROBES:
+        captured = {}
+        handle = module.register_forward_pre_hook(lambda m, i: captured.__setitem__("x", i[0][0].float()))
+        try:
+            with torch.no_grad():
+                model(torch.tensor([env.encode(env.render(question))]))
+        finally:
+            handle.remove()
+        chosen, _ = memory.route(captured["x"], torch.nn.functional.linear(captured["x"], module.weight.float()))
+        routed.append(chosen >= 0)
+    return memory.deltas[0].clone(), memory.thresholds[0], torch.cat(routed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1.0, 0.1, 0.01])
+    parser.add_argument("--eps", type=float, nargs="+", default=[1e-7])
+    parser.add_argument("--noise-seeds", type=int, default=2)
+    parser.add_argument("--n-iter", type=int, default=60)
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    rows = []
+    print("| edit_lr | eps | noise seed | ‖ΔD‖/‖D‖ | threshold (unperturbed) | threshold | probe tokens routed differently |")
+    print("|---|---|---|---|---|---|---|")
+    for lr in args.lrs:
+        delta0, threshold0, routed0 = train(0.0, 0, lr, args.n_iter)
+        for eps in args.eps:
+            for seed in range(1, args.noise_seeds + 1):
+                delta, threshold, routed = train(eps, seed, lr, args.n_iter)
+                row = {"edit_lr": lr, "eps": eps, "noise_seed": seed,
+                       "delta_change": float((delta - delta0).norm() / delta0.norm()),
+                       "threshold_unperturbed": threshold0, "threshold": threshold,
+                       "routing_flips": float((routed != routed0).float().mean())}
+                rows.append(row)
+                print(f"| {lr:g} | {eps:g} | {seed} | {row['delta_change']:.2e} | {threshold0:.4f} | "
+                      f"{threshold:.4f} | {row['routing_flips']:.1%} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
