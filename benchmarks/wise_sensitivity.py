@@ -64,18 +64,7 @@ def train(eps: float, noise_seed: int, edit_lr: float, n_iter: int):
         "layer": 1, "n_iter": n_iter, "edit_lr": edit_lr, "act_margin": [1.0, 4.0, 2.0], "target_eos": False})
     wise.apply(model, tokenizer, requests, None, hparams, seed=0, env=env)
     (memory,) = adapters_of(model)
-    module = dict(model.named_modules())[memory.module_name]
-    routed = []
-    for question in PROBES:
-        captured = {}
-        handle = module.register_forward_pre_hook(lambda m, i: captured.__setitem__("x", i[0][0].float()))
-        try:
-            with torch.no_grad():
-                model(torch.tensor([env.encode(env.render(question))]))
-        finally:
-            handle.remove()
-        chosen, _ = memory.route(captured["x"], torch.nn.functional.linear(captured["x"], module.weight.float()))
-        routed.append(chosen >= 0)
+    routed = [wise.routed_tokens(model, memory, torch.tensor([env.encode(env.render(q))])) >= 0 for q in PROBES]
     return memory.deltas[0].clone(), memory.thresholds[0], torch.cat(routed)
 
 

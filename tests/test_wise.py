@@ -40,18 +40,9 @@ def test_generation_time_edit_yields_the_refusal_and_spares_other_prompts(tokeni
 def routed_positions(model, tokenizer, env, questions):
     """Per question, the token positions of its chat-templated prompt that use a side memory."""
     (memory,) = adapters_of(model)
-    module = dict(model.named_modules())[memory.module_name]
     routed = []
     for question in questions:
-        captured = {}
-        handle = module.register_forward_pre_hook(lambda m, i: captured.__setitem__("x", i[0][0].float()))
-        try:
-            with torch.no_grad():
-                model(torch.tensor([env.encode(env.render(question))]))
-        finally:
-            handle.remove()
-        x = captured["x"]
-        chosen, _ = memory.route(x, torch.nn.functional.linear(x, module.weight.float()))
+        chosen = wise.routed_tokens(model, memory, torch.tensor([env.encode(env.render(question))]))
         routed.append((chosen >= 0).nonzero().flatten().tolist())
     return routed
 

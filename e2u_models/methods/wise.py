@@ -216,6 +216,21 @@ class SideMemory(Adapter):
                    description["activation"])
 
 
+def routed_tokens(model, memory: SideMemory, input_ids: torch.Tensor) -> torch.Tensor:
+    """The shard each token of one prompt (``input_ids`` of shape (1, T)) uses, -1 for the
+    original weights: what the router decides, read without changing the model's output."""
+    module = dict(model.named_modules())[memory.module_name]
+    captured = {}
+    handle = module.register_forward_pre_hook(lambda m, i: captured.__setitem__("x", i[0][0].float()))
+    try:
+        with torch.no_grad():
+            model(input_ids)
+    finally:
+        handle.remove()
+    chosen, _ = memory.route(captured["x"], F.linear(captured["x"], module.weight.float()))
+    return chosen
+
+
 def irrelevant_prompts(hparams: HyperParams, count: int, seed: int, render,
                        dataset_rows: Sequence[tuple[str, str]] = ()) -> list[str]:
     """``count`` irrelevant questions (seeded draw, recycled when too few), rendered like the
