@@ -175,7 +175,8 @@ def _card_numbers(run: Run) -> dict:
             "eval_peak_rss_gib": _gib(evaluation.get("peak_rss_bytes")),
             "cuda_peak_gib": _gib(max([p for p in (edit.get("cuda_peak_bytes"), evaluation.get("cuda_peak_bytes"))
                                        if p is not None], default=None)),
-            "unreached": run.card.get("unreached", 0),
+            "targets_reached": ("{reached}/{requests}".format(**run.card["targets"]) if run.card.get("targets")
+                                else "–"),
             "hparams_sha256": (run.card.get("hparams_sha256") or "")[:12],
             "model_sha256": (run.card.get("model_sha256") or "")[:12],
             "packages": ", ".join(f"{k} {v}" for k, v in (run.card.get("packages") or {}).items() if v),
@@ -183,14 +184,14 @@ def _card_numbers(run: Run) -> dict:
 
 
 def runcard_markdown(block: Block) -> list[str]:
-    lines = ["| method | seed | edit s | eval s | peak RSS edit / eval GiB | unreached edits | hparams sha256 | model sha256 |",
+    lines = ["| method | seed | edit s | eval s | peak RSS edit / eval GiB | targets reached | hparams sha256 | model sha256 |",
              "|---|---|---|---|---|---|---|---|"]
     for row in block.rows:
         for run in row.runs:
             c = _card_numbers(run)
             lines.append(f"| {row.label} | {run.seed} | {c['edit_s'] if c['edit_s'] is not None else '–'} | "
                          f"{c['eval_s'] if c['eval_s'] is not None else '–'} | "
-                         f"{c['edit_peak_rss_gib']} / {c['eval_peak_rss_gib']} | {c['unreached']} | "
+                         f"{c['edit_peak_rss_gib']} / {c['eval_peak_rss_gib']} | {c['targets_reached']} | "
                          f"`{c['hparams_sha256']}` | `{c['model_sha256']}` |")
     return lines
 

@@ -222,7 +222,7 @@ def run_card(data: dict) -> dict[str, Any]:
         "edit_seconds": report.get("seconds"),
         "run_card": e2u.get("run_card"),
         "fingerprint": e2u.get("fingerprint"),
-        "unreached": len(((report.get("details") or {}).get("verification") or {}).get("unreached") or []),
+        "targets": (e2u.get("run_card") or {}).get("targets"),  # editors' own verification
     }
     return {k: v for k, v in card.items() if v not in (None, {}, [])}
 

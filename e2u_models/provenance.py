@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from e2u_models.cache import json_sha256
+from e2u_models.editing.verify import targets_reached
 from e2u_models.hparams import Resolved, hparams_file
 from e2u_models.prompts import PromptFormat
 from e2u_models.training.finetune import HPARAMS_NAME as FINETUNE_HPARAMS
@@ -133,6 +134,7 @@ def e2u_info(args: E2UArgs, prepared: Prepared, prompt_format: PromptFormat,
         "finetune": finetune_info(args, prepared.finetune_report),
         "packages": package_versions(),
         "model_sha256": prepared.model_sha256,
-        "run_card": run_card,
+        "run_card": {**run_card, **({"targets": reach} if (reach := targets_reached(
+            prepared.method_report.as_dict())) else {})},
         "fingerprint": fingerprint,
     }

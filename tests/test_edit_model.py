@@ -65,6 +65,8 @@ def test_results_record_the_edit(tiny_model_dir, tmp_path):
     assert details["statistics"]["corpus"].startswith("e2u:generic-questions+python-docs")
     assert set(details["null_space_dimensions"]) == {"0"}
     assert {r["index"] for r in details["verification"]["requests"]} <= set(lm.splits.forget)
+    reached = sum(r["reached"] for r in details["verification"]["requests"])
+    assert info["run_card"]["targets"] == {"reached": reached, "requests": 2}
     assert info["hparams_source"].endswith("alphaedit.yaml")
     json.dumps(info)
 

@@ -237,6 +237,11 @@ def test_edit_changes_exactly_the_reported_weights(tokenizer, env, method, tmp_p
     assert [r["index"] for r in verification["requests"]] == [0, 1, 2, 3]
     assert all({"nll_before", "nll_after", "reached", "target"} <= set(r) for r in verification["requests"])
     assert verification["unreached"] == [r["index"] for r in verification["requests"] if not r["reached"]]
+    from e2u_models.editing.verify import targets_reached
+
+    reach = targets_reached({"details": {"verification": verification}})
+    assert reach == {"reached": len(verification["requests"]) - len(verification["unreached"]),
+                     "requests": len(verification["requests"])}
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == set(report.changed_parameters)
     assert all(v > 0 for v in verification["weight_change_norms"].values())

@@ -76,7 +76,8 @@ def write_result(folder: Path, method: str = "none", options: dict | None = None
                                            "dtype": "float32", "torch": "2.13.0+cpu", "threads": 2,
                                            "deterministic_algorithms": False},
                            "run_card": {"edit": {"seconds": 12.5, "peak_rss_bytes": 2 * 2**30},
-                                        "evaluation": {"seconds": 80.0, "peak_rss_bytes": 3 * 2**30}}}},
+                                        "evaluation": {"seconds": 80.0, "peak_rss_bytes": 3 * 2**30},
+                                        "targets": {"reached": 39, "requests": 40}}}},
     }
     path = out / f"results_{stamp}.json"
     path.write_text(json.dumps(data, indent=1))
@@ -142,6 +143,8 @@ def test_report_writes_tables_with_bootstrap_intervals(results_dir, tmp_path, ca
     assert float(t2["none"]["rephrase_rouge1_recall_increase_high"]) <= 0.0
     cards = list(csv.DictReader(open(out / "runcards.csv")))
     assert cards[0]["edit_s"] == "12.5" and cards[0]["eval_peak_rss_gib"] == "3.0"
+    assert cards[0]["targets_reached"] == "39/40"  # the editor's own verification, from the results
+    assert "| targets reached |" in (out / "report.md").read_text()
     case = (out / "case_study.md").read_text()
     assert "Question 0?" in case and "answer rome 0" in case and "answer none 0" in case
     assert json.loads((out / "bootstrap.json").read_text())["iters"] == 1000

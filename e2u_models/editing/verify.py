@@ -60,3 +60,13 @@ def verification(before: list[float], after: list[float], prepared: Sequence[Pre
 def check_finite(tensor: torch.Tensor, what: str) -> None:
     if not torch.isfinite(tensor).all():
         raise E2UError(f"{what} is not finite (NaN/inf); the model was left unedited")
+
+
+def targets_reached(method_report: dict) -> dict | None:
+    """``{"reached": n, "requests": m}`` of an editor's own verification (target NLL after the
+    edit); None for methods that do not verify (training methods, ``none``)."""
+    verification = (method_report.get("details") or {}).get("verification") or {}
+    requests = verification.get("requests")
+    if not requests:
+        return None
+    return {"reached": sum(1 for r in requests if r.get("reached")), "requests": len(requests)}
