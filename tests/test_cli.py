@@ -104,3 +104,32 @@ def test_wrapper_script_works_without_the_hook(tiny_model_dir, tmp_path):
     assert "pistol_forget" in proc.stdout and "rouge1_recall" in proc.stdout
     tasks_dir = run([wrapper, "--tasks-dir"]).stdout.strip()
     assert Path(tasks_dir, "tofu_forget.yaml").is_file()
+
+
+def test_pistol_reports_retain_parts_without_changing_the_composite(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = run([LM_EVAL, "--model", "e2u", "--model_args", f"pretrained={tiny_model_dir},dataset=pistol",
+                "--tasks", "pistol", "--limit", "3", "--device", "cpu", "--output_path", str(out),
+                "--log_samples"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = results_of(out)
+    for task in ("pistol_retain_adjacent", "pistol_retain_far"):
+        assert 0.0 <= res["results"][task]["rouge1_recall,none"] <= 1.0
+        assert "composite,none" not in res["results"][task]
+    # the group's composite stays the mean of forget's and retain's shares
+    shares = [res["results"][t]["composite,none"] for t in ("pistol_forget", "pistol_retain")]
+    assert res["groups"]["pistol"]["composite,none"] == pytest.approx(sum(shares) / 2, abs=1e-12)
+    split = res["config"]["e2u"]["split"]
+    assert (split["retain_adjacent_rows"], split["retain_far_rows"]) == (260, 120)
+
+    def samples(task):
+        (path,) = (p for p in out.rglob(f"samples_{task}_*.jsonl")
+                   if p.name[len(f"samples_{task}_"):][:1].isdigit())
+        return {json.loads(line)["doc"]["index"]: json.loads(line) for line in path.read_text().splitlines()}
+
+    # retain's first rows are of edge A_C, adjacent to A_B: the same answers in both tasks
+    retain, adjacent = samples("pistol_retain"), samples("pistol_retain_adjacent")
+    assert set(adjacent) == set(retain)
+    for index, doc in adjacent.items():
+        assert doc["resps"] == retain[index]["resps"] and doc["rouge1_recall"] == retain[index]["rouge1_recall"]
+    assert {d["doc"]["split"] for d in samples("pistol_retain_far").values()} == {"retain_far"}
