@@ -133,3 +133,33 @@ def test_pistol_reports_retain_parts_without_changing_the_composite(tiny_model_d
     for index, doc in adjacent.items():
         assert doc["resps"] == retain[index]["resps"] and doc["rouge1_recall"] == retain[index]["rouge1_recall"]
     assert {d["doc"]["split"] for d in samples("pistol_retain_far").values()} == {"retain_far"}
+
+
+def test_general_mc_runs_with_the_hf_model(tiny_model_dir, tmp_path):
+    """e2u's own utility task is a stock multiple-choice task: lm-eval's hf model runs it."""
+    out = tmp_path / "out"
+    proc = run([LM_EVAL, "--model", "hf", "--model_args", f"pretrained={tiny_model_dir}",
+                "--tasks", "e2u_general_mc", "--limit", "8", "--device", "cpu",
+                "--output_path", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = results_of(out)["results"]["e2u_general_mc"]
+    assert 0.0 <= row["acc,none"] <= 1.0 and 0.0 <= row["acc_norm,none"] <= 1.0
+    assert "acc_stderr,none" in row
+
+
+def test_general_mc_next_to_tofu_factual_after_memit(tiny_model_dir, tmp_path):
+    """One command: an edited model on its forget/retain tasks and on the utility task (served by
+    the e2u model's loglikelihood, HFLM's, on the edited weights)."""
+    out = tmp_path / "out"
+    args = ("method=memit,forget_size=3,v_num_grad_steps=3,mom2_n_tokens=3000,mom2_max_length=64,"
+            "layers=[0]")
+    proc = run([LM_EVAL, "--model", "e2u", "--model_args", f"pretrained={tiny_model_dir},{args}",
+                "--tasks", "tofu_factual,e2u_general_mc", "--limit", "8", "--device", "cpu",
+                "--output_path", str(out), "--log_samples"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = results_of(out)
+    assert res["config"]["e2u"]["method"] == "memit"
+    assert "composite,none" in res["groups"]["tofu_factual"]
+    assert 0.0 <= res["results"]["e2u_general_mc"]["acc_norm,none"] <= 1.0
+    assert res["n-samples"]["e2u_general_mc"]["effective"] == 8
+    assert len(list(out.rglob("samples_e2u_general_mc_*.jsonl"))) == 1
