@@ -124,9 +124,9 @@ class Run:
             for child in self.group_subtasks.get(name, []):
                 visit(child)
 
-        for name in sorted((set(self.metrics) | set(self.group_subtasks)) - children):
+        for name in (set(self.metrics) | set(self.group_subtasks)) - children:
             visit(name)
-        return found
+        return sorted(found)
 
     def value(self, task: str | None, metric: str) -> float | None:
         if task is None:

@@ -162,4 +162,11 @@ def test_general_mc_next_to_tofu_factual_after_memit(tiny_model_dir, tmp_path):
     assert "composite,none" in res["groups"]["tofu_factual"]
     assert 0.0 <= res["results"]["e2u_general_mc"]["acc_norm,none"] <= 1.0
     assert res["n-samples"]["e2u_general_mc"]["effective"] == 8
-    assert len(list(out.rglob("samples_e2u_general_mc_*.jsonl"))) == 1
+    # e2u report reads it as another benchmark, with per-document scores
+    from e2u_experiments.runs import read_run
+
+    (path,) = out.rglob("results_*.json")
+    read = read_run(path)
+    assert read.utility_tasks() == ["e2u_general_mc"] and read.headline("e2u_general_mc") == "acc_norm"
+    assert len(read.samples["e2u_general_mc"]) == 8
+    assert all(set(d) >= {"acc", "acc_norm"} for d in read.samples["e2u_general_mc"])
