@@ -231,9 +231,11 @@ def _prefix(entry: dict) -> str:
 
 def _group(entry: dict) -> str:
     """The entry's group (``tofu_factual``, ``pistol``, ``known_facts``, ...): the metrics' task
-    that is none of the three splits."""
-    splits = ("_forget", "_retain", "_rephrase")
-    groups = sorted(t for t in entry["metrics"] if not t.endswith(splits))
+    that is no split and reports the composite (other benchmarks in the entry report none)."""
+    from e2u_experiments.runs import split_of
+
+    groups = sorted(t for t, values in entry["metrics"].items()
+                    if split_of(t) is None and "composite" in values)
     return groups[0] if groups else "tofu_factual"
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from e2u_experiments.runs import Run
+from e2u_experiments.runs import Run, stderr_name
 
 LEVEL = 0.95
 Z = 1.959963984540054
@@ -98,6 +98,34 @@ class RunBootstrap:
         return diffs[idx].mean(axis=1)
 
 
+    def task_values(self, task: str, metric: str) -> dict | None:
+        """doc id -> ``metric`` of another benchmark's documents (mmlu, e2u_general_mc), or None
+        without per-document samples of it."""
+        docs = self.run.samples.get(task)
+        if not docs or any(metric not in d for d in docs):
+            return None
+        return {d["doc_id"]: d[metric] for d in docs}
+
+    def task_replicates(self, task: str, metric: str) -> np.ndarray | None:
+        """Resampled means of another benchmark's metric over its documents."""
+        values = self.task_values(task, metric)
+        if values is None:
+            return None
+        array = np.array([values[k] for k in sorted(values)], dtype=float)
+        idx = _rng(self.seed, self.run, f"task:{task}").integers(0, len(array), size=(self.iters, len(array)))
+        return array[idx].mean(axis=1)
+
+    def task_change(self, base: RunBootstrap, task: str, metric: str) -> np.ndarray | None:
+        """Resampled mean(this run - ``base`` run) of another benchmark's metric, paired by
+        document (both runs evaluated the same documents), or None unless both have them."""
+        mine, theirs = self.task_values(task, metric), base.task_values(task, metric)
+        if mine is None or theirs is None or set(mine) != set(theirs):
+            return None
+        diffs = np.array([mine[k] - theirs[k] for k in sorted(mine)], dtype=float)
+        idx = _rng(self.seed, self.run, f"change:{task}").integers(0, len(diffs), size=(self.iters, len(diffs)))
+        return diffs[idx].mean(axis=1)
+
+
 def _percentiles(replicates: np.ndarray) -> tuple[float, float]:
     tail = (1.0 - LEVEL) / 2 * 100
     low, high = np.percentile(replicates, [tail, 100 - tail])
@@ -138,6 +166,40 @@ def composite(runs: list[Run], boots: list[RunBootstrap]) -> Estimate | None:
         group = run.group()
         stderrs.append(run.value(group, "composite_stderr") if group else None)
     return combine([r.composite() for r in runs], [b.composite() for b in boots], stderrs, (0.0, 2.0))
+
+
+def _bounds(metric: str) -> tuple[float, float] | None:
+    """Accuracies lie in [0, 1]; another benchmark's other metrics may not."""
+    return (0.0, 1.0) if metric.partition(",")[0] in ("acc", "acc_norm") else None
+
+
+def task_metric(runs: list[Run], boots: list[RunBootstrap], task: str, metric: str) -> Estimate | None:
+    """Another benchmark's metric (``mmlu`` acc, ``hellaswag`` acc_norm) of one table row."""
+    return combine([r.value(task, metric) for r in runs], [b.task_replicates(task, metric) for b in boots],
+                   [r.value(task, stderr_name(metric)) for r in runs], _bounds(metric))
+
+
+def task_change(runs: list[Run], boots: list[RunBootstrap], base_runs: list[Run],
+                base_boots: list[RunBootstrap], task: str, metric: str) -> Estimate | None:
+    """Change of another benchmark's metric against ``base`` (the ``none`` row of the block),
+    each run paired with the base run of its seed (or the only base run): a paired bootstrap
+    over documents with per-document samples, else a normal interval from both standard errors
+    (as if independent, so wider than the paired one)."""
+    by_seed = {r.seed: i for i, r in enumerate(base_runs)}
+    values, replicates, stderrs = [], [], []
+    for run, boot in zip(runs, boots):
+        j = by_seed.get(run.seed, 0 if len(base_runs) == 1 else None)
+        if j is None:
+            continue
+        got, want = run.value(task, metric), base_runs[j].value(task, metric)
+        if got is None or want is None:
+            continue
+        values.append(got - want)
+        replicates.append(boot.task_change(base_boots[j], task, metric))
+        errors = [r.value(task, stderr_name(metric)) for r in (run, base_runs[j])]
+        stderrs.append(None if any(e is None or math.isnan(e) for e in errors)
+                       else math.sqrt(sum(e * e for e in errors)))
+    return combine(values, replicates, stderrs, None) if values else None
 
 
 def rephrase_increase(runs: list[Run], boots: list[RunBootstrap], metric: str) -> Estimate | None:

@@ -40,7 +40,8 @@ import yaml
 from e2u_experiments.report import method_order
 from e2u_experiments.runs import Run, load_runs
 from e2u_experiments.statistical import (Comparison, compare, docs_path, entry_id,
-                                         fingerprint_differences, load_docs, per_document, write_docs)
+                                         fingerprint_differences, load_docs, per_document,
+                                         unpaired_metrics, write_docs)
 from e2u_tasks.errors import E2UError
 
 FORMAT = "e2u-leaderboard/1"
@@ -258,6 +259,10 @@ def _check_statistical(entry: dict, run: Run, docs: dict, margin: float | None, 
         found.counts["statistical"] += 1
         if comparison.worse:
             found.comparisons.append((what, comparison))
+    unpaired = unpaired_metrics(entry["metrics"], want)
+    if unpaired:
+        shown = ", ".join(unpaired[:8]) + (f" and {len(unpaired) - 8} more" if len(unpaired) > 8 else "")
+        found.notes.append(f"{what}: not checked in statistical mode (no per-document scores): {shown}")
 
 
 def regress(leaderboard: str, folders: list[str], tolerance: float | None = None,

@@ -4,6 +4,8 @@ Writes ``report.md`` (every table, the figures inline, the run cards, how the in
 computed), ``table1.csv`` (forget and retain x ROUGE-1 / prob / MRR / hit, composite),
 ``table2.csv`` (rephrased forget set and its increase over the plain forget set),
 ``refusal.csv`` (refusal quality of the answers: refusal rate, entity mention, answer leak),
+``utility.csv`` (other benchmarks in the same results, such as ``mmlu`` or ``e2u_general_mc``:
+headline metric and change against ``none``),
 ``runcards.csv``, ``case_study.md`` (answers before / after, Fig. 5) and, with matplotlib
 (``pip install e2u[report]``), the PNG figures: composite bars and forget/retain/rephrase radar
 (Fig. 3), composite vs number of forget samples (Fig. 4), query merging (Fig. 6 right).
@@ -162,6 +164,63 @@ def refusal_table_markdown(block: Block) -> list[str]:
     return lines
 
 
+# ------------------------------------------------------------------ other benchmarks (utility)
+
+def utility_tasks(block: Block) -> list[tuple[str, str]]:
+    """(task, headline metric) of every other benchmark in the block's results (``mmlu``,
+    ``hellaswag``, ``e2u_general_mc``), in name order."""
+    found: dict[str, str] = {}
+    for row in block.rows:
+        for run in row.runs:
+            for task in run.utility_tasks():
+                found.setdefault(task, run.headline(task))
+    return sorted(found.items())
+
+
+def baseline_row(block: Block) -> Row | None:
+    """The block's ``method=none`` row without options: what a change is measured against."""
+    return next((row for row in block.rows if row.label == "none"), None)
+
+
+def utility_change(block: Block, row: Row, task: str, metric: str) -> est.Estimate | None:
+    base = baseline_row(block)
+    if base is None or base is row:
+        return None
+    return est.task_change(row.runs, row.boots, base.runs, base.boots, task, metric)
+
+
+def utility_markdown(block: Block) -> list[str]:
+    """Per method: the composite, and each other benchmark's headline metric with its change
+    against ``none`` (Δ)."""
+    tasks = utility_tasks(block)
+    head = ["method", "composite"] + [f"{task} {metric} (Δ vs none)" for task, metric in tasks]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = baseline_row(block)
+    for row in block.rows:
+        cells = [row.label + _seeds_note(row), _cell(row.composite())]
+        for task, metric in tasks:
+            value = _cell(est.task_metric(row.runs, row.boots, task, metric))
+            change = "baseline" if row is base else _cell(utility_change(block, row, task, metric), signed=True)
+            cells.append(f"{value} ({change})")
+        lines.append("| " + " | ".join(cells) + " |")
+    if base is None:
+        lines += ["", "No `method=none` run in this block, so no change against it."]
+    return lines
+
+
+def utility_csv_rows(block: Block) -> list[dict]:
+    """One row per method and other benchmark: its headline metric and change against none."""
+    rows = []
+    for row in block.rows:
+        for task, metric in utility_tasks(block):
+            entry = {**_block_columns(block, row), "task": task, "metric": metric}
+            entry.update(_estimate_columns("composite", row.composite()))
+            entry.update(_estimate_columns("value", est.task_metric(row.runs, row.boots, task, metric)))
+            entry.update(_estimate_columns("change_vs_none", utility_change(block, row, task, metric)))
+            rows.append(entry)
+    return rows
+
+
 def _gib(value) -> str:
     return "–" if value is None else f"{value / 2**30:.1f}"
 
@@ -282,7 +341,7 @@ def write_report(folders: list[str], out: str, bootstrap: int = 1000, seed: int 
           "interval from lm-eval's standard error (no `--log_samples`). With several seeds: "
           "mean ± standard deviation across seeds. Forget/rephrase: lower is better; retain and "
           "composite (1 − R1@forget + R1@retain): higher is better.", ""]
-    t1_rows, t2_rows, refusal_csv, card_rows = [], [], [], []
+    t1_rows, t2_rows, refusal_csv, card_rows, utility_csv = [], [], [], [], []
     for block in blocks:
         md += [f"## {block.title}", "", "### Table 1: forget and retain sets", ""]
         md += table1_markdown(block) + ["", "### Table 2: rephrased forget set (increase over the plain forget set)", ""]
@@ -292,6 +351,12 @@ def write_report(folders: list[str], out: str, bootstrap: int = 1000, seed: int 
             md += ["### Refusal quality: how the answers refuse (refusal: says it does not know; "
                    "entity: names the question's key entity; leak: contains the gold answer)", ""]
             md += refusal_table_markdown(block) + [""]
+        if utility_tasks(block):
+            md += ["### Utility: other benchmarks in the same results (headline metric: acc_norm, "
+                   "else acc, else the first; Δ: change against `none`, paired over documents with "
+                   "--log_samples, else ≈ from both standard errors)", ""]
+            md += utility_markdown(block) + [""]
+            utility_csv += utility_csv_rows(block)
         for name in figure_files.get(block.slug, []):
             md += [f"![{name}]({name})", ""]
         md += ["### Run cards", ""] + runcard_markdown(block) + [""]
@@ -323,6 +388,7 @@ def write_report(folders: list[str], out: str, bootstrap: int = 1000, seed: int 
     _write_csv(out_dir / "table1.csv", t1_rows)
     _write_csv(out_dir / "table2.csv", t2_rows)
     _write_csv(out_dir / "refusal.csv", refusal_csv)
+    _write_csv(out_dir / "utility.csv", utility_csv)
     _write_csv(out_dir / "runcards.csv", card_rows)
     (out_dir / "bootstrap.json").write_text(json.dumps(
         {"iters": bootstrap, "seed": seed, "level": est.LEVEL, "method": "percentile, documents "

@@ -17,17 +17,33 @@ from pathlib import Path
 from typing import Any
 
 from e2u_tasks.errors import E2UError
+from e2u_tasks.splits import TASK_SPLITS
 
 # Model args that say *which* run it is (kept as separate fields) or do not change the numbers.
 IDENTITY_ARGS = frozenset({
     "pretrained", "method", "seed", "dataset", "forget_size", "forget_seed", "forget_edge",
     "forget_indices", "data_dir", "device", "batch_size", "max_batch_size", "cache", "cache_dir",
 })
-SPLITS = ("forget", "retain", "rephrase")
 METRICS = ("rouge1_recall", "prob", "mrr", "hit_rate")
 # Refusal quality of the generated answers (e2u_tasks.refusal); in results since issue #6.
 REFUSAL_METRICS = ("refusal_rate", "entity_mention", "answer_leak")
 TIMESTAMP = re.compile(r"results_(.+)\.json$")
+# The headline metric of another benchmark (mmlu, hellaswag, e2u_general_mc): the first of these
+# it reports, else its first metric.
+HEADLINE_METRICS = ("acc_norm", "acc")
+
+
+def split_of(task: str) -> str | None:
+    """The e2u split a task evaluates, read from its name (``tofu_forget`` -> forget,
+    ``pistol_retain_far`` -> retain_far), or None for a task of another kind."""
+    matches = [split for split in TASK_SPLITS if task.endswith(f"_{split}")]
+    return max(matches, key=len) if matches else None
+
+
+def stderr_name(metric: str) -> str:
+    """``acc`` -> ``acc_stderr``; ``exact_match,strict-match`` -> ``exact_match_stderr,strict-match``."""
+    name, comma, filt = metric.partition(",")
+    return f"{name}_stderr{comma}{filt}"
 
 
 @dataclass
@@ -47,6 +63,7 @@ class Run:
     card: dict[str, Any] = field(default_factory=dict)
     samples: dict[str, list[dict]] = field(default_factory=dict)  # task -> per-document rows
     timestamp: str = ""
+    group_subtasks: dict[str, list[str]] = field(default_factory=dict)  # lm-eval's group -> children
 
     @property
     def label(self) -> str:
@@ -66,14 +83,50 @@ class Run:
         return matches[0] if matches else None
 
     def group(self) -> str | None:
+        """The e2u group of the forget task (``tofu_factual``, ``pistol``): it reports the composite."""
         forget = self.task_for("forget")
         if forget is None:
             return None
         prefix = forget[: -len("_forget")]
         for name in self.metrics:
-            if name.startswith(prefix) and not any(name.endswith(f"_{s}") for s in SPLITS):
+            if (name.startswith(prefix) and split_of(name) is None
+                    and "composite" in self.metrics[name]):
                 return name
         return None
+
+    def _is_e2u(self, name: str) -> bool:
+        values = self.metrics.get(name, {})
+        if "composite" in values or (split_of(name) is not None and "rouge1_recall" in values):
+            return True
+        return any(self._is_e2u(child) for child in self.group_subtasks.get(name, []))
+
+    def headline(self, task: str) -> str | None:
+        """The metric a benchmark is summed up by: acc_norm, else acc, else its first metric."""
+        values = self.metrics.get(task, {})
+        for metric in HEADLINE_METRICS:
+            if metric in values:
+                return metric
+        return next((m for m in values if not m.partition(",")[0].endswith("_stderr")), None)
+
+    def utility_tasks(self) -> list[str]:
+        """The other benchmarks in these results (``mmlu``, ``hellaswag``, ``e2u_general_mc``):
+        every top-level task or group that is no part of e2u's forget/retain evaluation; a group
+        without a metric of its own stands for its children."""
+        children = {child for kids in self.group_subtasks.values() for child in kids}
+        found: list[str] = []
+
+        def visit(name: str) -> None:
+            if self._is_e2u(name):
+                return
+            if self.headline(name) is not None:
+                found.append(name)
+                return
+            for child in self.group_subtasks.get(name, []):
+                visit(child)
+
+        for name in (set(self.metrics) | set(self.group_subtasks)) - children:
+            visit(name)
+        return sorted(found)
 
     def value(self, task: str | None, metric: str) -> float | None:
         if task is None:
@@ -144,6 +197,13 @@ def _metrics(path: Path, data: dict) -> dict[str, dict[str, float]]:
     return table
 
 
+def _group_subtasks(path: Path, data: dict) -> dict[str, list[str]]:
+    value = data.get("group_subtasks") or {}
+    if not isinstance(value, dict) or not all(isinstance(v, list) for v in value.values()):
+        raise _fail(path, "'group_subtasks' is not a mapping of group -> list of tasks")
+    return {str(k): [str(c) for c in v] for k, v in value.items()}
+
+
 def _options(model_args: dict[str, Any], hparams: dict[str, Any]) -> dict[str, str]:
     """Method options as given, with hparams at their effective (type-checked) value."""
     options = {}
@@ -195,7 +255,7 @@ def read_run(path: str | Path, with_samples: bool = True) -> Run:
         forget_seed=_int_or_none(split.get("forget_seed", model_args.get("forget_seed"))),
         seed=_int_or_none(e2u.get("seed", model_args.get("seed"))),
         limit=_limit(config.get("limit")), metrics=_metrics(path, data), card=run_card(data),
-        timestamp=match[1] if match else "")
+        timestamp=match[1] if match else "", group_subtasks=_group_subtasks(path, data))
     if with_samples and match:
         run.samples = _samples(path, match[1], run.metrics)
     return run
@@ -253,6 +313,11 @@ def _sample_row(file: Path, number: int, record: dict) -> dict:
     for metric in (*METRICS, *REFUSAL_METRICS, "composite"):
         if metric in record:
             row[metric] = float(record[metric])
+    if record.get("filter", "none") == "none":  # other benchmarks' per-document scores (acc, ...)
+        for metric in record.get("metrics") or ():
+            value = record.get(metric)
+            if metric not in row and isinstance(value, (int, float)) and not isinstance(value, bool):
+                row[metric] = float(value)
     response = (record.get("filtered_resps") or record.get("resps") or [None])[0]
     while isinstance(response, list) and response:
         response = response[0]

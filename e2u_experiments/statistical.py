@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from e2u_experiments.estimates import paired_interval
-from e2u_experiments.runs import Run
+from e2u_experiments.runs import Run, split_of
 from e2u_tasks.errors import E2UError
 
 DOCS_FORMAT = "e2u-leaderboard-docs/1"
@@ -30,7 +30,9 @@ ITERS = 2000
 # The smallest worsening of a metric's mean that counts as a regression. One flipped greedy
 # answer among 40 documents moves a ROUGE-1 or refusal mean by 1/40; the margins sit above that.
 MARGINS = {"rouge1_recall": 0.05, "hit_rate": 0.05, "mrr": 0.05, "prob": 0.02, "refusal_rate": 0.05,
-           "entity_mention": 0.05, "answer_leak": 0.05, "composite": 0.1}
+           "entity_mention": 0.05, "answer_leak": 0.05, "composite": 0.1,
+           # other benchmarks' multiple-choice accuracy (mmlu, hellaswag, e2u_general_mc)
+           "acc": 0.05, "acc_norm": 0.05}
 
 
 def docs_path(board: str | Path) -> Path:
@@ -83,12 +85,23 @@ def load_docs(board: str | Path) -> dict[str, dict]:
 
 
 def higher_is_better(task: str, metric: str) -> bool:
-    """Forget and rephrase tasks: less knowledge and more refusal is better; retain tasks: the
-    reverse. A task's composite is always better higher."""
-    if metric == "composite":
+    """Forget and rephrase tasks: less knowledge and more refusal is better; retain tasks (and
+    their parts): the reverse. A task's composite, and another benchmark's accuracy, is always
+    better higher."""
+    split = split_of(task)
+    if metric == "composite" or split is None:
         return True
-    forgetting = not task.endswith("_retain")
+    forgetting = split in ("forget", "rephrase")
     return (metric == "refusal_rate") == forgetting
+
+
+def unpaired_metrics(entry_metrics: dict, want: dict[str, dict]) -> list[str]:
+    """``task/metric`` of a leaderboard entry that statistical mode cannot pair document by
+    document (no per-document scores: a group such as ``mmlu``, a metric without a margin, results
+    written without --log_samples). A group's composite is left out: its forget and retain
+    shares are paired."""
+    return [f"{task}/{metric}" for task, values in sorted(entry_metrics.items()) for metric in values
+            if metric not in (want.get(task) or {}) and metric != "composite"]
 
 
 @dataclass

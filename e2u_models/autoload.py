@@ -158,7 +158,8 @@ def _e2u_answer_unsupported(self, requests, disable_tqdm=False):
     from e2u_tasks.errors import E2UError
 
     raise E2UError(
-        f"the e2u tasks (tofu_*, pistol_*, e2u_*) need per-token ranks, which only --model e2u "
+        f"the e2u forget/retain tasks (tofu_*, pistol_*, facts_*, e2u_forget/_retain/_rephrase) "
+        f"need per-token ranks, which only --model e2u "
         f"serves; {type(self).__name__} cannot run them. For a baseline use "
         "--model e2u --model_args pretrained=<model>,method=none"
     )

@@ -47,6 +47,23 @@ class AnswerQuery:
     options: dict
 
 
+def distinct_queries(queries: list[AnswerQuery]) -> tuple[list[AnswerQuery], list[int]]:
+    """The distinct queries (first occurrence order) and, per query, the position of the one
+    that serves it. Two tasks may ask the same question (``pistol_retain`` and its parts
+    ``pistol_retain_adjacent``/``_far``): it is answered once, so the parts cost nothing and
+    the answers are the same bits whichever tasks run together."""
+    first: dict[tuple, int] = {}
+    distinct: list[AnswerQuery] = []
+    served_by = []
+    for query in queries:
+        key = (query.context, query.answer, query.options.get("prompt", "rendered"))
+        if key not in first:
+            first[key] = len(distinct)
+            distinct.append(query)
+        served_by.append(first[key])
+    return distinct, served_by
+
+
 def _is_greedy(gen_kwargs: dict) -> bool:
     return not gen_kwargs.get("do_sample") and not float(gen_kwargs.get("temperature") or 0.0)
 
@@ -221,14 +238,16 @@ class E2ULM(HFLM):
                 raise E2UError("e2u tasks decode greedily; remove do_sample/temperature from "
                                "--gen_kwargs (accepted: until, max_gen_toks)")
             groups.setdefault(json.dumps(generation, sort_keys=True, default=str), []).append(i)
+        distinct = {key: distinct_queries([AnswerQuery(*requests[i].args) for i in indices])
+                    for key, indices in groups.items()}
         results: list[dict | None] = [None] * len(requests)
-        progress = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
-                        desc="Running e2u_answer requests")
+        progress = tqdm(total=sum(len(queries) for queries, _ in distinct.values()),
+                        disable=disable_tqdm or self.rank != 0, desc="Running e2u_answer requests")
         for key, indices in groups.items():
-            queries = [AnswerQuery(*requests[i].args) for i in indices]
+            queries, served_by = distinct[key]
             answers = self._answer_group(queries, json.loads(key), progress)
-            for i, answer in zip(indices, answers):
-                results[i] = answer
+            for i, position in zip(indices, served_by):
+                results[i] = dict(answers[position])
         progress.close()
         return results
 

@@ -47,6 +47,15 @@ class Benchmark:
     paraphrase_file: str | None = None
     # Our own benchmark: a JSON Lines file under ``e2u_tasks/data`` (paraphrases inline), not hub files.
     package_file: str | None = None
+    # The group label names the entities it connects, joined by this (PISTOL's edge ``A_C2`` is
+    # a contract between entities ``A`` and ``C2``); None when groups have no entities.
+    entity_separator: str | None = None
+
+    def entities(self, row: dict) -> frozenset[str]:
+        """The entities of a row's group (its contract's parties)."""
+        if self.group_field is None or self.entity_separator is None:
+            raise E2UError(f"benchmark {self.name!r} has no entities in its rows")
+        return frozenset(str(row.get(self.group_field)).split(self.entity_separator))
 
 
 BENCHMARKS: dict[str, Benchmark] = {
@@ -69,6 +78,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             group_field="edge",
             default_forget_groups=("A_B",),
             paraphrase_file="pistol_sample_data_1.jsonl",
+            entity_separator="_",
         ),
         # Well-known facts the embedded model answers correctly in both phrasings: the kept rows
         # of known_facts/candidates.jsonl (benchmarks/filter_known_facts.py, record in filter.json).

@@ -6,7 +6,9 @@ Forget selection:
   drawn by ``forget_seed`` (default 0) with a hash ranking that is stable across Python, numpy and
   e2u releases; or an explicit ``forget_indices`` list;
 - ``pistol``: every QA of the contract(s) ``forget_edge`` (default ``A_B``), or ``forget_indices``.
-Retain is every other row; rephrase is the forget rows with the question paraphrased.
+Retain is every other row; rephrase is the forget rows with the question paraphrased. On
+``pistol`` retain is also reported in two parts (:data:`RETAIN_PARTS`): ``retain_adjacent``, the
+rows of contracts that share a party with a forgotten contract, and ``retain_far``, the rest.
 
 ``known_only=true``: before the method runs, the unedited model answers every row and only the
 rows it answers correctly (:data:`e2u_tasks.known.KNOWN_RULE`) take part: the forget rows are
@@ -29,6 +31,10 @@ from e2u_tasks.errors import E2UError
 DEFAULT_DATASET = "tofu_factual"
 DEFAULT_FORGET_SIZE = 40
 SPLIT_NAMES = ("forget", "retain", "rephrase")
+# The retain rows of a dataset whose groups connect entities (pistol), in two parts: rows of a
+# group that shares an entity with a forgotten group (where forgetting ripples) and the rest.
+RETAIN_PARTS = ("retain_adjacent", "retain_far")
+TASK_SPLITS = SPLIT_NAMES + RETAIN_PARTS
 # Model args that belong to the split spec (everything else is the model's or the method's).
 SPEC_KEYS = ("dataset", "forget_size", "forget_seed", "forget_edge", "forget_indices", "known_only",
              "data_dir")
@@ -302,11 +308,28 @@ class Splits:
         payload = json.dumps(parts)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
+    def retain_parts(self) -> dict[str, tuple[int, ...]]:
+        """The retain rows parted by adjacency: ``retain_adjacent`` holds the rows whose group
+        shares an entity with the group of any forget row, ``retain_far`` the others."""
+        bench = BENCHMARKS.get(self.spec.dataset)
+        if bench is None or bench.entity_separator is None:
+            with_entities = sorted(b.name for b in BENCHMARKS.values() if b.entity_separator)
+            raise E2UError(f"the {'/'.join(RETAIN_PARTS)} splits need a dataset whose groups connect "
+                           f"entities ({', '.join(with_entities)}), not {self.spec.dataset!r}")
+        forgotten = frozenset().union(*(bench.entities(self.rows[i]) for i in self.forget))
+        adjacent = tuple(i for i in self.retain if bench.entities(self.rows[i]) & forgotten)
+        chosen = set(adjacent)
+        return {"retain_adjacent": adjacent,
+                "retain_far": tuple(i for i in self.retain if i not in chosen)}
+
     def docs(self, split: str) -> list[dict]:
         """The evaluation documents of one split."""
-        if split not in SPLIT_NAMES:
-            raise E2UError(f"unknown split {split!r}; accepted: {', '.join(SPLIT_NAMES)}")
-        indices = self.retain if split == "retain" else self.forget
+        if split not in TASK_SPLITS:
+            raise E2UError(f"unknown split {split!r}; accepted: {', '.join(TASK_SPLITS)}")
+        if split in RETAIN_PARTS:
+            indices = self.retain_parts()[split]
+        else:
+            indices = self.retain if split == "retain" else self.forget
         docs = []
         for i in indices:
             row = self.rows[i]
@@ -329,7 +352,10 @@ class Splits:
 
             known = {"known_rule": KNOWN_RULE, "known_rows": len(self.known),
                      "known_row_indices": list(self.known)}
+        bench = BENCHMARKS.get(self.spec.dataset)
+        parts = ({f"{name}_rows": len(rows) for name, rows in self.retain_parts().items()}
+                 if bench is not None and bench.entity_separator else {})
         return {**self.spec.as_dict(), **known, "rows": len(self.rows), "forget_rows": len(self.forget),
-                "retain_rows": len(self.retain),
+                "retain_rows": len(self.retain), **parts,
                 "forget_row_indices": list(self.forget), "data_sha256": self.content_hash,
                 "split_fingerprint": self.fingerprint}

@@ -25,7 +25,7 @@ from e2u_tasks.metrics import (DEFAULT_TOP_M, METRIC_NAMES, composite_share, ite
                                rouge1_scorer)
 from e2u_tasks.refusal import REFUSAL_METRIC_NAMES, refusal_metrics
 from e2u_tasks.requests import E2U_ANSWER
-from e2u_tasks.splits import SPLIT_NAMES, SplitSpec, parse_int
+from e2u_tasks.splits import TASK_SPLITS, SplitSpec, parse_int
 
 
 def load_split(e2u_split: str, e2u_benchmark: str | None = None, **metadata: Any) -> DatasetDict:
@@ -43,13 +43,16 @@ class UnlearningTask(ConfigurableTask):
         config = {k: v for k, v in (config or {}).items() if k != "class"}
         super().__init__(config=config, **kwargs)
         self.split = self.config.dataset_kwargs["e2u_split"]
-        if self.split not in SPLIT_NAMES:
-            raise ValueError(f"task {self.config.task}: e2u_split must be one of {SPLIT_NAMES}")
+        if self.split not in TASK_SPLITS:
+            raise ValueError(f"task {self.config.task}: e2u_split must be one of {TASK_SPLITS}")
         self.rouge = rouge1_scorer()
         self.top_m = parse_int("top_m", (self.config.metadata or {}).get("top_m", DEFAULT_TOP_M), 1)
         lower_is_better = self.split in ("forget", "rephrase")
+        # Only forget and retain carry the composite: the group's composite is the mean over
+        # the tasks that report it, so the rephrase task and the retain parts stay out of it.
+        with_composite = self.split in ("forget", "retain")
         names = (list(METRIC_NAMES) + list(REFUSAL_METRIC_NAMES)
-                 + (["composite"] if self.split != "rephrase" else []))
+                 + (["composite"] if with_composite else []))
         self._metric_fn_list = {name: None for name in names}
         self._metric_fn_kwargs = {name: {} for name in names}
         self._aggregation_list = {name: mean for name in names}
@@ -58,7 +61,7 @@ class UnlearningTask(ConfigurableTask):
         self._higher_is_better = {name: not lower_is_better for name in METRIC_NAMES}
         self._higher_is_better.update(refusal_rate=lower_is_better, entity_mention=True,
                                       answer_leak=not lower_is_better)
-        if self.split != "rephrase":
+        if with_composite:
             self._higher_is_better["composite"] = True
 
     def construct_requests(self, doc: dict, ctx: str, **kwargs: Any) -> Instance:

@@ -151,3 +151,69 @@ def test_printed_table_keeps_composite_on_groups_only():
     assert shown["tofu_forget"] == {"rouge1_recall,none": 0.5}
     assert shown["tofu_factual"] == {"composite,none": 1.0} and shown["mmlu"] == {"composite,none": 0.3}
     assert results["results"]["tofu_forget"]["composite,none"] == 2.0  # the results are not changed
+
+
+def test_pistol_reports_retain_parts_without_changing_the_composite(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = run([LM_EVAL, "--model", "e2u", "--model_args", f"pretrained={tiny_model_dir},dataset=pistol",
+                "--tasks", "pistol", "--limit", "3", "--device", "cpu", "--output_path", str(out),
+                "--log_samples"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = results_of(out)
+    for task in ("pistol_retain_adjacent", "pistol_retain_far"):
+        assert 0.0 <= res["results"][task]["rouge1_recall,none"] <= 1.0
+        assert "composite,none" not in res["results"][task]
+    # the group's composite stays the mean of forget's and retain's shares
+    shares = [res["results"][t]["composite,none"] for t in ("pistol_forget", "pistol_retain")]
+    assert res["groups"]["pistol"]["composite,none"] == pytest.approx(sum(shares) / 2, abs=1e-12)
+    split = res["config"]["e2u"]["split"]
+    assert (split["retain_adjacent_rows"], split["retain_far_rows"]) == (260, 120)
+
+    def samples(task):
+        (path,) = (p for p in out.rglob(f"samples_{task}_*.jsonl")
+                   if p.name[len(f"samples_{task}_"):][:1].isdigit())
+        return {json.loads(line)["doc"]["index"]: json.loads(line) for line in path.read_text().splitlines()}
+
+    # retain's first rows are of edge A_C, adjacent to A_B: the same answers in both tasks
+    retain, adjacent = samples("pistol_retain"), samples("pistol_retain_adjacent")
+    assert set(adjacent) == set(retain)
+    for index, doc in adjacent.items():
+        assert doc["resps"] == retain[index]["resps"] and doc["rouge1_recall"] == retain[index]["rouge1_recall"]
+    assert {d["doc"]["split"] for d in samples("pistol_retain_far").values()} == {"retain_far"}
+
+
+def test_general_mc_runs_with_the_hf_model(tiny_model_dir, tmp_path):
+    """e2u's own utility task is a stock multiple-choice task: lm-eval's hf model runs it."""
+    out = tmp_path / "out"
+    proc = run([LM_EVAL, "--model", "hf", "--model_args", f"pretrained={tiny_model_dir}",
+                "--tasks", "e2u_general_mc", "--limit", "8", "--device", "cpu",
+                "--output_path", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = results_of(out)["results"]["e2u_general_mc"]
+    assert 0.0 <= row["acc,none"] <= 1.0 and 0.0 <= row["acc_norm,none"] <= 1.0
+    assert "acc_stderr,none" in row
+
+
+def test_general_mc_next_to_tofu_factual_after_memit(tiny_model_dir, tmp_path):
+    """One command: an edited model on its forget/retain tasks and on the utility task (served by
+    the e2u model's loglikelihood, HFLM's, on the edited weights)."""
+    out = tmp_path / "out"
+    args = ("method=memit,forget_size=3,v_num_grad_steps=3,mom2_n_tokens=3000,mom2_max_length=64,"
+            "layers=[0]")
+    proc = run([LM_EVAL, "--model", "e2u", "--model_args", f"pretrained={tiny_model_dir},{args}",
+                "--tasks", "tofu_factual,e2u_general_mc", "--limit", "8", "--device", "cpu",
+                "--output_path", str(out), "--log_samples"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = results_of(out)
+    assert res["config"]["e2u"]["method"] == "memit"
+    assert "composite,none" in res["groups"]["tofu_factual"]
+    assert 0.0 <= res["results"]["e2u_general_mc"]["acc_norm,none"] <= 1.0
+    assert res["n-samples"]["e2u_general_mc"]["effective"] == 8
+    # e2u report reads it as another benchmark, with per-document scores
+    from e2u_experiments.runs import read_run
+
+    (path,) = out.rglob("results_*.json")
+    read = read_run(path)
+    assert read.utility_tasks() == ["e2u_general_mc"] and read.headline("e2u_general_mc") == "acc_norm"
+    assert len(read.samples["e2u_general_mc"]) == 8
+    assert all(set(d) >= {"acc", "acc_norm"} for d in read.samples["e2u_general_mc"])

@@ -70,3 +70,25 @@ def test_smollm2_full_benchmark(tmp_path, group, low, high):
     assert low <= forget <= high and low <= retain <= high
     assert abs(forget - retain) < 0.2  # forget and retain come from the same distribution
     assert "composite,none" in res["groups"][group]
+
+
+def test_retain_parts_leave_the_other_pistol_numbers_identical(tiny_lm):
+    """Adding pistol_retain_adjacent/_far to a run changes no other number (their questions are
+    answered once, with retain's)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from e2u_models.autoload import tasks_dir
+
+    manager = TaskManager(include_path=tasks_dir())
+    # retain documents 0-3 are edge A_C (adjacent to the forgotten A_B), 120-121 edge E1_F1 (far):
+    # the parts ask only questions retain asks too, as in a full run
+    docs = {"pistol_forget": [0, 1, 2, 3], "pistol_rephrase": [0, 1, 2, 3],
+            "pistol_retain": [0, 1, 2, 3, 120, 121], "pistol_retain_adjacent": [0, 1, 2, 3],
+            "pistol_retain_far": [0, 1]}
+    common = dict(model=tiny_lm, samples=docs, task_manager=manager, log_samples=False)
+    alone = simple_evaluate(tasks=["pistol_forget", "pistol_retain", "pistol_rephrase"], **common)
+    grouped = simple_evaluate(tasks=["pistol"], **common)
+    for task in ("pistol_forget", "pistol_retain", "pistol_rephrase"):
+        assert metric_values(alone)[task] == metric_values(grouped)[task]
+    assert set(metric_values(grouped)) >= {"pistol_retain_adjacent", "pistol_retain_far"}

@@ -566,3 +566,136 @@ def test_dry_run_prints_commands_with_the_launcher_and_runs_nothing(tmp_path, ca
     assert code == 0 and len(lines) == 2 and not (tmp_path / "out").exists()
     assert lines[1].startswith("[2/2] smollm2-135m-instruct__tofu_factual__memit: srun -n1 --gres=gpu:1 ")
     assert "--model e2u --model_args" in lines[1] and lines[1].endswith("--log_samples --device cpu")
+
+
+# ------------------------------------------------------------------ other benchmarks (utility)
+
+def add_benchmarks(result: Path, hellaswag: list[float], mmlu: float, samples: bool = True) -> None:
+    """Put other benchmarks into a run's results as lm-eval writes them: ``hellaswag`` (acc and
+    acc_norm, per-document samples), ``mmlu`` (a group with subtasks and a subgroup, no samples
+    of the group) and ``gsm8k`` (a filtered metric only)."""
+    data = json.loads(result.read_text())
+    acc = [1.0 - x for x in hellaswag]
+    data["results"]["hellaswag"] = {
+        "alias": "hellaswag", "acc,none": sum(acc) / len(acc), "acc_stderr,none": 0.02,
+        "acc_norm,none": sum(hellaswag) / len(hellaswag), "acc_norm_stderr,none": 0.03}
+    subtasks = {"mmlu_astronomy": mmlu - 0.1, "mmlu_virology": mmlu + 0.1}
+    for task, value in subtasks.items():
+        data["results"][task] = {"alias": task, "acc,none": value, "acc_stderr,none": 0.05}
+    data["results"]["mmlu_stem"] = {"alias": "stem", "acc,none": mmlu, "acc_stderr,none": 0.04}
+    data["results"]["mmlu"] = {"alias": "mmlu", "acc,none": mmlu, "acc_stderr,none": 0.01}
+    data["results"]["gsm8k"] = {"alias": "gsm8k", "exact_match,strict-match": 0.1,
+                                "exact_match_stderr,strict-match": 0.01}
+    data["groups"]["mmlu"] = data["results"]["mmlu"]
+    data["group_subtasks"] = {"tofu_factual": ["tofu_forget", "tofu_retain", "tofu_rephrase"],
+                              "mmlu": ["mmlu_stem", "mmlu_virology"], "mmlu_stem": ["mmlu_astronomy"]}
+    result.write_text(json.dumps(data))
+    if samples:
+        stamp = result.name[len("results_"):-len(".json")]
+        with open(result.parent / f"samples_hellaswag_{stamp}.jsonl", "w") as handle:
+            for doc_id, (a, n) in enumerate(zip(acc, hellaswag)):
+                handle.write(json.dumps({"doc_id": doc_id, "doc": {"ctx": f"context {doc_id}"},
+                                         "target": 0, "filter": "none", "metrics": ["acc", "acc_norm"],
+                                         "acc": a, "acc_norm": n}) + "\n")
+
+
+HELLASWAG_NONE = [1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0] * 5
+HELLASWAG_ROME = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0] * 5  # two documents in eight lost
+
+
+@pytest.fixture
+def utility_dir(tmp_path) -> Path:
+    root = tmp_path / "utility"
+    add_benchmarks(write_result(root / "none"), HELLASWAG_NONE, 0.5)
+    add_benchmarks(write_result(root / "rome", "rome", forget=[0.0, 0.0, 0.5, 0.0]), HELLASWAG_ROME, 0.44)
+    return root
+
+
+def test_a_run_names_the_other_benchmarks_and_their_headline_metrics(utility_dir):
+    run = read_run(next((utility_dir / "rome").rglob("results_*.json")))
+    # mmlu's subgroup and subtasks are part of mmlu; tofu_* are e2u's own evaluation
+    assert run.utility_tasks() == ["gsm8k", "hellaswag", "mmlu"]
+    assert [run.headline(t) for t in run.utility_tasks()] == ["exact_match,strict-match", "acc_norm", "acc"]
+    assert run.group() == "tofu_factual" and run.composite() == pytest.approx(1 - 0.125 + 0.6)
+    assert [d["acc_norm"] for d in run.samples["hellaswag"]] == HELLASWAG_ROME
+
+
+def test_a_group_without_a_metric_stands_for_its_children_and_parts_are_no_group():
+    from e2u_experiments.runs import Run
+
+    metrics = {"pistol": {"composite": 1.0}, "pistol_forget": {"rouge1_recall": 0.5, "composite": 1.0},
+               "pistol_retain": {"rouge1_recall": 0.5, "composite": 1.0},
+               "pistol_retain_adjacent": {"rouge1_recall": 0.4}, "pistol_retain_far": {"rouge1_recall": 0.7},
+               "e2u_general_mc": {"acc": 0.3, "acc_norm": 0.4}, "arc": {},
+               "arc_easy": {"acc": 0.6, "acc_norm": 0.5}, "arc_challenge": {"acc": 0.2}}
+    run = Run(Path("r.json"), "m", "none", {}, "pistol", 20, 0, 0, None, metrics,
+              group_subtasks={"arc": ["arc_easy", "arc_challenge"],
+                              "pistol": ["pistol_forget", "pistol_retain", "pistol_retain_adjacent",
+                                         "pistol_retain_far"]})
+    assert run.group() == "pistol"
+    assert run.utility_tasks() == ["arc_challenge", "arc_easy", "e2u_general_mc"]
+    assert run.task_for("retain") == "pistol_retain" and run.task_for("retain_far") == "pistol_retain_far"
+
+
+def test_report_shows_other_benchmarks_next_to_the_composite_with_change_against_none(utility_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    code, _, _ = run_cli(capsys, "report", str(utility_dir), "--out", str(out), "--no-figures")
+    assert code == 0
+    md = (out / "report.md").read_text()
+    assert "### Utility: other benchmarks" in md
+    assert "| method | composite | gsm8k exact_match,strict-match (Δ vs none) | hellaswag acc_norm (Δ vs none) " \
+           "| mmlu acc (Δ vs none) |" in md
+    assert "(baseline)" in md
+    rows = {(r["label"], r["task"]): r for r in csv.DictReader(open(out / "utility.csv"))}
+    assert set(rows) == {(m, t) for m in ("none", "rome") for t in ("gsm8k", "hellaswag", "mmlu")}
+    hella = rows[("rome", "hellaswag")]
+    assert hella["metric"] == "acc_norm" and float(hella["value"]) == pytest.approx(3 / 8)
+    assert float(hella["change_vs_none"]) == pytest.approx(-2 / 8)
+    # paired over documents: only the lost documents move, so the interval stays below zero
+    assert float(hella["change_vs_none_low"]) < -2 / 8 < float(hella["change_vs_none_high"]) < 0
+    assert float(hella["composite"]) == pytest.approx(1 - 0.125 + 0.6)
+    mmlu = rows[("rome", "mmlu")]
+    assert float(mmlu["change_vs_none"]) == pytest.approx(-0.06)
+    # no samples of the mmlu group: a normal interval from both standard errors
+    half_width = 1.959963984540054 * (2 * 0.01 ** 2) ** 0.5
+    assert float(mmlu["change_vs_none_high"]) == pytest.approx(-0.06 + half_width, abs=1e-6)
+    assert rows[("none", "mmlu")]["change_vs_none"] == ""
+
+
+def test_report_without_a_none_run_says_there_is_no_change(utility_dir, tmp_path, capsys):
+    import shutil
+
+    shutil.rmtree(utility_dir / "none")
+    out = tmp_path / "report"
+    assert run_cli(capsys, "report", str(utility_dir), "--out", str(out), "--no-figures")[0] == 0
+    assert "No `method=none` run in this block, so no change against it." in (out / "report.md").read_text()
+
+
+def test_the_leaderboard_keeps_other_benchmarks_and_regress_checks_them(utility_dir, tmp_path, capsys):
+    board = tmp_path / "board.yaml"
+    assert run_cli(capsys, "leaderboard", str(utility_dir), "--out", str(board))[0] == 0
+    entries = yaml.safe_load(board.read_text())["entries"]
+    assert entries[1]["metrics"]["mmlu"]["acc"]["value"] == pytest.approx(0.44)
+    docs = json.loads((tmp_path / "board.docs.json").read_text())["entries"]
+    assert all(set(tables["hellaswag"]) == {"docs", "acc", "acc_norm"} for tables in docs.values())
+    path = next((utility_dir / "rome").rglob("results_*.json"))
+    data = json.loads(path.read_text())
+    data["results"]["mmlu"]["acc,none"] = data["groups"]["mmlu"]["acc,none"] = 0.40
+    path.write_text(json.dumps(data))
+    code, out, _ = run_cli(capsys, "regress", "--leaderboard", str(board), "--results", str(utility_dir),
+                           "--mode", "exact")
+    assert code == 1 and "mmlu/acc" in out and "-0.04" in out
+
+
+def test_statistical_mode_pairs_other_benchmarks_and_names_what_it_cannot_check(utility_dir, tmp_path, capsys):
+    board = tmp_path / "board.yaml"
+    assert run_cli(capsys, "leaderboard", str(utility_dir), "--out", str(board))[0] == 0
+    _other_machine(utility_dir, "rome")
+    code, out, _ = run_cli(capsys, "regress", "--leaderboard", str(board), "--results", str(utility_dir))
+    assert code == 0, out
+    note = next(line for line in out.splitlines() if "not checked in statistical mode" in line)
+    assert "gsm8k/exact_match,strict-match" in note and "mmlu/acc" in note and "hellaswag" not in note
+    # hellaswag is paired document by document: losing every document fails
+    _scale_samples(utility_dir, "rome", "hellaswag", "acc_norm", 0.0)
+    code, out, _ = run_cli(capsys, "regress", "--leaderboard", str(board), "--results", str(utility_dir))
+    assert code == 1 and "hellaswag/acc_norm" in out

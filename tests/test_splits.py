@@ -35,6 +35,61 @@ def test_pistol_forgets_one_edge_by_default():
     assert len(two.forget) == 40
 
 
+def _parties(rows: list[dict]) -> dict[str, frozenset[str]]:
+    """Each edge's two contracting companies as the questions name them ("... between X and Y?"),
+    the most frequent pair: an account of adjacency independent of the edge labels."""
+    import re
+    from collections import Counter
+
+    pairs: dict[str, Counter] = {}
+    for row in rows:
+        match = re.search(r"between (.+?) and (.+?)[?,]", row["question"])
+        if match:
+            pairs.setdefault(row["edge"], Counter())[frozenset(match.groups())] += 1
+    return {edge: counter.most_common(1)[0][0] for edge, counter in pairs.items()}
+
+
+@pytest.mark.parametrize("edges,adjacent_edges", [
+    ("A_B", {"A_C", "A_C2", "A_C3", "A_m", "A_n", "A_n2", "A_n3",
+             "B_D", "B_D2", "B_D3", "B_p", "B_p2", "B_p3"}),
+    ("A_C+E1_F1", {"A_B", "A_C2", "A_C3", "A_m", "A_n", "A_n2", "A_n3", "E1_q1"}),
+])
+def test_pistol_retain_parts_by_shared_party(edges, adjacent_edges):
+    splits = SplitSpec.from_args({"dataset": "pistol", "forget_edge": edges}).load()
+    parts = splits.retain_parts()
+    edge_of = {i: splits.rows[i]["edge"] for i in range(len(splits.rows))}
+    assert {edge_of[i] for i in parts["retain_adjacent"]} == adjacent_edges
+    assert len(parts["retain_adjacent"]) == 20 * len(adjacent_edges)
+    # the two parts are the retain rows, each once, in retain's order
+    assert sorted(parts["retain_adjacent"] + parts["retain_far"]) == list(splits.retain)
+    assert not set(parts["retain_adjacent"]) & set(parts["retain_far"])
+    # the same partition from the company names in the questions
+    parties = _parties(list(splits.rows))
+    forgotten = frozenset().union(*(parties[e] for e in edges.split("+")))
+    assert {e for e in parties if e not in edges.split("+") and parties[e] & forgotten} == adjacent_edges
+    docs = splits.docs("retain_far")
+    assert [d["index"] for d in docs] == list(parts["retain_far"])
+    assert {d["split"] for d in docs} == {"retain_far"}
+    described = splits.describe()
+    assert described["retain_adjacent_rows"] + described["retain_far_rows"] == described["retain_rows"]
+
+
+def test_pistol_retain_parts_of_forget_indices_follow_their_edges():
+    """Forgetting some rows of an edge: the edge's other rows are adjacent (same parties)."""
+    splits = SplitSpec.from_args({"dataset": "pistol", "forget_indices": "0;1"}).load()
+    edge = splits.rows[0]["edge"]
+    adjacent = splits.retain_parts()["retain_adjacent"]
+    assert {i for i in range(len(splits.rows)) if splits.rows[i]["edge"] == edge} - {0, 1} <= set(adjacent)
+
+
+def test_retain_parts_need_a_dataset_with_entities():
+    splits = SplitSpec.from_args({}).load()
+    with pytest.raises(E2UError, match="retain_adjacent/retain_far splits need a dataset whose "
+                                       "groups connect entities \\(pistol\\), not 'tofu_factual'"):
+        splits.docs("retain_adjacent")
+    assert "retain_adjacent_rows" not in splits.describe()
+
+
 def test_rephrase_docs_keep_answers_and_change_questions():
     splits = SplitSpec.from_args({}).load()
     forget, rephrase = splits.docs("forget"), splits.docs("rephrase")
