@@ -51,13 +51,16 @@ class SharedPrefixRunner:
         return repeated_cache(self._prefix_cache, batch)
 
     @torch.no_grad()
-    def score_answers(self, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]]):
+    def score_answers(self, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
+                      hidden_states: bool = False):
         """One forward over ``prompt + answer`` for every row.
 
         Layout ``[prefix | pad | prompt | answer | pad]``: prompts end-aligned, answers after them
         and right-padded (masked). Returns the logits at the positions predicting each answer
         token (``[batch, max answer length, vocab]``; position 0 is also the first greedy
-        token), and the cache and mask cropped to the prompts, ready for :meth:`greedy`.
+        token), the cache and mask cropped to the prompts, ready for :meth:`greedy`, and with
+        ``hidden_states`` the forward's hidden states after every layer (else None); index
+        ``max(len(p) for p in prompts) - 1`` of their positions is every prompt's last token.
         """
         width = max(len(p) for p in prompts)
         longest = max(len(a) for a in answers)
@@ -71,13 +74,15 @@ class SharedPrefixRunner:
             mask[i, self.prefix_length + width - len(prompt): self.prefix_length + width + len(tail)] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -total:]
+        extra = {"output_hidden_states": True} if hidden_states else {}
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                          use_cache=True, logits_to_keep=longest,
-                         **{self._cache_arg: self._cache_for(rows)})
+                         **{self._cache_arg: self._cache_for(rows)}, **extra)
         cache = cache_of(out)
         if longest > 1:  # drop the answer positions
             crop_cache(cache, longest - 1)
-        return out.logits, cache, mask[:, : self.prefix_length + width]
+        return (out.logits, cache, mask[:, : self.prefix_length + width],
+                out.hidden_states if hidden_states else None)
 
     @torch.no_grad()
     def greedy(self, first_logits: torch.Tensor, cache, mask: torch.Tensor, max_new_tokens: int,
@@ -123,7 +128,7 @@ def continue_greedily(model, encoded: Sequence[Sequence[int]], pad_id: int, max_
     generated: list[list[int]] = []
     for start in range(0, len(encoded), batch_size):
         chunk = [list(row[prefix:]) for row in encoded[start:start + batch_size]]
-        logits, cache, mask = runner.score_answers(chunk, [[pad_id]] * len(chunk))
+        logits, cache, mask, _ = runner.score_answers(chunk, [[pad_id]] * len(chunk))
         generated += runner.greedy(logits[:, 0], cache, mask, max_new_tokens, is_done, pick)
     return generated
 
