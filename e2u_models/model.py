@@ -284,7 +284,7 @@ class E2ULM(HFLM):
         for chunk in self._length_sorted_batches([c for c, _ in encoded]):
             answers = [encoded[i][1] for i in chunk]
             prompts = [encoded[i][0][prefix:] for i in chunk]
-            logits, cache, mask, hidden = runner.score_answers(prompts, answers, hidden_states=lens)
+            logits, cache, mask, hidden = runner.score_answers_and_layers(prompts, answers, hidden_states=lens)
             # Ranks within the tokenizer's vocabulary (padded embedding rows never count).
             logits = logits[..., :vocab].float()
             layer_ranks = None

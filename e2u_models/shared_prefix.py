@@ -50,18 +50,22 @@ class SharedPrefixRunner:
             return None
         return repeated_cache(self._prefix_cache, batch)
 
-    @torch.no_grad()
-    def score_answers(self, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
-                      hidden_states: bool = False):
+    def score_answers(self, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]]):
         """One forward over ``prompt + answer`` for every row.
 
         Layout ``[prefix | pad | prompt | answer | pad]``: prompts end-aligned, answers after them
         and right-padded (masked). Returns the logits at the positions predicting each answer
         token (``[batch, max answer length, vocab]``; position 0 is also the first greedy
-        token), the cache and mask cropped to the prompts, ready for :meth:`greedy`, and with
-        ``hidden_states`` the forward's hidden states after every layer (else None); index
-        ``max(len(p) for p in prompts) - 1`` of their positions is every prompt's last token.
+        token), and the cache and mask cropped to the prompts, ready for :meth:`greedy`.
         """
+        return self.score_answers_and_layers(prompts, answers, hidden_states=False)[:3]
+
+    @torch.no_grad()
+    def score_answers_and_layers(self, prompts: Sequence[Sequence[int]],
+                                 answers: Sequence[Sequence[int]], hidden_states: bool = True):
+        """:meth:`score_answers`, and with ``hidden_states`` the same forward's hidden states
+        after every layer (else None); their index ``max(len(p) for p in prompts) - 1`` is every
+        prompt's last token."""
         width = max(len(p) for p in prompts)
         longest = max(len(a) for a in answers)
         rows, total = len(prompts), width + longest - 1
@@ -128,7 +132,7 @@ def continue_greedily(model, encoded: Sequence[Sequence[int]], pad_id: int, max_
     generated: list[list[int]] = []
     for start in range(0, len(encoded), batch_size):
         chunk = [list(row[prefix:]) for row in encoded[start:start + batch_size]]
-        logits, cache, mask, _ = runner.score_answers(chunk, [[pad_id]] * len(chunk))
+        logits, cache, mask = runner.score_answers(chunk, [[pad_id]] * len(chunk))
         generated += runner.greedy(logits[:, 0], cache, mask, max_new_tokens, is_done, pick)
     return generated
 
