@@ -145,22 +145,18 @@ def test_lens_metrics_take_the_best_layer():
 
 
 def hand_lens_ranks(lm, context, answer):
-    """One unpadded forward; every layer's last prompt state through norm and head, ranks counted."""
+    """One unpadded forward; every layer's last prompt state through norm and head, ranks counted
+    (transformers stores the last layer's state already normed)."""
     context_ids, answer_ids = lm._encode_context_answer(context, answer)
-    model = lm.model
+    model, gold = lm.model, answer_ids[0]
     with torch.no_grad():
-        out = model(torch.tensor([context_ids]), output_hidden_states=True)
-        layers = model.model.layers
-        hidden = out.hidden_states[0][0, -1]
+        states = model(torch.tensor([context_ids]), output_hidden_states=True).hidden_states[1:]
         ranks = []
-        states = []
-        for i in range(len(layers)):
-            states.append(out.hidden_states[i + 1][0, -1])
-        for i, state in enumerate(states):
-            normed = state if i == len(layers) - 1 else model.model.norm(state)
-            row = model.lm_head(normed)[: len(lm.tokenizer)]
-            ranks.append(1 + sum(1 for v in row.tolist() if v > row[answer_ids[0]].item()))
-    assert hidden.shape[-1] == model.config.hidden_size
+        for layer, state in enumerate(states):
+            last = state[0, -1]
+            row = model.lm_head(last if layer == len(states) - 1 else model.model.norm(last))
+            row = row[: len(lm.tokenizer)]
+            ranks.append(1 + sum(1 for v in row.tolist() if v > row[gold].item()))
     return ranks
 
 
