@@ -5,6 +5,10 @@ safetensors, the method's adapters as they are after the attack, the report; wri
 verified on load). The key hashes the model as the method left it (weights and adapters), the
 attack's settings, the relearned rows, the seed, the dtype and the attack code, so the edit itself
 still comes from the edit cache and one edit serves every attack.
+
+Only ``relearn`` is cached. ``quantize`` is recomputed: it is a few tensor operations per weight,
+about what hashing the model for a key and verifying an entry cost, while its entry would hold
+every linear weight of the model (a second copy of the model per method and setting).
 """
 
 from __future__ import annotations
@@ -41,13 +45,13 @@ def run_attack(model, tokenizer, spec: AttackSpec, requests: Sequence[EditReques
     import torch
 
     started = time.perf_counter()
-    inputs = {"model": state_sha256(model), "attack": spec.settings(), "seed": seed,
-              "rows": [[r.index, r.prompt, r.answer] for r in requests or ()],
-              "dtype": str(model.dtype), "code": code_sha256(__name__), "format": FORMAT_VERSION}
-    key = json_sha256(inputs)
     summary = {**spec.settings(), "rows": [r.index for r in requests] if requests is not None else None}
-    cache = EditCache(cache_dir, log=env.log, folder="attacked") if use_cache else None
+    cache = EditCache(cache_dir, log=env.log, folder="attacked") if use_cache and spec.name == "relearn" else None
     if cache is not None:
+        inputs = {"model": state_sha256(model), "attack": spec.settings(), "seed": seed,
+                  "rows": [[r.index, r.prompt, r.answer] for r in requests or ()],
+                  "dtype": str(model.dtype), "code": code_sha256(__name__), "format": FORMAT_VERSION}
+        key = json_sha256(inputs)
         attached = list(adapters_of(model))
         for adapter in attached:  # the entry holds the adapters as the attack left them
             adapter.detach(model)
