@@ -202,3 +202,19 @@ def test_task_metric_names_follow_lens_and_lens_k():
     instance = forget.construct_requests(forget.eval_docs[0], "Q?")
     assert instance.arguments[2]["lens"] is True
     assert not any(name.startswith("lens") for name in task(lens="false")._metric_fn_list)
+
+
+def test_gpt2_conv1d_weights_are_quantised_along_their_inputs():
+    """GPT-2 stores Conv1D weights as (in, out): the groups run along the inputs all the same,
+    and the lens finds its final norm (ln_f)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from e2u_models.layers import final_norm
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2)).eval()
+    weight = model.transformer.h[0].mlp.c_fc.weight.detach().clone()  # (32 in, 128 out)
+    report = quantize_model(model, bits=4, group_size=8)
+    assert "transformer.h.0.mlp.c_fc.weight" in report["parameters"]
+    assert torch.allclose(model.transformer.h[0].mlp.c_fc.weight, quantize_rows(weight.T, 4, 8).T)
+    assert final_norm(model) is model.transformer.ln_f
