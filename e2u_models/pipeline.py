@@ -4,8 +4,8 @@ finetune (``finetune=``) -> hash the model -> known rows (``known_only=true``) -
 -> the method -> attack (``attack=``) -> save (``save_edited``).
 
 Each step reads the checked :class:`~e2u_models.args.E2UArgs` and records its result in
-:class:`Prepared`; the fine-tuning, self-written targets, the edit and the attack are cached, so a rerun (or
-another rank under ``accelerate launch``) loads them instead of recomputing.
+:class:`Prepared`; the fine-tuning, self-written targets, the edit and relearning are cached, so
+a rerun (or another rank under ``accelerate launch``) loads them instead of recomputing.
 """
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ def apply_method(model, tokenizer, args: E2UArgs, runtime: Runtime, state: Prepa
 
 def attack(model, tokenizer, args: E2UArgs, runtime: Runtime, state: Prepared) -> None:
     """``attack=``: a recovery attack on the model the method left (quantisation, relearning),
-    before the evaluation; the edit itself came from the edit cache, the attack from its own."""
+    before the evaluation; the edit itself came from the edit cache (with or without an attack)."""
     if args.attack is None:
         return
     from e2u_models.attacks.run import run_attack
