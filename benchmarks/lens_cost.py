@@ -2,7 +2,9 @@
 
 One model load, then the same evaluation alternately with ``lens=false`` and ``lens=true`` (the
 tasks' model arg), ``--repeats`` times each; the fastest run of each counts. Prints both times, the
-ratio and the overhead, and checks that every metric other than the lens's is identical.
+ratio and the overhead, and checks that every metric other than the lens's is identical. Wall time
+and the process's CPU time (all threads) are both reported: on a machine shared with other jobs
+the CPU time is the steadier of the two.
 
     python benchmarks/lens_cost.py                                   # tiny random llama (seconds)
     python benchmarks/lens_cost.py --model smollm2-135m-instruct     # the embedded model
@@ -34,7 +36,7 @@ def tiny_model(folder: str, layers: int) -> str:
     return folder
 
 
-def evaluate(lm, lens: bool, limit: int | None) -> tuple[float, dict]:
+def evaluate(lm, lens: bool, limit: int | None) -> tuple[float, float, dict]:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -42,10 +44,10 @@ def evaluate(lm, lens: bool, limit: int | None) -> tuple[float, dict]:
 
     manager = TaskManager(include_defaults=False, include_path=tasks_dir(),
                           metadata={**lm.task_metadata(), "lens": lens})
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     result = simple_evaluate(model=lm, tasks=["tofu_factual"], task_manager=manager, limit=limit,
                              bootstrap_iters=0)
-    return time.perf_counter() - started, result["results"]
+    return time.perf_counter() - started, time.process_time() - cpu_started, result["results"]
 
 
 def main() -> None:
@@ -69,23 +71,29 @@ def main() -> None:
         pretrained = tiny_model(folder, args.layers) if args.model == TINY else args.model
         lm = E2ULM(pretrained=pretrained, method="none", device="cpu", batch_size=args.batch_size)
         seconds: dict[bool, list[float]] = {False: [], True: []}
+        cpu: dict[bool, list[float]] = {False: [], True: []}
         results: dict[bool, dict] = {}
         for _ in range(args.repeats):
             for lens in (False, True):
-                took, results[lens] = evaluate(lm, lens, args.limit)
+                took, took_cpu, results[lens] = evaluate(lm, lens, args.limit)
                 seconds[lens].append(took)
-                print(f"lens={str(lens).lower()}: {took:.2f} s", file=sys.stderr, flush=True)
+                cpu[lens].append(took_cpu)
+                print(f"lens={str(lens).lower()}: {took:.2f} s wall, {took_cpu:.2f} s CPU",
+                      file=sys.stderr, flush=True)
     plain = {task: {k: v for k, v in row.items() if not k.startswith("lens_")}
              for task, row in results[False].items()}
     with_lens = {task: {k: v for k, v in row.items() if not k.startswith("lens_")}
                  for task, row in results[True].items()}
     off, on = min(seconds[False]), min(seconds[True])
+    cpu_off, cpu_on = min(cpu[False]), min(cpu[True])
     print(json.dumps({
         "model": args.model if args.model != TINY else f"tiny random llama, {args.layers} layers",
         "task": "tofu_factual", "limit": args.limit, "batch_size": args.batch_size,
         "threads": torch.get_num_threads(), "repeats": args.repeats,
         "eval_s_without_lens": round(off, 2), "eval_s_with_lens": round(on, 2),
         "ratio": round(on / off, 3), "overhead_percent": round(100 * (on / off - 1), 1),
+        "cpu_s_without_lens": round(cpu_off, 2), "cpu_s_with_lens": round(cpu_on, 2),
+        "cpu_ratio": round(cpu_on / cpu_off, 3), "cpu_overhead_percent": round(100 * (cpu_on / cpu_off - 1), 1),
         "other_metrics_identical": plain == with_lens,
         "lens_hit_forget": {k: v for k, v in results[True].get("tofu_forget", {}).items()
                             if k.startswith("lens_hit")},
