@@ -3,8 +3,8 @@
 One model load, then the same evaluation alternately with ``lens=false`` and ``lens=true`` (the
 tasks' model arg), ``--repeats`` times each; the fastest run of each counts. Prints both times, the
 ratio and the overhead, and checks that every metric other than the lens's is identical. Wall time
-and the process's CPU time (all threads) are both reported: on a machine shared with other jobs
-the CPU time is the steadier of the two.
+and the process's CPU time (all threads) are both reported; on a machine shared with other jobs
+neither is steady (run it on an idle one, with enough ``--repeats``).
 
     python benchmarks/lens_cost.py                                   # tiny random llama (seconds)
     python benchmarks/lens_cost.py --model smollm2-135m-instruct     # the embedded model
