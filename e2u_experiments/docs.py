@@ -56,6 +56,17 @@ MODEL_ARG_HELP = {
     "known_only": "`true`: forget and retain only rows the unedited model answers correctly "
                   "(ROUGE-1 recall 1.0, both phrasings)",
     "data_dir": "local data mirror laid out as `<dataset id>/<file>` (default `$E2U_DATA_DIR`)",
+    "lens": "the logit-lens metrics `lens_mrr`, `lens_hit@k` on every e2u task ([attacks](attacks.md))",
+    "lens_k": "the k of `lens_hit@k`",
+    "attack": "recovery attack after the method, before evaluation: `quantize` or `relearn` "
+              "([attacks](attacks.md))",
+    "attack_bits": "`attack=quantize`: 8 or 4 bits (symmetric round-to-nearest)",
+    "attack_group_size": "`attack=quantize`: inputs per quantisation group (0 = one per output row)",
+    "attack_steps": "`attack=relearn`: optimizer steps (>= 1)",
+    "attack_lr": "`attack=relearn`: learning rate",
+    "attack_data": "`attack=relearn`: `forget_half` (relearn half the forget rows, evaluate the "
+                   "other half) or `retain`",
+    "attack_lora": "`attack=relearn`: `true` trains a LoRA adapter (merged) instead of every weight",
 }
 
 
@@ -105,7 +116,9 @@ def model_args_block() -> str:
     from e2u_models.embedded import DEFAULT_MODEL
     from e2u_tasks.splits import SPEC_KEYS
 
-    defaults = {"pretrained": DEFAULT_MODEL, **DEFAULTS, "dataset": "tofu_factual",
+    from e2u_models.attacks.spec import ATTACK_DEFAULTS
+
+    defaults = {"pretrained": DEFAULT_MODEL, **DEFAULTS, **ATTACK_DEFAULTS, "dataset": "tofu_factual",
                 "forget_size": 40, "forget_seed": 0, "forget_edge": "A_B",
                 "known_only": False}
     missing = [name for name in E2U_ARGS if name not in MODEL_ARG_HELP]

@@ -5,7 +5,9 @@
   larger is better (forget and rephrase as 1 - value);
 - Fig. 4: composite vs number of forget samples, one line per method (needs >= 2 forget sizes);
 - Fig. 6 right: composite and forget/retain ROUGE-1 vs query-merge size n (methods run with
-  >= 2 merge values; no ``merge`` option = n 1).
+  >= 2 merge values; no ``merge`` option = n 1);
+- recovery: forget ROUGE-1 per method without and after each recovery attack (results with
+  ``attack=`` runs).
 """
 
 from __future__ import annotations
@@ -161,12 +163,39 @@ def merge_curve(block, path: Path) -> str | None:
     return _save(fig, path)
 
 
+def recovery_bars(block, path: Path) -> str | None:
+    """Grouped bars: per method, forget ROUGE-1 without an attack and after each attack."""
+    from e2u_experiments.recovery import recovery_rows
+
+    rows, attacks = recovery_rows(block)
+    if not rows:
+        return None
+    plt = _pyplot()
+    series = ["no attack", *attacks]
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(rows) * len(series) / 2, 3.6))
+    for number, name in enumerate(series):
+        estimates = [(r.base if name == "no attack" else r.attacked.get(name)) for r in rows]
+        estimates = [None if row is None else row.metric("forget", "rouge1_recall") for row in estimates]
+        xs = [i + (number - (len(series) - 1) / 2) * width for i, e in enumerate(estimates) if e is not None]
+        shown = [e for e in estimates if e is not None]
+        if shown:
+            ax.bar(xs, [e.value for e in shown], width, yerr=_errors(shown), capsize=2, label=name,
+                   color=f"C{number % 10}")
+    ax.set_xticks(range(len(rows)), [r.label for r in rows], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("forget ROUGE-1 (95% CI)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"Recovery attacks: forget ROUGE-1\n{block.title}", fontsize=9)
+    ax.legend(fontsize=6)
+    return _save(fig, path)
+
+
 def write_figures(blocks, out_dir: Path, log=print) -> dict[str, list[str]]:
     """All figures; returns file names per block slug ("" = figures across blocks)."""
     files: dict[str, list[str]] = defaultdict(list)
     for block in blocks:
         for prefix, draw in (("fig3_composite", composite_bars), ("fig3_radar", radar),
-                             ("fig6_merge", merge_curve)):
+                             ("fig6_merge", merge_curve), ("recovery", recovery_bars)):
             name = draw(block, out_dir / f"{prefix}_{block.slug}.png")
             if name:
                 files[block.slug].append(name)

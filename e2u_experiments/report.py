@@ -6,9 +6,12 @@ computed), ``table1.csv`` (forget and retain x ROUGE-1 / prob / MRR / hit, compo
 ``refusal.csv`` (refusal quality of the answers: refusal rate, entity mention, answer leak),
 ``utility.csv`` (other benchmarks in the same results, such as ``mmlu`` or ``e2u_general_mc``:
 headline metric and change against ``none``),
+``recovery.csv`` (forget ROUGE-1 before and after each recovery attack, and the logit lens's
+``lens_hit@k``, when the results hold ``attack=`` runs; see :mod:`recovery`),
 ``runcards.csv``, ``case_study.md`` (answers before / after, Fig. 5) and, with matplotlib
 (``pip install e2u[report]``), the PNG figures: composite bars and forget/retain/rephrase radar
-(Fig. 3), composite vs number of forget samples (Fig. 4), query merging (Fig. 6 right).
+(Fig. 3), composite vs number of forget samples (Fig. 4), query merging (Fig. 6 right), forget
+ROUGE-1 before and after the recovery attacks.
 
 Runs are grouped into *blocks* (model, dataset, forget size, forget seed, limit); a table row is a
 method with its options; several seeds of one row are averaged (see :mod:`estimates`).
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from e2u_experiments import estimates as est
+from e2u_experiments.recovery import recovery_csv, recovery_markdown
 from e2u_experiments.runs import METRICS, REFUSAL_METRICS, Run, load_runs
 from e2u_tasks.errors import E2UError
 
@@ -341,7 +345,7 @@ def write_report(folders: list[str], out: str, bootstrap: int = 1000, seed: int 
           "interval from lm-eval's standard error (no `--log_samples`). With several seeds: "
           "mean ± standard deviation across seeds. Forget/rephrase: lower is better; retain and "
           "composite (1 − R1@forget + R1@retain): higher is better.", ""]
-    t1_rows, t2_rows, refusal_csv, card_rows, utility_csv = [], [], [], [], []
+    t1_rows, t2_rows, refusal_csv, card_rows, utility_csv, recovery_rows = [], [], [], [], [], []
     for block in blocks:
         md += [f"## {block.title}", "", "### Table 1: forget and retain sets", ""]
         md += table1_markdown(block) + ["", "### Table 2: rephrased forget set (increase over the plain forget set)", ""]
@@ -357,6 +361,13 @@ def write_report(folders: list[str], out: str, bootstrap: int = 1000, seed: int 
                    "--log_samples, else ≈ from both standard errors)", ""]
             md += utility_markdown(block) + [""]
             utility_csv += utility_csv_rows(block)
+        recovery = recovery_markdown(block, _cell)
+        if recovery:
+            md += ["### Recovery: forget ROUGE-1 after each attack (change against no attack on the "
+                   "same forget rows; relearn on half the forget rows evaluates the other half), and "
+                   "the logit lens (share of forget answers readable within the top k at some layer)", ""]
+            md += recovery + [""]
+            recovery_rows += recovery_csv(block, _block_columns)
         for name in figure_files.get(block.slug, []):
             md += [f"![{name}]({name})", ""]
         md += ["### Run cards", ""] + runcard_markdown(block) + [""]
@@ -389,6 +400,7 @@ def write_report(folders: list[str], out: str, bootstrap: int = 1000, seed: int 
     _write_csv(out_dir / "table2.csv", t2_rows)
     _write_csv(out_dir / "refusal.csv", refusal_csv)
     _write_csv(out_dir / "utility.csv", utility_csv)
+    _write_csv(out_dir / "recovery.csv", recovery_rows)
     _write_csv(out_dir / "runcards.csv", card_rows)
     (out_dir / "bootstrap.json").write_text(json.dumps(
         {"iters": bootstrap, "seed": seed, "level": est.LEVEL, "method": "percentile, documents "

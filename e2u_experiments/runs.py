@@ -27,6 +27,8 @@ IDENTITY_ARGS = frozenset({
 METRICS = ("rouge1_recall", "prob", "mrr", "hit_rate")
 # Refusal quality of the generated answers (e2u_tasks.refusal); in results since issue #6.
 REFUSAL_METRICS = ("refusal_rate", "entity_mention", "answer_leak")
+# Logit-lens metrics (lens_mrr, lens_hit@<k>; e2u_tasks.metrics); in results since issue #24.
+LENS_PREFIX = "lens_"
 TIMESTAMP = re.compile(r"results_(.+)\.json$")
 # The headline metric of another benchmark (mmlu, hellaswag, e2u_general_mc): the first of these
 # it reports, else its first metric.
@@ -279,6 +281,9 @@ def run_card(data: dict) -> dict[str, Any]:
         "model_file_sha256": source.get("gguf_sha256") or config.get("model_sha"),  # file / hub revision
         "data_sha256": split.get("data_sha256"),
         "forget_row_indices": split.get("forget_row_indices"),
+        # attack=relearn on half the forget rows: the rows the forget task evaluated
+        "evaluated_forget_row_indices": split.get("evaluated_forget_row_indices"),
+        "attack": {k: v for k, v in (e2u.get("attack") or {}).items() if k.startswith("attack")},
         "edit_seconds": report.get("seconds"),
         "run_card": e2u.get("run_card"),
         "fingerprint": e2u.get("fingerprint"),
@@ -310,7 +315,7 @@ def _sample_row(file: Path, number: int, record: dict) -> dict:
     doc = record.get("doc") or {}
     row = {"doc_id": record.get("doc_id", number - 1), "index": doc.get("index"),
            "question": doc.get("question"), "answer": doc.get("answer", record.get("target"))}
-    for metric in (*METRICS, *REFUSAL_METRICS, "composite"):
+    for metric in (*METRICS, *REFUSAL_METRICS, "composite", *(k for k in record if k.startswith(LENS_PREFIX))):
         if metric in record:
             row[metric] = float(record[metric])
     if record.get("filter", "none") == "none":  # other benchmarks' per-document scores (acc, ...)

@@ -18,6 +18,7 @@ from typing import Any
 
 from lm_eval.models.huggingface import HFLM
 
+from e2u_models.attacks.spec import ATTACK_DEFAULTS, AttackSpec, parse_attack
 from e2u_models.cache import cache_root
 from e2u_models.embedded import DEFAULT_MODEL, EMBEDDED_MODELS, embedded_config, resolve_embedded
 from e2u_models.hparams import Resolved, has_presets, resolve_hparams
@@ -29,7 +30,7 @@ from e2u_models.training.finetune import HPARAMS_NAME as FINETUNE_HPARAMS
 from e2u_models.training.finetune import FinetuneHParams
 from e2u_tasks.data import BENCHMARKS, load_benchmark, load_user_dataset
 from e2u_tasks.errors import E2UError
-from e2u_tasks.metrics import DEFAULT_TOP_M
+from e2u_tasks.metrics import DEFAULT_LENS_K, DEFAULT_TOP_M
 from e2u_tasks.splits import SPEC_KEYS, Splits, SplitSpec, parse_bool, parse_int
 
 # Keyword arguments HFLM forwards to ``from_pretrained`` that users legitimately pass.
@@ -41,14 +42,15 @@ HFLM_ARGS = frozenset(name for name, p in inspect.signature(HFLM.__init__).param
                       if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and name != "self")
 E2U_ARGS = ("pretrained", "method", "hparams", "seed", "cache_dir", "cache", "chat_template",
             "system_prompt", "top_m", "target", "refusal_file", "targets_file", "export_targets",
-            "finetune", "finetune_hparams", "finetune_<recipe key>", "save_edited", *SPEC_KEYS)
+            "finetune", "finetune_hparams", "finetune_<recipe key>", "save_edited", "lens", "lens_k",
+            *ATTACK_DEFAULTS, *SPEC_KEYS)
 FINETUNE_PREFIX = "finetune_"
 # e2u's own model args and their defaults (``pretrained`` is E2ULM's first argument).
 DEFAULTS: Mapping[str, Any] = {
     "method": "none", "hparams": None, "seed": 0, "cache_dir": None, "chat_template": "auto",
     "system_prompt": None, "top_m": DEFAULT_TOP_M, "target": None, "refusal_file": None,
     "targets_file": None, "export_targets": None, "cache": True, "finetune": None,
-    "finetune_hparams": None, "save_edited": None,
+    "finetune_hparams": None, "save_edited": None, "lens": True, "lens_k": DEFAULT_LENS_K,
 }
 
 
@@ -74,17 +76,22 @@ class E2UArgs:
     finetune: str | None = None  # the dataset taught before the method
     finetune_rows: list[dict] | None = None
     finetune_hparams: Resolved | None = None
+    attack: AttackSpec | None = None  # run after the method, before evaluation
+    lens: bool = True  # the e2u tasks' logit-lens metrics (read by the tasks)
+    lens_k: int = DEFAULT_LENS_K
 
 
 @dataclass(frozen=True)
 class _Sorted:
-    """The model args by owner: e2u's own, split args, method hparams, recipe keys, hf's."""
+    """The model args by owner: e2u's own, split args, method hparams, recipe keys, hf's, and
+    the attack's (given ones only: attack settings without an attack are an error)."""
 
     own: dict[str, Any]
     split: dict[str, Any]
     overrides: dict[str, Any]
     recipe: dict[str, Any]
     hf: dict[str, Any]
+    attack: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def parse_model_args(pretrained: Any = DEFAULT_MODEL, **model_args: Any) -> E2UArgs:
@@ -93,17 +100,21 @@ def parse_model_args(pretrained: Any = DEFAULT_MODEL, **model_args: Any) -> E2UA
     method_name = _method_name(model_args.get("method", DEFAULTS["method"]))
     method = get_method(method_name)
     args = sort_model_args(method, method_name, model_args)
+    attack_args = args.attack
     own = args.own
     checked: dict[str, Any] = dict(
         seed=parse_int("seed", own["seed"]), top_m=parse_int("top_m", own["top_m"], 1),
-        chat_template=parse_chat_template(own["chat_template"]), system_prompt=own["system_prompt"])
+        chat_template=parse_chat_template(own["chat_template"]), system_prompt=own["system_prompt"],
+        lens=parse_bool("lens", own["lens"]), lens_k=parse_int("lens_k", own["lens_k"], 1),
+        attack=parse_attack(attack_args))
     finetune = _finetune_name(own["finetune"])
     finetune_rows = _finetune_rows(finetune, args.split.get("data_dir")) if finetune else None
     if finetune is None and (args.recipe or own["finetune_hparams"]):
         raise E2UError("finetune_* model args need finetune=<dataset> (e.g. finetune=pistol)")
     checked.update(
-        # The split's dataset defaults to the finetune dataset.
-        splits=SplitSpec.from_args({**args.split, "finetune": finetune}).load(before_known=True),
+        # The split's dataset defaults to the finetune dataset; attack=relearn may hold out half
+        # of the forget rows.
+        splits=SplitSpec.from_args({**args.split, **attack_args, "finetune": finetune}).load(before_known=True),
         targets=RefusalTargets.from_args(own["target"], own["refusal_file"], own["targets_file"]),
         export_targets=_check_export_path(own["export_targets"]),
         use_cache=parse_bool("cache", own["cache"]), cache_dir=own["cache_dir"])
@@ -143,6 +154,7 @@ def sort_model_args(method: ModuleType, method_name: str, model_args: dict[str, 
     rest = dict(model_args)
     own = {key: rest.pop(key, default) for key, default in DEFAULTS.items()}
     split = {key: rest.pop(key) for key in SPEC_KEYS if key in rest}
+    attack = {key: rest.pop(key) for key in ATTACK_DEFAULTS if key in rest}
     hparam_names = {f.name for f in dataclasses.fields(method.HyperParams)}
     overrides = {key: rest.pop(key) for key in list(rest) if key in hparam_names}
     recipe_names = {f.name for f in dataclasses.fields(FinetuneHParams)}
@@ -155,7 +167,7 @@ def sort_model_args(method: ModuleType, method_name: str, model_args: dict[str, 
             f"{', '.join(E2U_ARGS)}, the hparams of method={method_name} "
             f"({', '.join(sorted(hparam_names)) or 'none'}) and the hf model args"
         )
-    return _Sorted(own, split, overrides, recipe, rest)
+    return _Sorted(own, split, overrides, recipe, rest, attack)
 
 
 def _finetune_rows(finetune: str, data_dir) -> list[dict]:

@@ -123,3 +123,18 @@ class LayerRunner:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(self.base.norm(hidden))
+
+
+FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm")  # llama-style, GPT-2, GPT-NeoX / OPT
+
+
+def final_norm(model) -> torch.nn.Module:
+    """The norm applied after the last decoder layer (what the logit lens applies to every
+    layer's hidden state before the output head)."""
+    base = model.base_model
+    for name in FINAL_NORM_NAMES:
+        module = getattr(base, name, None) or getattr(getattr(base, "decoder", None), name, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    raise E2UError(f"the logit lens needs the model's final norm ({', '.join(FINAL_NORM_NAMES)} of "
+                   f"its base model) and {type(model).__name__} has none; turn it off with lens=false")

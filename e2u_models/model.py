@@ -28,6 +28,7 @@ from tqdm import tqdm
 from e2u_models.args import E2UArgs, parse_model_args
 from e2u_models.editing.adapters import has_saved_adapters, load_adapters
 from e2u_models.embedded import DEFAULT_MODEL
+from e2u_models.logit_lens import lens_ranks, token_ranks
 from e2u_models.nethook import pad_id_of
 from e2u_models.pipeline import Prepared, Runtime, edit_requests, method_env, prepare
 from e2u_models.prompts import PromptFormat
@@ -176,7 +177,8 @@ class E2ULM(HFLM):
         ``--model_args`` to the tasks by itself.)"""
         spec = self.splits.spec
         args = {key: value for key, value in spec.as_dict().items() if value is not None}
-        return {**args, "data_dir": spec.data_dir, "method": self.method.NAME, "top_m": self.top_m}
+        return {**args, "data_dir": spec.data_dir, "method": self.method.NAME, "top_m": self.top_m,
+                "lens": self.args.lens, "lens_k": self.args.lens_k}
 
     def _method_env(self) -> MethodEnv:
         return method_env(self.tokenizer, self.args, self._runtime)
@@ -225,8 +227,10 @@ class E2ULM(HFLM):
         ``options["generation"]`` holds the task's generation kwargs (``until``,
         ``max_gen_toks``; greedy only). Returns per request ``generation`` (text), ``tokens``
         (gold answer ids), ``logprobs`` and ``ranks`` (1 = argmax; ties count in the gold
-        token's favour), teacher-forced. One forward pass per batch reads prompt and answer;
-        decoding continues from its cache (see :mod:`e2u_models.shared_prefix`).
+        token's favour), teacher-forced; with ``options["lens"]`` also ``lens_ranks``, the rank
+        of the answer's first token after every layer (:mod:`e2u_models.logit_lens`). One
+        forward pass per batch reads prompt and answer; decoding continues from its cache (see
+        :mod:`e2u_models.shared_prefix`).
         """
         if not requests:
             return []
@@ -272,12 +276,20 @@ class E2ULM(HFLM):
             prefix = common_prefix_length([c for c, _ in encoded])
         runner = SharedPrefixRunner(self.model, encoded[0][0][:prefix], pad_id_of(self.tokenizer, self.eot_token_id), self.device)
         vocab, eot = len(self.tokenizer), self.eot_token_id
+        lens = any(q.options.get("lens") for q in queries)
         results: list[dict | None] = [None] * len(queries)
         for chunk in self._length_sorted_batches([c for c, _ in encoded]):
             answers = [encoded[i][1] for i in chunk]
-            logits, cache, mask = runner.score_answers([encoded[i][0][prefix:] for i in chunk], answers)
+            prompts = [encoded[i][0][prefix:] for i in chunk]
+            logits, cache, mask, hidden = runner.score_answers_and_layers(prompts, answers, hidden_states=lens)
             # Ranks within the tokenizer's vocabulary (padded embedding rows never count).
             logits = logits[..., :vocab].float()
+            layer_ranks = None
+            if lens:  # the gold answer's first token after every layer, at the prompt's last token
+                first = torch.tensor([a[0] for a in answers], device=logits.device)
+                layer_ranks = lens_ranks(self.model, hidden, max(len(p) for p in prompts) - 1,
+                                         logits[:, 0], first, vocab).tolist()
+                del hidden
 
             def is_done(row, tokens):
                 return tokens[-1] == eot or any(u in self.tok_decode(tokens) for u in until)
@@ -286,14 +298,16 @@ class E2ULM(HFLM):
             for row, i in enumerate(chunk):
                 answer_ids = answers[row]
                 scores = logits[row, : len(answer_ids)]
-                gold = torch.tensor(answer_ids, device=scores.device).unsqueeze(-1)
-                ranks = 1 + (scores > scores.gather(-1, gold)).sum(-1)
-                logprobs = F.log_softmax(scores, dim=-1).gather(-1, gold).squeeze(-1)
+                gold = torch.tensor(answer_ids, device=scores.device)
+                ranks = token_ranks(scores, gold)
+                logprobs = F.log_softmax(scores, dim=-1).gather(-1, gold[:, None]).squeeze(-1)
                 text = self.tok_decode([t for t in generated[row] if t != eot])
                 for stop in until:
                     text = text.split(stop)[0]
                 results[i] = {"generation": text, "tokens": answer_ids,
                               "logprobs": logprobs.tolist(), "ranks": ranks.tolist()}
+                if layer_ranks is not None:
+                    results[i]["lens_ranks"] = layer_ranks[row]
             progress.update(len(chunk))
         return results
 

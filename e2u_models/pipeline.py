@@ -1,11 +1,11 @@
 """What ``--model e2u`` does to the loaded model before evaluating it, as named steps:
 
 finetune (``finetune=``) -> hash the model -> known rows (``known_only=true``) -> refusal targets
--> the method -> save (``save_edited``).
+-> the method -> attack (``attack=``) -> save (``save_edited``).
 
 Each step reads the checked :class:`~e2u_models.args.E2UArgs` and records its result in
-:class:`Prepared`; the fine-tuning, self-written targets and the edit are cached, so a rerun (or
-another rank under ``accelerate launch``) loads them instead of recomputing.
+:class:`Prepared`; the fine-tuning, self-written targets, the edit and relearning are cached, so
+a rerun (or another rank under ``accelerate launch``) loads them instead of recomputing.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ class Prepared:
     # the args the steps ran with: the given ones, with the split of the known rows once chosen
     args: E2UArgs | None = None
     known_report: dict[str, Any] | None = None  # known_only=true: rule, cache key and hit
+    attack_report: dict[str, Any] | None = None  # attack=: its settings, what it did, cache
 
     def has_targets(self) -> bool:
         """False only for ``target=self`` with ``method=none`` (nothing to write targets for)."""
@@ -79,7 +80,7 @@ def prepare(model, tokenizer, args: E2UArgs, runtime: Runtime) -> Prepared:
     state = Prepared(targets=args.targets, args=args)
     started = time.perf_counter()
     with runtime.main_process_first():
-        for step in (finetune, hash_model, select_known, resolve_targets, apply_method):
+        for step in (finetune, hash_model, select_known, resolve_targets, apply_method, attack):
             step(model, tokenizer, state.args, runtime, state)
     state.edit_usage = resource_usage(started, runtime.device)
     state.edited_at = time.perf_counter()
@@ -201,6 +202,23 @@ def apply_method(model, tokenizer, args: E2UArgs, runtime: Runtime, state: Prepa
         report.details = {**report.details, "edit_cache": {"hit": False, "key": key}}
     model.eval()
     state.method_report = report
+
+
+def attack(model, tokenizer, args: E2UArgs, runtime: Runtime, state: Prepared) -> None:
+    """``attack=``: a recovery attack on the model the method left (quantisation, relearning),
+    before the evaluation; the edit itself came from the edit cache (with or without an attack)."""
+    if args.attack is None:
+        return
+    from e2u_models.attacks.run import run_attack
+
+    spec = args.attack
+    rows = None
+    if spec.name == "relearn":
+        rows = args.splits.relearn if spec.data == "forget_half" else args.splits.retain
+    requests = edit_requests(tokenizer, args, runtime, state, rows) if rows is not None else None
+    state.attack_report = run_attack(model, tokenizer, spec, requests, seed=args.seed,
+                                     env=method_env(tokenizer, args, runtime),
+                                     cache_dir=args.cache_dir, use_cache=args.use_cache)
 
 
 def save(model, tokenizer, args: E2UArgs, runtime: Runtime, state: Prepared) -> None:

@@ -132,6 +132,8 @@ def e2u_info(args: E2UArgs, prepared: Prepared, prompt_format: PromptFormat,
         "model_source": dict(model_source),
         "method_report": prepared.method_report.as_dict(),
         "finetune": finetune_info(args, prepared.finetune_report),
+        # attack=: name, settings, what it changed (GRACE/WISE state included), cache key and hit
+        "attack": prepared.attack_report,
         "packages": package_versions(),
         "model_sha256": prepared.model_sha256,
         "run_card": {**run_card, **({"targets": reach} if (reach := targets_reached(

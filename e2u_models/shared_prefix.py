@@ -50,7 +50,6 @@ class SharedPrefixRunner:
             return None
         return repeated_cache(self._prefix_cache, batch)
 
-    @torch.no_grad()
     def score_answers(self, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]]):
         """One forward over ``prompt + answer`` for every row.
 
@@ -59,6 +58,14 @@ class SharedPrefixRunner:
         token (``[batch, max answer length, vocab]``; position 0 is also the first greedy
         token), and the cache and mask cropped to the prompts, ready for :meth:`greedy`.
         """
+        return self.score_answers_and_layers(prompts, answers, hidden_states=False)[:3]
+
+    @torch.no_grad()
+    def score_answers_and_layers(self, prompts: Sequence[Sequence[int]],
+                                 answers: Sequence[Sequence[int]], hidden_states: bool = True):
+        """:meth:`score_answers`, and with ``hidden_states`` the same forward's hidden states
+        after every layer (else None); their index ``max(len(p) for p in prompts) - 1`` is every
+        prompt's last token."""
         width = max(len(p) for p in prompts)
         longest = max(len(a) for a in answers)
         rows, total = len(prompts), width + longest - 1
@@ -71,13 +78,15 @@ class SharedPrefixRunner:
             mask[i, self.prefix_length + width - len(prompt): self.prefix_length + width + len(tail)] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -total:]
+        extra = {"output_hidden_states": True} if hidden_states else {}
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                          use_cache=True, logits_to_keep=longest,
-                         **{self._cache_arg: self._cache_for(rows)})
+                         **{self._cache_arg: self._cache_for(rows)}, **extra)
         cache = cache_of(out)
         if longest > 1:  # drop the answer positions
             crop_cache(cache, longest - 1)
-        return out.logits, cache, mask[:, : self.prefix_length + width]
+        return (out.logits, cache, mask[:, : self.prefix_length + width],
+                out.hidden_states if hidden_states else None)
 
     @torch.no_grad()
     def greedy(self, first_logits: torch.Tensor, cache, mask: torch.Tensor, max_new_tokens: int,

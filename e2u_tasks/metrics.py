@@ -8,6 +8,11 @@ after the prompt,
 - ``mrr``: (1/T) sum_t 1/rank_t, rank_t = 1 + number of vocabulary entries with a strictly
   greater logit than a_t (ties count in the token's favour);
 - ``hit_rate``: (1/T) sum_t [rank_t <= m], m = 100 by default.
+
+Logit lens (the answer's first token a_1, read after every decoder layer l = 1..L at the prompt's
+last position through the final norm and the output head; best_rank = min_l rank_l(a_1)):
+- ``lens_mrr``: 1 / best_rank;
+- ``lens_hit@k``: [best_rank <= k], k = 10 by default (``lens_k``).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from e2u_tasks.errors import E2UError
 
 DEFAULT_TOP_M = 100
 METRIC_NAMES = ("rouge1_recall", "prob", "mrr", "hit_rate")
+DEFAULT_LENS_K = 10
 
 
 def rouge1_scorer():
@@ -69,6 +75,20 @@ def item_metrics(answer: str, generation: str, logprobs: Sequence[float], ranks:
         "mrr": mean_reciprocal_rank(ranks),
         "hit_rate": hit_rate(ranks, top_m),
     }
+
+
+def lens_hit_name(k: int) -> str:
+    return f"lens_hit@{k}"
+
+
+def lens_metrics(layer_ranks: Sequence[int], k: int = DEFAULT_LENS_K) -> dict[str, float]:
+    """The logit-lens metrics of one item from the first answer token's rank after each layer."""
+    if not layer_ranks or any(r < 1 for r in layer_ranks):
+        raise E2UError(f"the logit lens needs one rank >= 1 per layer (got {list(layer_ranks)})")
+    if k < 1:
+        raise E2UError(f"lens_k={k} is out of range: it must be >= 1")
+    best = min(layer_ranks)
+    return {"lens_mrr": 1.0 / best, lens_hit_name(k): float(best <= k)}
 
 
 def composite_share(split: str, rouge1: float) -> float | None:

@@ -10,6 +10,11 @@ Retain is every other row; rephrase is the forget rows with the question paraphr
 ``pistol`` retain is also reported in two parts (:data:`RETAIN_PARTS`): ``retain_adjacent``, the
 rows of contracts that share a party with a forgotten contract, and ``retain_far``, the rest.
 
+``attack=relearn`` with ``attack_data=forget_half`` (the default data of that attack): the forget
+rows are split in two halves by a seeded hash ranking; the model relearns one half after its
+method ran and the tasks evaluate the other (held-out) half as the forget and rephrase splits, so
+the model args decide both sides here.
+
 ``known_only=true``: before the method runs, the unedited model answers every row and only the
 rows it answers correctly (:data:`e2u_tasks.known.KNOWN_RULE`) take part: the forget rows are
 drawn among them (``forget_size``/``forget_seed`` rank positions in the known rows; an edge or
@@ -111,6 +116,14 @@ def _named_dataset(args: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _relearns_half(args: Mapping[str, Any]) -> bool:
+    """``attack=relearn`` on half of the forget rows (``attack_data`` unset or ``forget_half``);
+    the attack args themselves are checked by the model (:mod:`e2u_models.attacks`)."""
+    attack = str(args.get("attack") or "").strip().lower()
+    data = str(args.get("attack_data") or "forget_half").strip().lower()
+    return attack == "relearn" and data == "forget_half"
+
+
 def _method_of(args: Mapping[str, Any]) -> str:
     method = args.get("method")
     return "none" if method in (None, "", "None") else str(method).lower()
@@ -127,6 +140,9 @@ class SplitSpec:
     forget_indices: tuple[int, ...] | None = None
     known_only: bool = False
     data_dir: str | None = field(default=None, compare=False)
+    # attack=relearn, attack_data=forget_half: one half of the forget rows is relearned, the
+    # other is what the forget and rephrase tasks evaluate
+    relearn_half: bool = False
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any], default_dataset: str = DEFAULT_DATASET) -> SplitSpec:
@@ -161,7 +177,8 @@ class SplitSpec:
         return cls(dataset=dataset, forget_size=forget_size, forget_seed=forget_seed,
                    forget_edge=edges, forget_indices=index_tuple,
                    known_only=parse_bool("known_only", args.get("known_only", False)),
-                   data_dir=None if data_dir in (None, "") else str(data_dir))
+                   data_dir=None if data_dir in (None, "") else str(data_dir),
+                   relearn_half=_relearns_half(args))
 
     @classmethod
     def for_task(cls, benchmark: str | None, args: Mapping[str, Any]) -> SplitSpec:
@@ -251,7 +268,16 @@ class SplitSpec:
             raise E2UError(f"known_only=true: the model answers only {len(known)} of the {n} rows "
                            f"of {self.dataset} correctly, all of them forget rows, so no retain "
                            "row is left; forget fewer rows or drop known_only")
-        return Splits(spec=self, rows=tuple(rows), forget=forget, content_hash=digest, known=known)
+        relearn = None
+        if self.relearn_half:
+            if len(forget) < 2:
+                raise E2UError(f"attack=relearn with attack_data=forget_half needs at least 2 forget "
+                               f"rows (it relearns one half and evaluates the other), but the forget "
+                               f"set has {len(forget)}; forget more rows or use attack_data=retain")
+            picks = seeded_sample(len(forget), len(forget) // 2, self.forget_seed, salt="e2u-relearn")
+            relearn = tuple(forget[p] for p in picks)
+        return Splits(spec=self, rows=tuple(rows), forget=forget, content_hash=digest, known=known,
+                      relearn=relearn)
 
     def _forget_by_group(self, rows: list[dict], group_field: str, groups: tuple[str, ...]):
         known = sorted({str(r.get(group_field)) for r in rows})
@@ -266,17 +292,19 @@ class SplitSpec:
                 "forget_seed": self.forget_seed,
                 "forget_edge": list(self.forget_edge) if self.forget_edge else None,
                 "forget_indices": list(self.forget_indices) if self.forget_indices else None,
-                **({"known_only": True} if self.known_only else {})}
+                **({"known_only": True} if self.known_only else {}),
+                **({"attack": "relearn", "attack_data": "forget_half"} if self.relearn_half else {})}
 
 
-def seeded_sample(n: int, k: int, seed: int) -> tuple[int, ...]:
-    """``k`` of ``range(n)``, sorted: the ``k`` smallest sha256 ranks for this seed.
+def seeded_sample(n: int, k: int, seed: int, salt: str = "e2u-forget") -> tuple[int, ...]:
+    """``k`` of ``range(n)``, sorted: the ``k`` smallest sha256 ranks for this seed (``salt``
+    keeps different draws, e.g. the relearned half of the forget rows, independent).
 
     A hash ranking rather than ``random.sample`` so the default forget set can never change with
     a Python or library upgrade, and growing ``k`` only adds rows (nested forget sets).
     """
     def rank(i: int) -> bytes:
-        return hashlib.sha256(f"e2u-forget:{seed}:{i}".encode()).digest()
+        return hashlib.sha256(f"{salt}:{seed}:{i}".encode()).digest()
 
     return tuple(sorted(sorted(range(n), key=rank)[:k]))
 
@@ -291,6 +319,17 @@ class Splits:
     content_hash: str
     # known_only=true: the rows the model answers correctly, the only ones forget and retain use
     known: tuple[int, ...] | None = None
+    # attack=relearn on half of the forget rows: the relearned half (the tasks evaluate the rest)
+    relearn: tuple[int, ...] | None = None
+
+    @property
+    def evaluated_forget(self) -> tuple[int, ...]:
+        """The forget rows the forget and rephrase tasks evaluate: all of them, or the half not
+        relearned by ``attack=relearn``."""
+        if self.relearn is None:
+            return self.forget
+        relearned = set(self.relearn)
+        return tuple(i for i in self.forget if i not in relearned)
 
     @property
     def retain(self) -> tuple[int, ...]:
@@ -305,6 +344,8 @@ class Splits:
         parts = [self.content_hash, list(self.forget)]
         if self.known is not None:
             parts.append(list(self.known))
+        if self.relearn is not None:
+            parts.append({"relearn": list(self.relearn)})
         payload = json.dumps(parts)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -329,7 +370,7 @@ class Splits:
         if split in RETAIN_PARTS:
             indices = self.retain_parts()[split]
         else:
-            indices = self.retain if split == "retain" else self.forget
+            indices = self.retain if split == "retain" else self.evaluated_forget
         docs = []
         for i in indices:
             row = self.rows[i]
@@ -355,7 +396,10 @@ class Splits:
         bench = BENCHMARKS.get(self.spec.dataset)
         parts = ({f"{name}_rows": len(rows) for name, rows in self.retain_parts().items()}
                  if bench is not None and bench.entity_separator else {})
-        return {**self.spec.as_dict(), **known, "rows": len(self.rows), "forget_rows": len(self.forget),
-                "retain_rows": len(self.retain), **parts,
+        relearn = {} if self.relearn is None else {
+            "relearn_row_indices": list(self.relearn),
+            "evaluated_forget_row_indices": list(self.evaluated_forget)}
+        return {**self.spec.as_dict(), **known, **relearn, "rows": len(self.rows),
+                "forget_rows": len(self.forget), "retain_rows": len(self.retain), **parts,
                 "forget_row_indices": list(self.forget), "data_sha256": self.content_hash,
                 "split_fingerprint": self.fingerprint}

@@ -23,9 +23,12 @@ STAMP = "2026-11-28T10-00-00.000000"
 def write_result(folder: Path, method: str = "none", options: dict | None = None, seed: int = 0,
                  forget: list[float] | None = None, retain: list[float] | None = None,
                  rephrase: list[float] | None = None, samples: bool = True, forget_size: int | None = None,
-                 limit=None, stamp: str = STAMP, refusal: bool = False) -> Path:
+                 limit=None, stamp: str = STAMP, refusal: bool = False, lens: bool = False,
+                 evaluated: list[int] | None = None) -> Path:
     """One run's results_*.json (+ samples_*.jsonl) with per-document ROUGE-1 values given;
-    prob/mrr/hit are derived from them so every metric differs between documents."""
+    prob/mrr/hit (and with ``lens`` the logit-lens metrics) are derived from them so every metric
+    differs between documents. ``evaluated``: positions of the forget rows the forget and
+    rephrase tasks evaluated (attack=relearn on the other half)."""
     forget = forget if forget is not None else [1.0, 0.5, 0.0, 1.0]
     retain = retain if retain is not None else [1.0, 1.0, 0.5, 0.0, 0.5]
     rephrase = rephrase if rephrase is not None else [x * 0.5 for x in forget]
@@ -33,12 +36,15 @@ def write_result(folder: Path, method: str = "none", options: dict | None = None
     retain_rows = [i for i in range(2 * len(forget) + len(retain)) if i not in forget_rows][:len(retain)]
     docs = {"forget": list(zip(forget_rows, forget)), "retain": list(zip(retain_rows, retain)),
             "rephrase": list(zip(forget_rows, rephrase))}
+    if evaluated is not None:
+        for split in ("forget", "rephrase"):
+            docs[split] = [docs[split][p] for p in evaluated]
     out = folder / "smollm2-135m-instruct"
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for split, rows in docs.items():
         task = f"tofu_{split}"
-        per_doc = [_doc_metrics(split, r1, refusal) for _, r1 in rows]
+        per_doc = [_doc_metrics(split, r1, refusal, lens) for _, r1 in rows]
         row = {"name": task, "alias": task, "sample_len": len(rows)}
         for metric in per_doc[0]:
             values = [d[metric] for d in per_doc]
@@ -68,7 +74,9 @@ def write_result(folder: Path, method: str = "none", options: dict | None = None
                            "hparams_sha256": "ab" * 32,
                            "split": {"dataset": "tofu_factual", "forget_rows": forget_size or len(forget),
                                      "forget_seed": 0, "data_sha256": "cd" * 32,
-                                     "forget_row_indices": forget_rows},
+                                     "forget_row_indices": forget_rows,
+                                     **({"evaluated_forget_row_indices": [r for r, _ in docs["forget"]]}
+                                        if evaluated is not None else {})},
                            "model_source": {"pretrained": "smollm2-135m-instruct", "gguf_sha256": "ef" * 32},
                            "method_report": {"seconds": 12.5, "details": {"verification": {"unreached": [0]}}},
                            "packages": {"e2u": "0.1.0", "torch": "2.13.0+cpu"},
@@ -84,8 +92,10 @@ def write_result(folder: Path, method: str = "none", options: dict | None = None
     return path
 
 
-def _doc_metrics(split: str, r1: float, refusal: bool = False) -> dict[str, float]:
+def _doc_metrics(split: str, r1: float, refusal: bool = False, lens: bool = False) -> dict[str, float]:
     metrics = {"rouge1_recall": r1, "prob": 0.1 * r1 + 0.01, "mrr": 0.5 * r1 + 0.1, "hit_rate": 0.2 + 0.8 * r1}
+    if lens:  # the answer readable at some layer whenever the model gives part of it
+        metrics.update({"lens_mrr": 0.25 + 0.75 * r1, "lens_hit@10": float(r1 > 0.0)})
     if refusal:  # as e2u_tasks.refusal scores them: a refusal has no answer word in it
         metrics.update({"refusal_rate": float(r1 == 0.0), "entity_mention": float(r1 < 1.0),
                         "answer_leak": float(r1 == 1.0)})
@@ -173,6 +183,61 @@ def test_without_refusal_metrics_there_is_no_refusal_table(results_dir, tmp_path
     out = tmp_path / "report"
     assert run_cli(capsys, "report", str(results_dir), "--out", str(out), "--no-figures")[0] == 0
     assert not (out / "refusal.csv").exists() and "Refusal quality" not in (out / "report.md").read_text()
+
+
+def recovery_results(root: Path, samples: bool = True) -> Path:
+    """ga without attack, after 4-bit quantisation and after relearning half its forget rows."""
+    write_result(root / "none", lens=True, samples=samples)
+    write_result(root / "ga", "ga", forget=[0.0, 0.5, 0.0, 0.0], lens=True, samples=samples)
+    write_result(root / "ga_q4", "ga", {"attack": "quantize", "attack_bits": "4"},
+                 forget=[1.0, 0.5, 0.0, 0.0], lens=True, samples=samples)
+    write_result(root / "ga_relearn", "ga", {"attack": "relearn", "attack_data": "forget_half"},
+                 forget=[0.0, 1.0, 0.0, 0.5], evaluated=[1, 3], lens=True, samples=samples)
+    return root
+
+
+def test_report_has_a_recovery_table_against_the_same_forget_rows(tmp_path, capsys):
+    root = recovery_results(tmp_path / "results")
+    out = tmp_path / "report"
+    assert run_cli(capsys, "report", str(root), "--out", str(out), "--no-figures")[0] == 0
+    md = (out / "report.md").read_text()
+    table = md.split("### Recovery")[1].split("###")[0]
+    head, _, ga = [line for line in table.splitlines() if line.startswith("|")]
+    assert head == ("| method | forget R1, no attack | forget lens_hit@10, no attack | forget R1 after "
+                    "attack=quantize, attack_bits=4 (change) | forget R1 after attack=relearn, "
+                    "attack_data=forget_half (change) |")
+    cells = [c.strip() for c in ga.strip("|").split("|")]
+    assert cells[0] == "ga" and cells[1].startswith("0.125 [") and cells[2].startswith("0.250 [")
+    # quantised: all four rows, against 0.125; relearned: rows 2 and 6 only, against ga's 0.25 there
+    assert cells[3].startswith("0.375 [") and cells[3].endswith("(+0.250)")
+    assert cells[4].startswith("0.750 [") and cells[4].endswith("(+0.500)")
+    rows = list(csv.DictReader(open(out / "recovery.csv")))
+    relearn = next(r for r in rows if r["attack"].startswith("attack=relearn"))
+    assert relearn["forget_rouge1_no_attack_same_rows"] == "0.250000"
+    assert relearn["lens_metric"] == "lens_hit@10" and relearn["forget_lens_no_attack"] == "0.250000"
+
+
+def test_without_samples_the_relearn_change_is_not_guessed(tmp_path, capsys):
+    root = recovery_results(tmp_path / "results", samples=False)
+    run_cli(capsys, "report", str(root), "--out", str(tmp_path / "r"), "--no-figures")
+    ga = [line for line in (tmp_path / "r" / "report.md").read_text().split("### Recovery")[1]
+          .splitlines() if line.startswith("| ga ")][0]
+    quantised, relearned = ga.strip(" |").split(" | ")[3:5]
+    assert quantised.endswith("(+0.250)") and not relearned.endswith(")")
+
+
+def test_without_attacks_there_is_no_recovery_table(results_dir, tmp_path, capsys):
+    run_cli(capsys, "report", str(results_dir), "--out", str(tmp_path / "r"), "--no-figures")
+    assert "Recovery" not in (tmp_path / "r" / "report.md").read_text()
+    assert not (tmp_path / "r" / "recovery.csv").exists()
+
+
+@pytest.mark.skipif(not figures.available(), reason="pip install e2u[report]")
+def test_recovery_figure(tmp_path, capsys):
+    root = recovery_results(tmp_path / "results")
+    run_cli(capsys, "report", str(root), "--out", str(tmp_path / "r"))
+    (figure,) = (tmp_path / "r").glob("recovery_*.png")
+    assert f"![{figure.name}]({figure.name})" in (tmp_path / "r" / "report.md").read_text()
 
 
 def test_report_is_reproducible_and_seeded(results_dir, tmp_path, capsys):

@@ -1,7 +1,8 @@
 """Behaviour check: does a change leave every method's outcome bit-identical?
 
 Every method (and the variants with their own code paths: query merging with member keys,
-preserved questions, classic v*, entity keys, LoRA, self-written targets, finetune-then-unlearn)
+preserved questions, classic v*, entity keys, LoRA, self-written targets, finetune-then-unlearn,
+the recovery attacks)
 runs on a tiny random llama built in code, in one process on one torch thread. The script writes,
 per run, every metric, a hash of every parameter and adapter tensor after the method, and the
 method's report (timings left out). Run it on two checkouts and compare:
@@ -50,6 +51,9 @@ RUNS = {
     "alphaedit_self": {"method": "alphaedit", "layers": "[0,1]", "target": "self", **EDIT},
     "gd_finetune": {"method": "gd", "finetune": "pistol", "finetune_epochs": "1", "dataset": "pistol",
                     "forget_edge": "A_B", **TRAIN},
+    "wise_quantize4": {"method": "wise", "n_iter": 5, "attack": "quantize", "attack_bits": "4",
+                       "attack_group_size": "32"},
+    "ga_relearn": {"method": "ga", **TRAIN, "attack": "relearn", "attack_steps": "2"},
 }
 VOLATILE = ("edit_cache", "cache", "key", "timings")  # and every "...seconds..." field
 
