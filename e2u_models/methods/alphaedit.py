@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from e2u_models.methods import memit
+from e2u_models.architectures import with_architecture
 from e2u_models.protocol import EditRequest, MethodEnv, MethodReport
 from e2u_models.editing.keys import key_columns, read_at_keys
 from e2u_models.editing.locate import LocateHParams
@@ -78,6 +79,8 @@ class AlphaEditor:
 
 def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperParams, *,
           seed: int = 0, env: MethodEnv) -> MethodReport:
+    hparams = with_architecture(hparams, model)
+
     def make_solver(moments, details):
         editor = AlphaEditor(model, tokenizer, hparams, sorted(moments), moments, env.log)
         details["null_space_dimensions"] = {str(k): v for k, v in editor.kept.items()}
