@@ -18,7 +18,7 @@ from e2u_models.methods import memit
 from e2u_models.architectures import with_architecture
 from e2u_models.protocol import EditRequest, MethodEnv, MethodReport
 from e2u_models.editing.keys import key_columns, read_at_keys
-from e2u_models.editing.locate import LocateHParams
+from e2u_models.editing.locate import LocateHParams, rewrite_weight
 from e2u_models.editing.nullspace import check_null_space_hparams, null_space_projector
 from e2u_tasks.errors import E2UError
 
@@ -46,7 +46,9 @@ class AlphaEditor:
         self.model, self.tokenizer, self.hparams, self.layers = model, tokenizer, hparams, layers
         self.projectors, self.kept = {}, {}
         for layer in layers:
-            projector, kept = null_space_projector(moments[layer], hparams.nullspace_threshold,
+            # The eigendecomposition runs on the edited module's device (each shard's own GPU).
+            device = rewrite_weight(model, hparams, layer).device
+            projector, kept = null_space_projector(moments[layer].to(device), hparams.nullspace_threshold,
                                                    hparams.nullspace_rule)
             if kept == 0:
                 values = torch.linalg.eigvalsh(moments[layer].double())

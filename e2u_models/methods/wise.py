@@ -367,8 +367,8 @@ def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperPar
     projector, null_space = None, None
     if hparams.nullspace_threshold is not None:
         moments, statistics = statistics_for(model, tokenizer, stats_spec(hparams), [layer], env)
-        projector, kept = null_space_projector(moments[layer], hparams.nullspace_threshold,
-                                               hparams.nullspace_rule)
+        projector, kept = null_space_projector(moments[layer].to(module.weight.device),
+                                               hparams.nullspace_threshold, hparams.nullspace_rule)
         if kept == 0:
             raise E2UError(f"WISE's null space at layer {layer} is empty at nullspace_threshold="
                            f"{hparams.nullspace_threshold} ({hparams.nullspace_rule}); raise it")
