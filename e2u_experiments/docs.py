@@ -169,7 +169,9 @@ def _fields_table(cls: type) -> str:
     from e2u_models.hparams import field_rules
 
     rules = field_rules(cls)
-    rows = [[f"`{f.name}`", _cell(str(f.type)), _code(_default(f)), _rule(rules.get(f.name, {}))]
+    rows = [[f"`{f.name}`", _cell(str(f.type)),
+             "the [architecture family](architectures.md)'s" if "architecture" in f.metadata else _code(_default(f)),
+             _rule(rules.get(f.name, {}))]
             for f in dataclasses.fields(cls)]
     return _table(["hparam", "type", "default", "rule"], rows) if rows else "No hyperparameters."
 

@@ -126,11 +126,13 @@ def parse_model_args(pretrained: Any = DEFAULT_MODEL, **model_args: Any) -> E2UA
     # A model instance (Python API) keeps its given hparams; only its fine-tuning recipe follows
     # its config (as when the recipe was chosen after loading).
     method_config = config if isinstance(pretrained, str) else None
-    hparams = resolve_hparams(method.HyperParams, method_name, own["hparams"], args.overrides, method_config)
+    hparams = resolve_hparams(method.HyperParams, method_name, own["hparams"], args.overrides, method_config,
+                              family_config=config)
     check_model = getattr(hparams.values, "check_model", None)
     if callable(check_model) and method_config is not None:
         check_model(method_config)
-    recipe = (resolve_hparams(FinetuneHParams, FINETUNE_HPARAMS, own["finetune_hparams"], args.recipe, config)
+    recipe = (resolve_hparams(FinetuneHParams, FINETUNE_HPARAMS, own["finetune_hparams"], args.recipe, config,
+                              family_config=config)
               if finetune else None)
     # Last: an embedded model's first use converts its weights (tens of seconds).
     pretrained, model_source = _resolve_pretrained(pretrained, own["cache_dir"])

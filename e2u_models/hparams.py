@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from e2u_models.architectures import fill_from_family
 from e2u_tasks.errors import E2UError
 from e2u_tasks.splits import parse_int
 
@@ -230,11 +231,13 @@ class Resolved:
 
 
 def resolve_hparams(cls: type, method: str, hparams: str | None = None,
-                    overrides: dict[str, Any] | None = None, config=None) -> Resolved:
+                    overrides: dict[str, Any] | None = None, config=None, family_config=None) -> Resolved:
     """The one function that resolves hyperparameters: ``hparams=`` (a file or a preset name), else
     the preset matching ``config`` (methods with a preset folder only), else the method's file;
-    then ``key=value`` overrides. Unknown keys, wrong types and values outside a field's rules are
-    one-line errors; then the class's ``validate()`` checks the rules across fields."""
+    then ``key=value`` overrides; module paths left unset come from ``family_config``'s
+    architecture family (:mod:`e2u_models.architectures`). Unknown keys, wrong types and values
+    outside a field's rules are one-line errors; then the class's ``validate()`` checks the rules
+    across fields."""
     path = resolve_hparams_path(method, hparams, config if has_presets(method) else None)
     hints = typing.get_type_hints(cls)
     known = [f.name for f in dataclasses.fields(cls)]
@@ -249,6 +252,7 @@ def resolve_hparams(cls: type, method: str, hparams: str | None = None,
                 raise E2UError(f"unknown hparam {key!r} for method {method} (from {origin}); "
                                f"accepted: {', '.join(known) or 'none'}")
             values[key], sources[key] = _coerce(key, value, hints[key]), name
+    fill_from_family(cls, values, sources, family_config)
     resolved = cls(**values)
     for name, rule in field_rules(cls).items():
         check_field(name, getattr(resolved, name), rule)
@@ -259,6 +263,8 @@ def resolve_hparams(cls: type, method: str, hparams: str | None = None,
 
 
 def load_hparams(cls: type, method: str, path: str | None = None,
-                 overrides: dict[str, Any] | None = None) -> Any:
-    """Just the values of :func:`resolve_hparams` for ``path`` (a file; None = the method's own)."""
-    return resolve_hparams(cls, method, path, overrides).values
+                 overrides: dict[str, Any] | None = None, config=None) -> Any:
+    """Just the values of :func:`resolve_hparams` for ``path`` (a file; None = the method's own);
+    module paths from ``config``'s architecture family (None: unset until a method fills them
+    from the model it edits)."""
+    return resolve_hparams(cls, method, path, overrides, family_config=config).values

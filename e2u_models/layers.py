@@ -3,8 +3,9 @@
 Used by the v* engine (the layers above the injection point, after each row's cached prefix), by
 training above a frozen lower stack (the upper layers, after the batch's shared prefix) and by
 the shared-prefix evaluation (the cache of the prompts' common prefix). Everything here depends
-on transformers internals (a llama-style ``base_model`` with ``layers``, ``norm`` and
-``rotary_emb``; cache objects and the name of the cache argument); nothing outside this module does.
+on transformers internals (the family's layer list and final norm from
+:mod:`e2u_models.architectures`, ``rotary_emb`` of rotary families, final-logit soft-capping;
+cache objects and the name of the cache argument); nothing outside this module does.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import inspect
 
 import torch
 
+from e2u_models.architectures import FAMILIES, family_of
 from e2u_tasks.errors import E2UError
 
 KV = dict[int, tuple[torch.Tensor, torch.Tensor]]
@@ -21,8 +23,10 @@ KV = dict[int, tuple[torch.Tensor, torch.Tensor]]
 
 def cache_keyword(module) -> str:
     """The name of ``module.forward``'s key/value cache argument: ``cache`` in transformers >=
-    5.2x, ``past_key_values`` in older releases (deprecated since)."""
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+    5.2x, ``past_key_values`` in older releases (deprecated since), ``layer_past`` for a
+    GPT-NeoX layer."""
+    parameters = inspect.signature(module.forward).parameters
+    return next((name for name in ("cache", "layer_past") if name in parameters), "past_key_values")
 
 
 def cache_of(output):
@@ -85,8 +89,10 @@ def activation_named(name: str):
 
 
 def hidden_activation(model) -> str:
-    """The name of the model's MLP activation."""
-    return getattr(model.config, "hidden_act", None) or getattr(model.config, "hidden_activation", "silu")
+    """The name of the model's MLP activation (``activation_function`` in GPT-2/GPT-J configs)."""
+    config = model.config
+    return (getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None)
+            or getattr(config, "activation_function", None) or "silu")
 
 
 def additive_mask(allowed: torch.Tensor, dtype) -> torch.Tensor:
@@ -96,33 +102,53 @@ def additive_mask(allowed: torch.Tensor, dtype) -> torch.Tensor:
 
 
 class LayerRunner:
-    """Decoder layers ``first``.. of a llama-style model, run on given hidden states with a given
-    additive mask and positions, optionally after a cache stand-in's prefix keys/values; the
-    final norm and the vocabulary head applied where asked. ``what``/``instead``: the error of a
-    model that is not llama-style."""
+    """Decoder layers ``first``.. of a model of a known family, run on given hidden states with a
+    given additive mask and positions, optionally after a cache stand-in's prefix keys/values;
+    the final norm and the vocabulary head applied where asked. ``what``/``instead``: the error
+    of a model whose family has no direct runner (callers check
+    :func:`~e2u_models.architectures.direct_layers_fallback` first)."""
 
     def __init__(self, model, first: int, what: str, instead: str) -> None:
+        family = family_of(model.config)
+        modules = dict(model.named_modules())
+        if family is None or not family.fast_layers or family.layer_container not in modules:
+            raise E2UError(f"{what} needs a decoder of a known architecture family "
+                           f"({', '.join(sorted(FAMILIES))}); {instead}")
         base = model.base_model
-        if not all(hasattr(base, name) for name in ("layers", "norm", "rotary_emb")):
-            raise E2UError(f"{what} needs a llama-style decoder (layers, norm, rotary_emb); {instead}")
         self.model, self.base, self.first = model, base, first
-        self.count = len(base.layers)
-        self.layers = list(base.layers)[first:]
+        container = modules[family.layer_container]
+        self.count = len(container)
+        self.layers = list(container)[first:]
+        self.norm = modules[family.final_norm]
+        self.rotary = base.rotary_emb if family.positions == "rotary" else None
         self.head = model.get_output_embeddings()
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        window = getattr(model.config, "sliding_window", None)
+        self.window = int(window) if isinstance(window, int) and window > 0 else None
+        self.what, self.instead = what, instead
 
     def run(self, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:
         """Hidden states after the last layer (before the final norm)."""
-        embeddings = self.base.rotary_emb(hidden, positions)
+        if self.window is not None and mask.shape[-1] > self.window:
+            raise E2UError(f"{self.what}: {mask.shape[-1]} positions exceed the model's sliding "
+                           f"window ({self.window}), which the direct layer runner does not apply; "
+                           f"{self.instead}")
         extra = {} if cache is None or not self.layers else \
             {cache_keyword(self.layers[0]): cache, "use_cache": True}
+        if self.rotary is not None:
+            extra["position_embeddings"] = self.rotary(hidden, positions)
         for layer in self.layers:
-            out = layer(hidden, attention_mask=mask, position_ids=positions,
-                        position_embeddings=embeddings, **extra)
+            out = layer(hidden, attention_mask=mask, position_ids=positions, **extra)
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(self.base.norm(hidden))
+        return soft_capped(self.head(self.norm(hidden)), self.softcap)
+
+
+def soft_capped(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Gemma-2's final-logit soft-capping (cap · tanh(logits / cap)); unchanged without a cap."""
+    return logits if not cap else torch.tanh(logits / cap) * cap
 
 
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm")  # llama-style, GPT-2, GPT-NeoX / OPT
@@ -130,7 +156,12 @@ FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm")  # llama-style, GPT-2, G
 
 def final_norm(model) -> torch.nn.Module:
     """The norm applied after the last decoder layer (what the logit lens applies to every
-    layer's hidden state before the output head)."""
+    layer's hidden state before the output head): the family table's, else found by its usual
+    names on the base model (a family not in the table)."""
+    family = family_of(model.config)
+    modules = dict(model.named_modules())
+    if family is not None and family.final_norm in modules:
+        return modules[family.final_norm]
     base = model.base_model
     for name in FINAL_NORM_NAMES:
         module = getattr(base, name, None) or getattr(getattr(base, "decoder", None), name, None)

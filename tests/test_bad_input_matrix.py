@@ -138,6 +138,13 @@ CASES = [
     Case("module that is not in the model",
          {"method": "memit", "rewrite_module_tmp": "model.layers.{{}}.mlp.nope"},
          r"module 'model.layers.0.mlp.nope' does not exist", loads_model=True),
+    Case("module path without a layer placeholder",
+         {"method": "memit", "rewrite_module_tmp": "model.layers.0.mlp.down_proj"},
+         r"rewrite_module_tmp='model.layers.0.mlp.down_proj' needs exactly one layer placeholder: N, %d"),
+    Case("architecture family unknown", {"pretrained": "{tmp}", "method": "rome"},
+         r"model_type 'opt' is not a known architecture family .*set hparam\(s\) rewrite_module_tmp, "
+         r"layer_module_tmp",
+         files={"config.json": b'{"model_type": "opt", "num_hidden_layers": 2, "hidden_size": 64}'}),
     # GRACE, WISE and saving edited models
     Case("GRACE radius zero", {"method": "grace", "eps": "0"}, r"hparam eps=0.0 is not accepted"),
     Case("GRACE layer out of range", {"method": "grace", "layer": "9"},

@@ -2,6 +2,7 @@
 classic reference, query merging, key positions, failure handling."""
 
 import dataclasses
+import types
 
 import pytest
 import torch
@@ -29,6 +30,7 @@ STRONG = {"v_num_grad_steps": 12, "v_lr": 2.0, "clamp_norm_factor": 10.0, "kl_fa
           "mom2_n_tokens": 3000, "mom2_max_length": 64, "stats_corpus": "python-docs",
           "context_template_length_params": "[]"}
 LAYERS = {"rome": [1]}
+LLAMA = types.SimpleNamespace(model_type="llama")  # module paths of the tiny llama's family
 
 
 def make_requests(env, n=4, target="I do not know that."):
@@ -39,7 +41,8 @@ def make_requests(env, n=4, target="I do not know that."):
 def hparams(method, **overrides):
     module = get_method(method)
     layers = LAYERS.get(method, [0, 1])
-    return load_hparams(module.HyperParams, method, None, {"layers": layers, **STRONG, **overrides})
+    return load_hparams(module.HyperParams, method, None, {"layers": layers, **STRONG, **overrides},
+                        config=LLAMA)
 
 
 def fresh_model(tokenizer, seed=0):

@@ -61,7 +61,7 @@ def test_preserved_moment_is_added_to_the_corpus_moment(tiny, tokenizer, env, tm
     env = dataclasses.replace(env, cache_dir=str(tmp_path / "cache"), dataset_rows=(("Who is X?", "Y"),))
     plain = load_hparams(alphaedit.HyperParams, "alphaedit", None,
                          {"layers": [0, 1], "fact_token": "subject_last", "stats_corpus": "python-docs",
-                          "mom2_n_tokens": 200})
+                          "mom2_n_tokens": 200}, config=tiny.config)
     preserving = dataclasses.replace(plain, preserve_questions=str(questions), preserve_weight=3.0)
     base, _ = statistics_for(tiny, tokenizer, StatsSpec.of(plain), [0, 1], env)
     moments, provenance = statistics_for(tiny, tokenizer, StatsSpec.of(preserving), [0, 1], env)
@@ -91,7 +91,7 @@ def test_preserving_makes_the_edit_leave_the_preserved_keys_alone(tiny, tokenize
                                    ("long", "wide", "old", "cold", "slow", "deep")) + "\n")
     hp = load_hparams(alphaedit.HyperParams, "alphaedit", None,
                       {"layers": [1], "stats_corpus": "python-docs", "mom2_n_tokens": 200,
-                       "nullspace_threshold": 1.0, "L2": 0.1})
+                       "nullspace_threshold": 1.0, "L2": 0.1}, config=tiny.config)
     module = "model.layers.1.mlp.down_proj"
     preserved = read_at_keys(tiny, tokenizer, question_key_rows(
         tokenizer, load_questions(str(questions)), hp.fact_token, env), {module: "input"})[module].double()

@@ -192,7 +192,7 @@ def test_null_space_option_keeps_the_side_memory_off_the_corpus_directions(token
                 for i, q in enumerate(EDITED)]
     hp = load_hparams(wise.HyperParams, "wise", None, {
         **TINY, "nullspace_threshold": 0.05, "nullspace_rule": "relative", "stats_corpus": "python-docs",
-        "mom2_n_tokens": 400})
+        "mom2_n_tokens": 400}, config=model.config)
     report = wise.apply(model, tokenizer, requests, None, hp, seed=0, env=env)
     null_space = report.details["null_space"]
     assert 0 < null_space["dimensions"] < null_space["of"] == model.config.intermediate_size
@@ -222,7 +222,7 @@ def test_preserved_questions_shrink_the_side_memorys_null_space(tokenizer, env, 
     dims = {}
     for weight in (None, 100.0):
         extra = {} if weight is None else {"preserve_questions": "factual", "preserve_weight": weight}
-        spec = wise.stats_spec(load_hparams(wise.HyperParams, "wise", None, {**common, **extra}))
+        spec = wise.stats_spec(load_hparams(wise.HyperParams, "wise", None, {**common, **extra}, config=model.config))
         assert spec.fact_token == "prompt_last" and spec.preserve_questions == extra.get("preserve_questions")
         moments, provenance = statistics_for(model, tokenizer, spec, [1], env)
         dims[weight] = null_space_projector(moments[1], 0.05, "relative")[1]

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from e2u_models.architectures import LAYERS, MLP_OUT, out_in_weight
 from e2u_tasks.errors import E2UError
 
 FACT_TOKENS = ("question_last", "subject_last", "prompt_last")
@@ -30,8 +31,10 @@ class LocateHParams:
 
     layers: list[int] | None = None
     layer_fractions: list[float] = field(default_factory=lambda: [0.15])
-    rewrite_module_tmp: str = "model.layers.{}.mlp.down_proj"
-    layer_module_tmp: str = "model.layers.{}"
+    # Module paths ({} / %d / N = the layer); unset = the architecture family's
+    # (e2u_models.architectures): the MLP output projection and the decoder layer.
+    rewrite_module_tmp: str | None = field(default=None, metadata=MLP_OUT)
+    layer_module_tmp: str | None = field(default=None, metadata=LAYERS)
     fact_token: str = field(default="question_last", metadata={"choices": FACT_TOKENS})
     # [[new tokens, count], ...] of prefixes sampled from the model (EasyEdit's contexts); [] =
     # the bare prompt only.
@@ -116,16 +119,18 @@ def module_named(model, template: str, layer: int, hparam: str) -> torch.nn.Modu
     module = dict(model.named_modules()).get(name)
     if module is None:
         raise E2UError(f"module {name!r} does not exist in this {model.config.model_type} model; "
-                       f"set hparam {hparam} to this architecture's module path with {{}} for the layer")
+                       f"set hparam {hparam} to this architecture's module path with N for the layer")
     return module
 
 
-def rewrite_weight(model, hparams: LocateHParams, layer: int) -> torch.nn.Parameter:
+def rewrite_weight(model, hparams: LocateHParams, layer: int) -> torch.Tensor:
+    """The rewritten module's weight as [out, in] (a view of a GPT-2 ``Conv1D``'s [in, out]
+    parameter): W k is ``weight @ k`` and an update ΔW (out, in) is added to it in place."""
     module = module_named(model, hparams.rewrite_module_tmp, layer, "rewrite_module_tmp")
     if not isinstance(getattr(module, "weight", None), torch.nn.Parameter) or module.weight.dim() != 2:
         raise E2UError(f"hparam rewrite_module_tmp={hparams.rewrite_module_tmp!r} does not name a "
                        "linear layer (need a 2-D weight)")
-    return module.weight
+    return out_in_weight(module)
 
 
 class OneLayerChoice:

@@ -290,7 +290,8 @@ def _outer_product_sums(model, tokenizer, corpus: TextCorpus, request: StatsRequ
     def probe_for(name):
         def probe(inputs):
             keys_ = inputs.detach()
-            rows = keys_[current_mask["mask"]].to(torch.float64)
+            # On the module's own device (a model sharded over several GPUs).
+            rows = keys_[current_mask["mask"].to(keys_.device)].to(torch.float64)
             total = rows.T @ rows
             sums[name] = total if sums[name] is None else sums[name] + total
             if name == deepest:

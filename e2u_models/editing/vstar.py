@@ -23,6 +23,7 @@ reference: one request at a time, full forward passes with full-vocabulary logit
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from e2u_models.architectures import direct_layers_fallback, injection_module
 from e2u_models.editing.keys import read_at_keys
 from e2u_models.editing.locate import module_named
 from e2u_models.editing.requests import EditRow, PreparedRequest
@@ -46,7 +48,7 @@ class VStarSettings:
     """The optimisation of δ (module docstring): the decoder layer template, Adam's steps and
     rate, the decay and KL weights, the norm clamp (None: no clamp) and the engine."""
 
-    layer_module_tmp: str = "model.layers.{}"
+    layer_module_tmp: str
     num_grad_steps: int = 25
     lr: float = 0.5
     weight_decay: float = 1e-3
@@ -70,6 +72,7 @@ class VStarResult:
     losses: list[float] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    mode: str = "fast"     # the engine that ran: fast, fast (hooked whole model) or classic
 
     @property
     def targets(self) -> torch.Tensor:
@@ -82,13 +85,30 @@ def _rows(prepared: Sequence[PreparedRequest], with_kl: bool) -> tuple[list[Edit
     return nll, kl
 
 
+def edit_layout(rows: Sequence[EditRow], pad_id: int, device):
+    """Rows laid out with their prefix (tokens before the key) right-aligned to column P and the
+    rest left-aligned from P, so every row's key token sits in column P: (ids, mask, positions, P,
+    suffix width)."""
+    prefix = max(r.key for r in rows)
+    suffix = max(len(r.ids) - r.key for r in rows)
+    n = len(rows)
+    ids = torch.full((n, prefix + suffix), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, prefix + suffix), dtype=torch.long)
+    positions = torch.zeros((n, prefix + suffix), dtype=torch.long)
+    for i, row in enumerate(rows):
+        start, end = prefix - row.key, prefix + len(row.ids) - row.key
+        ids[i, start:end] = torch.tensor(row.ids)
+        mask[i, start:end] = 1
+        positions[i, start:end] = torch.arange(len(row.ids))
+    return ids.to(device), mask.to(device), positions.to(device), prefix, suffix
+
+
 class UpperStack:
     """The network above the injection layer, run on the tokens from each row's key on.
 
-    Rows are laid out with their prefix (tokens before the key) right-aligned to column P and the
-    rest left-aligned from P, so every row's key token sits in column P. One no-grad pass over the
-    layout caches the upper layers' prefix keys/values and the residual at the key on
-    (``capture_input``: also that module's input over the whole layout, e.g. for WISE).
+    Rows are laid out by :func:`edit_layout` (every row's key token in column P). One no-grad
+    pass over the layout caches the upper layers' prefix keys/values and the residual at the key
+    on (``capture_input``: also that module's input over the whole layout, e.g. for WISE).
     """
 
     def __init__(self, model, tokenizer, rows: Sequence[EditRow], layer_module_tmp: str, layer: int,
@@ -97,18 +117,8 @@ class UpperStack:
         self.layer = layer
         device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
-        prefix = max(r.key for r in rows)
-        suffix = max(len(r.ids) - r.key for r in rows)
+        ids, mask, positions, prefix, suffix = edit_layout(rows, pad_id_of(tokenizer), device)
         n = len(rows)
-        ids = torch.full((n, prefix + suffix), pad_id_of(tokenizer), dtype=torch.long)
-        mask = torch.zeros((n, prefix + suffix), dtype=torch.long)
-        positions = torch.zeros((n, prefix + suffix), dtype=torch.long)
-        for i, row in enumerate(rows):
-            start, end = prefix - row.key, prefix + len(row.ids) - row.key
-            ids[i, start:end] = torch.tensor(row.ids)
-            mask[i, start:end] = 1
-            positions[i, start:end] = torch.arange(len(row.ids))
-        ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
         self.P = prefix
         self.positions = positions[:, prefix:]
         # Additive mask of the upper layers' queries (suffix) over prefix + suffix keys.
@@ -153,6 +163,67 @@ class UpperStack:
         return F.log_softmax(self.runner.logits(hidden).float(), dim=-1)
 
 
+
+class HookedStack:
+    """:class:`UpperStack`'s interface for any model: the whole model runs on the layout (all
+    selected rows at once), a hook adding the deltas to ``inject_at``'s output from the key on; the
+    logits of the positions from the key on are returned (and read by :meth:`logprobs`). For
+    families whose layers cannot be run directly, or whose MLP output is normalised before the
+    residual (a value change must be injected at the MLP output, below the layer output)."""
+
+    def __init__(self, model, tokenizer, rows: Sequence[EditRow], inject_at: str, layer: int,
+                 capture_input: str | None = None):
+        self.model, self.layer = model, layer
+        device = next(model.parameters()).device
+        self.ids, self.layout_mask, self.layout_positions, self.P, self.suffix = edit_layout(
+            rows, pad_id_of(tokenizer), device)
+        self.inject_at = module_named(model, inject_at, layer, "layer_module_tmp")
+        self.captured_input = None
+        if capture_input is not None:
+            captured = {}
+            module = module_named(model, capture_input, layer, "inner_module_tmp")
+            with trace(model, inputs={module: lambda x: captured.__setitem__("x", x.detach())}), torch.no_grad():
+                model(input_ids=self.ids, attention_mask=self.layout_mask, position_ids=self.layout_positions)
+            self.captured_input = captured["x"]
+        self._rows: torch.Tensor | None = None
+
+    def select(self, rows: torch.Tensor) -> None:
+        self._rows = rows
+
+    def run(self, row_deltas: torch.Tensor) -> torch.Tensor:
+        """Logits of the selected rows from the key on, δ added to ``inject_at``'s output at the
+        key (``row_deltas`` (rows, d)) or at every position from the key on ((rows, suffix, d))."""
+        rows, P = self._rows, self.P
+
+        def add(hidden):
+            bump = row_deltas[:, None] if row_deltas.dim() == 2 else row_deltas
+            width = bump.shape[1]
+            return torch.cat([hidden[:, :P], hidden[:, P:P + width] + bump.to(hidden.dtype),
+                              hidden[:, P + width:]], dim=1)
+
+        keep = {"logits_to_keep": self.suffix} \
+            if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
+        with trace(self.model, outputs={self.inject_at: add}):
+            out = self.model(input_ids=self.ids[rows], attention_mask=self.layout_mask[rows],
+                             position_ids=self.layout_positions[rows], **keep)
+        return out.logits[:, -self.suffix:]
+
+    def logprobs(self, logits: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(logits.float(), dim=-1)
+
+
+def edit_stack(model, tokenizer, rows: Sequence[EditRow], layer_module_tmp: str, layer: int,
+               value_module: str, capture_input: str | None = None):
+    """The engine's network above the injection point: :class:`UpperStack` where the family's
+    layers run directly and the value joins the residual at the layer output, else
+    :class:`HookedStack` (:func:`~e2u_models.architectures.direct_layers_fallback` says why)."""
+    layer_module = layer_module_tmp.format(layer)
+    inject_at = injection_module(model, value_module, layer_module)
+    if direct_layers_fallback(model, inject_at, layer_module) is None:
+        return UpperStack(model, tokenizer, rows, layer_module_tmp, layer, capture_input)
+    return HookedStack(model, tokenizer, rows, inject_at, layer, capture_input)
+
+
 def _request_losses(nll_logprobs: list[torch.Tensor], nll_owner: list[int], kl_logprobs, kl_init,
                     deltas, v0_norms, settings: VStarSettings, requests: Sequence[int]) -> torch.Tensor:
     """L_i for each request in ``requests`` (positions in ``deltas``)."""
@@ -182,6 +253,7 @@ class VStarRun:
     v0_norms: torch.Tensor
     result: VStarResult
     desc: str
+    value_module: str
 
 
 def optimise_targets(model, tokenizer, prepared: Sequence[PreparedRequest], settings: VStarSettings,
@@ -194,7 +266,13 @@ def optimise_targets(model, tokenizer, prepared: Sequence[PreparedRequest], sett
     n = len(prepared)
     deltas = torch.zeros_like(v0, requires_grad=True)
     result = VStarResult(v0=v0.detach(), deltas=deltas, losses=[float("nan")] * n, steps=[0] * n)
-    run = VStarRun(model, tokenizer, prepared, settings, layer, deltas, v0_norms, result, desc)
+    run = VStarRun(model, tokenizer, prepared, settings, layer, deltas, v0_norms, result, desc, value_module)
+    layer_module = settings.layer_module_tmp.format(layer)
+    if settings.mode == "fast" and direct_layers_fallback(
+            model, injection_module(model, value_module, layer_module), layer_module) is not None:
+        result.mode = "fast (hooked whole model)"
+    else:
+        result.mode = settings.mode
     with frozen(model):
         (_fast if settings.mode == "fast" else _classic)(run)
     result.deltas = deltas.detach()
@@ -272,9 +350,13 @@ def _fast(run: VStarRun) -> None:
     # all to the longest would spend much of each step on padding); the KL rows need one token
     # from the key on.
     template = run.settings.layer_module_tmp
-    nll_stacks = [(group, UpperStack(run.model, run.tokenizer, [nll_rows[j] for j in group], template, run.layer))
+
+    def stack(rows):
+        return edit_stack(run.model, run.tokenizer, rows, template, run.layer, run.value_module)
+
+    nll_stacks = [(group, stack([nll_rows[j] for j in group]))
                   for group in length_buckets([len(r.ids) - r.key for r in nll_rows])]
-    kl_stack = UpperStack(run.model, run.tokenizer, kl_rows, template, run.layer) if kl_rows else None
+    kl_stack = stack(kl_rows) if kl_rows else None
     deltas, device = run.deltas, run.deltas.device
     kl_init = None
     if kl_stack is not None:
@@ -316,9 +398,11 @@ def _fast(run: VStarRun) -> None:
 
 
 def _classic(run: VStarRun) -> None:
-    """The reference: one request at a time, δ added by a hook on the injection layer's output,
-    full forward passes."""
-    layer_module = module_named(run.model, run.settings.layer_module_tmp, run.layer, "layer_module_tmp")
+    """The reference: one request at a time, δ added by a hook on the injection layer's output
+    (the value module's where the family normalises it before the residual), full forward passes."""
+    layer_name = run.settings.layer_module_tmp.format(run.layer)
+    inject_at = injection_module(run.model, run.value_module, layer_name)
+    layer_module = module_named(run.model, inject_at, run.layer, "layer_module_tmp")
     progress = tqdm(total=run.settings.num_grad_steps * len(run.prepared),
                     desc=f"{run.desc} (classic, {len(run.prepared)} requests)", leave=False)
     for number, request in enumerate(run.prepared):

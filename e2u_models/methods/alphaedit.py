@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 import torch
 
 from e2u_models.methods import memit
+from e2u_models.architectures import with_architecture
 from e2u_models.protocol import EditRequest, MethodEnv, MethodReport
 from e2u_models.editing.keys import key_columns, read_at_keys
-from e2u_models.editing.locate import LocateHParams
+from e2u_models.editing.locate import LocateHParams, rewrite_weight
 from e2u_models.editing.nullspace import check_null_space_hparams, null_space_projector
 from e2u_tasks.errors import E2UError
 
@@ -45,7 +46,9 @@ class AlphaEditor:
         self.model, self.tokenizer, self.hparams, self.layers = model, tokenizer, hparams, layers
         self.projectors, self.kept = {}, {}
         for layer in layers:
-            projector, kept = null_space_projector(moments[layer], hparams.nullspace_threshold,
+            # The eigendecomposition runs on the edited module's device (each shard's own GPU).
+            device = rewrite_weight(model, hparams, layer).device
+            projector, kept = null_space_projector(moments[layer].to(device), hparams.nullspace_threshold,
                                                    hparams.nullspace_rule)
             if kept == 0:
                 values = torch.linalg.eigvalsh(moments[layer].double())
@@ -78,6 +81,8 @@ class AlphaEditor:
 
 def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperParams, *,
           seed: int = 0, env: MethodEnv) -> MethodReport:
+    hparams = with_architecture(hparams, model)
+
     def make_solver(moments, details):
         editor = AlphaEditor(model, tokenizer, hparams, sorted(moments), moments, env.log)
         details["null_space_dimensions"] = {str(k): v for k, v in editor.kept.items()}

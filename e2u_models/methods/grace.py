@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from e2u_models.architectures import LAYERS, MLP_OUT, engine_record, out_in_weight, with_architecture
 from e2u_models.editing.adapters import Adapter
 from e2u_models.protocol import EditRequest, MethodEnv, MethodReport
 from e2u_models.editing.keys import read_at_keys
@@ -47,8 +48,9 @@ class HyperParams(OneLayerChoice):
 
     layer: int | None = None
     layer_fraction: float = field(default=0.85, metadata={"range": "[0, 1]"})
-    inner_module_tmp: str = "model.layers.{}.mlp.down_proj"
-    layer_module_tmp: str = "model.layers.{}"
+    # Module paths ({} / %d / N = the layer); unset = the architecture family's.
+    inner_module_tmp: str | None = field(default=None, metadata=MLP_OUT)
+    layer_module_tmp: str | None = field(default=None, metadata=LAYERS)
     eps: float = field(default=1.0, metadata={"above": 0, "message": "hparam {name}={value} is not accepted; the "
                                                                     "deferral radius must be > 0 (e.g. eps=1.0)"})
     edit_lr: float = field(default=1.0, metadata={"above": 0})
@@ -87,7 +89,7 @@ class Codebook(Adapter):
 
     @classmethod
     def empty(cls, module_name: str, module: torch.nn.Module) -> "Codebook":
-        weight = module.weight
+        weight = out_in_weight(module)
         d_out, d_in = weight.shape
         return cls(module_name, weight.new_zeros((0, d_in), dtype=torch.float32),
                    weight.new_zeros((0, d_out)), weight.new_zeros((0,), dtype=torch.float32), [], [])
@@ -155,7 +157,10 @@ def nearest_key(codebook: Codebook, query: torch.Tensor) -> tuple[float, int]:
 
 def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperParams, *,
           seed: int = 0, env: MethodEnv) -> MethodReport:
+    hparams = with_architecture(hparams, model)
     layer, module_name, module = hparams.edit_site(model)
+    architecture = engine_record(model, module_name, module_name, hparams.layer_module_tmp.format(layer),
+                                 True, env.log)
     prepared = prepare_requests(model, tokenizer, forget, key_spec(hparams), env, seed)
     settings = value_training(hparams)
     before = target_nll(model, tokenizer, prepared)
@@ -168,7 +173,7 @@ def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperPar
             key_row = request.key_rows(0)[:1]
             query = read_at_keys(model, tokenizer, key_row, {module_name: "input"})[module_name][0]
             with torch.no_grad():
-                plain = torch.nn.functional.linear(query.to(module.weight.dtype), module.weight, module.bias)
+                plain = torch.nn.functional.linear(query.to(module.weight.dtype), out_in_weight(module), module.bias)
             if codebook.keys.shape[0]:
                 nearest.append(round(nearest_key(codebook, query)[0], 3))
             entry, event = place_query(codebook, query, plain, list(request.target_ids),
@@ -194,6 +199,7 @@ def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperPar
                      "key_norm_mean": round(float(codebook.keys.norm(dim=-1).mean()), 3)},
         "training": {"seconds": round(seconds, 2), "final_losses": losses, "steps": steps},
         "adapters": [{"kind": codebook.kind, "module": module_name}],
+        "architecture": architecture,
     }
     details["verification"] = verification(before, after, prepared, hparams.verify_nll, {}, env.log)
     return MethodReport(method=NAME, details=details)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from e2u_models.architectures import engine_record, with_architecture
 from e2u_models.protocol import EditRequest, MethodEnv, MethodReport
 from e2u_models.editing.keys import key_columns, read_at_keys
 from e2u_models.editing.locate import LocateHParams, num_layers, rewrite_weight
@@ -63,7 +64,7 @@ def edit_batches(model, tokenizer, prepared: Sequence[PreparedRequest], hparams,
     size = hparams.edit_batch_size or len(prepared)
     weights = {l: rewrite_weight(model, hparams, l) for l in layers}
     settings = VStarSettings.of(hparams)
-    v_seconds, losses = 0.0, []
+    v_seconds, losses, modes = 0.0, [], set()
     for start in range(0, len(prepared), size):
         batch = prepared[start: start + size]
         result = optimise_targets(model, tokenizer, batch, settings, z_layer,
@@ -71,6 +72,7 @@ def edit_batches(model, tokenizer, prepared: Sequence[PreparedRequest], hparams,
                                   desc=f"{name} v* batch {start // size + 1}")
         v_seconds += result.seconds
         losses.extend(result.losses)
+        modes.add(result.mode)
         targets = result.targets.double()
         for position, layer in enumerate(layers):
             keys, owners, current = keys_and_outputs(model, tokenizer, batch, hparams, layer, z_layer)
@@ -82,20 +84,25 @@ def edit_batches(model, tokenizer, prepared: Sequence[PreparedRequest], hparams,
                 weight.add_(update.to(weight.device, weight.dtype))
         if after_batch is not None:
             after_batch(batch)
-    return {"seconds": round(v_seconds, 2), "mode": hparams.v_mode,
+    return {"seconds": round(v_seconds, 2), "mode": "/".join(sorted(modes)) or hparams.v_mode,
             "final_losses": [round(x, 4) for x in losses]}
 
 
 def run(model, tokenizer, forget, hparams, env: MethodEnv, seed: int, name: str,
         make_solver: Callable[[dict[int, torch.Tensor], dict], tuple[Solver, Callable | None]]) -> MethodReport:
     """The whole MEMIT-family edit: requests, statistics, batches, verification."""
+    hparams = with_architecture(hparams, model)
     layers = hparams.resolved_layers(num_layers(model))
     weights = {hparams.rewrite_module_tmp.format(l) + ".weight": rewrite_weight(model, hparams, l)
                for l in layers}  # checks the module names before any work
     requests = merge_requests(forget, hparams.merge, env.render)
     prepared = prepare_requests(model, tokenizer, requests, KeySpec.of(hparams), env, seed, forget)
     details: dict = {"layers": layers, "requests": len(prepared),
-                     "edit_batch_size": hparams.edit_batch_size or len(prepared)}
+                     "edit_batch_size": hparams.edit_batch_size or len(prepared),
+                     "architecture": engine_record(model, hparams.rewrite_module_tmp.format(layers[0]),
+                                                   hparams.layer_module_tmp.format(layers[-1]),
+                                                   hparams.layer_module_tmp.format(layers[-1]),
+                                                   hparams.v_mode == "fast", env.log)}
     started = time.perf_counter()
     moments, details["statistics"] = statistics_for(model, tokenizer, StatsSpec.of(hparams), layers, env)
     details["statistics"]["seconds"] = round(time.perf_counter() - started, 2)

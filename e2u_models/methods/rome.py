@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from e2u_models.architectures import engine_record, with_architecture
 from e2u_models.protocol import EditRequest, MethodEnv, MethodReport
 from e2u_models.editing.keys import mean_key_per_request
 from e2u_models.editing.locate import LocateHParams, num_layers, rewrite_weight
@@ -44,12 +45,15 @@ class HyperParams(LocateHParams):
 
 def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperParams, *,
           seed: int = 0, env: MethodEnv) -> MethodReport:
+    hparams = with_architecture(hparams, model)
     (layer,) = hparams.resolved_layers(num_layers(model))
     module = hparams.rewrite_module_tmp.format(layer)
     weight = rewrite_weight(model, hparams, layer)
     requests = merge_requests(forget, hparams.merge, env.render)
     prepared = prepare_requests(model, tokenizer, requests, KeySpec.of(hparams), env, seed, forget)
-    details: dict = {"layer": layer, "requests": len(prepared), "protocol": "sequential"}
+    details: dict = {"layer": layer, "requests": len(prepared), "protocol": "sequential",
+                     "architecture": engine_record(model, module, module, hparams.layer_module_tmp.format(layer),
+                                                   hparams.v_mode == "fast", env.log)}
     inverse_moment = None
     if hparams.mom2_adjustment:
         started = time.perf_counter()
@@ -57,7 +61,7 @@ def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperPar
         details["statistics"]["seconds"] = round(time.perf_counter() - started, 2)
         inverse_moment = moments[layer].to(weight.device, torch.float64)
     before = target_nll(model, tokenizer, prepared)
-    v_seconds, losses = 0.0, []
+    v_seconds, losses, modes = 0.0, [], set()
     weights = {module + ".weight": weight}
     settings = VStarSettings.of(hparams)
     with restored_on_failure(weights) as snapshot:
@@ -69,6 +73,7 @@ def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperPar
                                       desc=f"ROME v* {number + 1}/{len(prepared)}")
             v_seconds += result.seconds
             losses.append(result.losses[0])
+            modes.add(result.mode)
             right = result.deltas[0].double() / torch.dot(mean_key, u)
             update = torch.outer(right, u)
             check_finite(update, f"ROME update of request row {request.request.index}")
@@ -76,7 +81,7 @@ def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperPar
                 weight.add_(update.to(weight.dtype))
         changes = snapshot.change_norms(weights)
     after = target_nll(model, tokenizer, prepared)
-    details["v_star"] = {"seconds": round(v_seconds, 2), "mode": hparams.v_mode,
+    details["v_star"] = {"seconds": round(v_seconds, 2), "mode": "/".join(sorted(modes)) or hparams.v_mode,
                          "final_losses": [round(x, 4) for x in losses]}
     details["verification"] = verification(before, after, prepared, hparams.verify_nll, changes, env.log)
     return MethodReport(method=NAME, changed_parameters=list(weights), details=details)

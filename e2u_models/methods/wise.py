@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from e2u_models.architectures import LAYERS, MLP_OUT, engine_record, out_in_weight, with_architecture
 from e2u_models.editing.adapters import Adapter
 from e2u_models.editing.nullspace import check_null_space_hparams, null_space_projector
 from e2u_models.protocol import EditRequest, MethodEnv, MethodReport
@@ -50,7 +51,7 @@ from e2u_models.editing.locate import FACT_TOKENS, OneLayerChoice, module_named
 from e2u_models.editing.requests import KeySpec, prepare_requests
 from e2u_models.editing.stats import StatsSpec, statistics_for
 from e2u_models.editing.verify import check_finite, target_nll, verification
-from e2u_models.editing.vstar import UpperStack
+from e2u_models.editing.vstar import UpperStack, edit_stack
 from e2u_models.layers import activation_named, hidden_activation
 from e2u_models.nethook import pad_id_of, pad_right, trace
 from e2u_models.question_sets import QUESTION_SETS, load_questions, off_dataset
@@ -73,8 +74,9 @@ class HyperParams(OneLayerChoice):
 
     layer: int | None = None
     layer_fraction: float = field(default=0.85, metadata={"range": "[0, 1]"})
-    inner_module_tmp: str = "model.layers.{}.mlp.down_proj"
-    layer_module_tmp: str = "model.layers.{}"
+    # Module paths ({} / %d / N = the layer); unset = the architecture family's.
+    inner_module_tmp: str | None = field(default=None, metadata=MLP_OUT)
+    layer_module_tmp: str | None = field(default=None, metadata=LAYERS)
     edit_lr: float = field(default=1.0, metadata={"above": 0})
     n_iter: int = field(default=70, metadata=PER_EDIT_COUNT)
     act_margin: list[float] = field(default_factory=lambda: [5.0, 20.0, 10.0])
@@ -305,9 +307,9 @@ def train_shard(model, tokenizer, prepared, irrelevant_ids, hparams: HyperParams
     """One side-memory shard for these prepared requests: (D, threshold, training record). With a
     ``projector`` P the side memory is D̃P: inputs are projected once, D̃ is trained."""
     module = module_named(model, module_name, 0, "inner_module_tmp")
-    weight = module.weight
+    weight = out_in_weight(module)
     rows = [p.nll_rows(i)[0] for i, p in enumerate(prepared)]
-    stack = UpperStack(model, tokenizer, rows, hparams.layer_module_tmp, layer, capture_input=module_name)
+    stack = edit_stack(model, tokenizer, rows, hparams.layer_module_tmp, layer, module_name, capture_input=module_name)
     key_only = hparams.edit_positions == "key"
     suffix_x, in_x, out_x = scoped_inputs(model, tokenizer, stack, irrelevant_ids, module_name, key_only)
     with torch.no_grad():
@@ -367,7 +369,10 @@ def train_shard(model, tokenizer, prepared, irrelevant_ids, hparams: HyperParams
 
 def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperParams, *,
           seed: int = 0, env: MethodEnv) -> MethodReport:
+    hparams = with_architecture(hparams, model)
     layer, module_name, module = hparams.edit_site(model)
+    architecture = engine_record(model, module_name, module_name, hparams.layer_module_tmp.format(layer),
+                                 True, env.log)
     prepared = prepare_requests(model, tokenizer, forget, key_spec(hparams), env, seed)
     before = target_nll(model, tokenizer, prepared)
     activation, _ = activation_of(model)
@@ -377,8 +382,8 @@ def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperPar
     projector, null_space = None, None
     if hparams.nullspace_threshold is not None:
         moments, statistics = statistics_for(model, tokenizer, stats_spec(hparams), [layer], env)
-        projector, kept = null_space_projector(moments[layer], hparams.nullspace_threshold,
-                                               hparams.nullspace_rule)
+        projector, kept = null_space_projector(moments[layer].to(module.weight.device),
+                                               hparams.nullspace_threshold, hparams.nullspace_rule)
         if kept == 0:
             raise E2UError(f"WISE's null space at layer {layer} is empty at nullspace_threshold="
                            f"{hparams.nullspace_threshold} ({hparams.nullspace_rule}); raise it")
@@ -414,6 +419,7 @@ def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperPar
         "shards": shards, "training_seconds": round(time.perf_counter() - started, 2),
         "null_space": null_space,
         "adapters": [{"kind": memory.kind, "module": module_name}],
+        "architecture": architecture,
     }
     details["verification"] = verification(before, after, prepared, hparams.verify_nll, {}, env.log)
     return MethodReport(method=NAME, details=details)

@@ -10,7 +10,6 @@ from e2u_tasks.errors import E2UError
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # weight_decay and max_grad_norm share one message (they were checked together).
 NOT_NEGATIVE = {"min": 0, "message": "hparams weight_decay and max_grad_norm must be >= 0 (0 = no clipping)"}
-LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass(frozen=True)
@@ -33,7 +32,8 @@ class TrainHParams:
     lora_r: int = 8
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    lora_targets: list[str] = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
+    # Unset: the architecture family's linear modules (e2u_models.architectures).
+    lora_targets: list[str] | None = field(default=None, metadata={"architecture": "lora_targets"})
     max_train_length: int = field(default=512, metadata={"min": 1})
     # 0: every parameter trains. k > 0: only decoder layers k.. and the final norm (embeddings and
     # head frozen), so the backward pass stops at layer k: fewer FLOPs per step on a CPU.
@@ -51,5 +51,5 @@ class TrainHParams:
             if self.lora_r < 1 or self.lora_alpha <= 0 or not 0.0 <= self.lora_dropout < 1.0:
                 raise E2UError(f"hparams lora_r={self.lora_r} (>= 1), lora_alpha={self.lora_alpha} "
                                f"(> 0), lora_dropout={self.lora_dropout} ([0, 1)) out of range")
-            if not self.lora_targets:
+            if self.lora_targets is not None and not self.lora_targets:
                 raise E2UError("hparam lora_targets=[] is empty; name the linear modules to adapt")

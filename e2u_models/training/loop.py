@@ -27,7 +27,8 @@ from tqdm import tqdm
 from e2u_models.nethook import pad_id_of
 from e2u_models.protocol import EditRequest, MethodEnv, MethodReport
 from e2u_models.training.batching import Batch, Example, StepBatch, collate, examples_of
-from e2u_models.training.hparams import LLAMA_PROJECTIONS, TrainHParams
+from e2u_models.architectures import direct_layers_fallback, family_of, with_architecture
+from e2u_models.training.hparams import TrainHParams
 from e2u_models.training.losses import logits_of, sequence_logprob
 from e2u_models.snapshot import WeightSnapshot
 from e2u_models.training.lower_stack import FrozenLowerStack
@@ -87,7 +88,11 @@ def _adamw(groups: list[dict], lr: float) -> torch.optim.AdamW:
         return torch.optim.AdamW(groups, lr=lr)
 
 
-_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+def layer_index_pattern(model) -> re.Pattern:
+    """Matches a parameter name (with a leading dot) of a decoder layer; group 1 = its index."""
+    family = family_of(model.config)
+    container = re.escape(family.layer_container) if family is not None else r"\.layers"
+    return re.compile(container + r"\.(\d+)\.")
 
 
 def full_trainable(model, from_layer: int) -> list:
@@ -102,12 +107,20 @@ def full_trainable(model, from_layer: int) -> list:
     embeddings = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings())
                   if m is not None}
     trainable = []
+    pattern = layer_index_pattern(model)
     for name, p in model.named_parameters():
-        layer = _LAYER_INDEX.search(f".{name}")
+        layer = pattern.search(f".{name}")
         if (layer is not None and int(layer.group(1)) >= from_layer) or \
                 (layer is None and id(p) not in embeddings):
             trainable.append(p)
     return trainable
+
+
+def _linear_names(model) -> set[str]:
+    from transformers.pytorch_utils import Conv1D
+
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+            if isinstance(m, (torch.nn.Linear, Conv1D)) and "." in name}
 
 
 def _attach_lora(model, hparams: TrainHParams):
@@ -117,7 +130,8 @@ def _attach_lora(model, hparams: TrainHParams):
     missing = [t for t in hparams.lora_targets if t not in present]
     if missing:
         raise E2UError(f"hparam lora_targets names modules this model does not have: "
-                       f"{', '.join(missing)}; e.g. {', '.join(LLAMA_PROJECTIONS)}")
+                       f"{', '.join(missing)}; this model's linear modules include "
+                       f"{', '.join(sorted(_linear_names(model))[:12])}")
     config = LoraConfig(r=hparams.lora_r, lora_alpha=hparams.lora_alpha,
                         lora_dropout=hparams.lora_dropout, target_modules=list(hparams.lora_targets),
                         bias="none", task_type="CAUSAL_LM")
@@ -181,6 +195,7 @@ class _RunState:
     stopped_early_at: int | None = None
     losses: list = field(default_factory=list)
     parts_log: list = field(default_factory=list)
+    fallbacks: list = field(default_factory=list)
 
 
 @dataclass
@@ -213,6 +228,7 @@ def train(model, tokenizer, setup: TrainSetup, hparams: TrainHParams, *, seed: i
     """
     if not setup.forget:
         raise E2UError(f"{setup.name}: nothing to train on (the forget set is empty)")
+    hparams = with_architecture(hparams, model)
     if setup.retain is not None and not setup.retain:
         raise E2UError(f"{setup.name} needs retain rows, but the retain split is empty")
     autocast, scaler, precision = _autocast(model, hparams.precision)
@@ -224,6 +240,8 @@ def train(model, tokenizer, setup: TrainSetup, hparams: TrainHParams, *, seed: i
     started = time.perf_counter()
     try:
         loop = _set_up(model, tokenizer, setup, hparams, seed, plan, state, autocast, scaler)
+        for fallback in state.fallbacks:
+            log(f"e2u: {fallback}")
         _run(loop, state)
         if state.peft_model is not None:
             state.peft_model.merge_and_unload()
@@ -243,7 +261,7 @@ def train(model, tokenizer, setup: TrainSetup, hparams: TrainHParams, *, seed: i
     changed = snapshot.changed(dict(model.named_parameters()))
     log(f"e2u: {setup.name} trained {state.step} optimizer steps ({state.epoch} epochs) in {seconds:.1f} s, "
         f"final loss {state.losses[-1] if state.losses else float('nan'):.4f}")
-    return _report(setup, hparams, plan, state, precision, seconds, changed)
+    return _report(model, setup, hparams, plan, state, precision, seconds, changed)
 
 
 def _set_up(model, tokenizer, setup: TrainSetup, hparams: TrainHParams, seed: int, plan: _Plan,
@@ -264,7 +282,10 @@ def _set_up(model, tokenizer, setup: TrainSetup, hparams: TrainHParams, seed: in
             p.requires_grad_(True)
     reference = _Reference(model, state.peft_model) if setup.needs_reference else None
     network = state.peft_model if state.peft_model is not None else model
-    if hparams.train_from_layer and state.peft_model is None:
+    fallback = direct_layers_fallback(model) if hparams.train_from_layer else None
+    if fallback is not None:  # the frozen layers run in every step; the gradients are the same
+        state.fallbacks.append(f"train_from_layer: {fallback}")
+    elif hparams.train_from_layer and state.peft_model is None:
         network = FrozenLowerStack(model, hparams.train_from_layer, pad_id)
         network.precompute(setup.forget + (setup.retain or []))
     if setup.prepare is not None:
@@ -356,7 +377,7 @@ def _optimizer_step(loop: _Loop) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def _report(setup: TrainSetup, hparams: TrainHParams, plan: _Plan, state: _RunState, precision: str,
+def _report(model, setup: TrainSetup, hparams: TrainHParams, plan: _Plan, state: _RunState, precision: str,
             seconds: float, changed: list[str]) -> dict:
     losses, parts_log, tokens = state.losses, state.parts_log, state.tokens
     return {
@@ -370,6 +391,9 @@ def _report(setup: TrainSetup, hparams: TrainHParams, plan: _Plan, state: _RunSt
         "train_seconds": round(seconds, 2), "tokens": tokens,
         "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
         "changed_parameters": changed,
+        "architecture": {"model_type": getattr(model.config, "model_type", None),
+                         "family": family.name if (family := family_of(model.config)) else None,
+                         "fallbacks": list(state.fallbacks)},
     }
 
 
