@@ -28,9 +28,16 @@ from e2u_tasks.errors import E2UError
 FORMAT_VERSION = 2
 
 
+# Config entries that say where and by what the model was loaded, not what it is: a content hash
+# must be the same for the same weights in another folder, on another machine.
+CONFIG_PROVENANCE_KEYS = ("_name_or_path", "transformers_version")
+
+
 def model_sha256(model) -> str:
-    """Hash of every parameter and buffer (names, dtypes, shapes, bytes) and the config."""
-    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    """Hash of every parameter and buffer (names, dtypes, shapes, bytes) and the config (less
+    where it was loaded from)."""
+    config = {k: v for k, v in model.config.to_dict().items() if k not in CONFIG_PROVENANCE_KEYS}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in list(model.state_dict().items()):
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -85,3 +85,21 @@ def test_presets_are_chosen_by_config_not_name():
         assert Path(resolve_hparams_path(method, None, mistral)).stem == "mistral-7b-instruct"
         assert resolve_hparams_path(method, None, other) is None
         assert Path(resolve_hparams_path(method, "llama2-7b-chat")).stem == "llama2-7b-chat"
+
+
+def test_model_hash_is_the_content_not_the_folder(tiny_model_dir, tmp_path):
+    """The same weights loaded from another folder (another machine's cache) hash the same; a
+    changed weight does not."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from e2u_models.edit_cache import model_sha256
+
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "elsewhere")
+    here, there = (AutoModelForCausalLM.from_pretrained(str(d)) for d in (tiny_model_dir, copy))
+    assert here.config._name_or_path != there.config._name_or_path
+    assert model_sha256(here) == model_sha256(there)
+    with torch.no_grad():
+        next(there.parameters()).view(-1)[0] += 1.0
+    assert model_sha256(here) != model_sha256(there)
