@@ -100,8 +100,9 @@ def test_results_carry_the_run_card(tiny_model_dir, shared_cache):
     lm = E2ULM(pretrained=tiny_model_dir, method="memit", cache_dir=shared_cache, **FAST)
     info = lm.get_model_info()["e2u"]
     card = info["run_card"]
-    assert set(card) == {"edit", "evaluation"}
-    for phase in card.values():
+    assert set(card) == {"edit", "evaluation", "targets"}
+    assert card["targets"]["requests"] == len(info["method_report"]["details"]["verification"]["requests"])
+    for phase in (card["edit"], card["evaluation"]):
         assert phase["seconds"] >= 0 and phase["peak_rss_bytes"] > 50 * 2**20
     assert "cuda_peak_bytes" not in card["edit"]  # CPU run
     assert len(info["model_sha256"]) == 64
