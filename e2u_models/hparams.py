@@ -111,8 +111,11 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, str):
             text = value.strip()
             value = yaml.safe_load(text) if text.startswith("[") else [v for v in text.replace(";", " ").split() if v]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # one value (lm-eval turns `layers=2` into the number 2)
         if not isinstance(value, (list, tuple)):
-            raise E2UError(f"hparam {name}={value!r} is not a list")
+            raise E2UError(f"hparam {name}={value!r} is not a list; give one value, values separated "
+                           f"by ';' (e.g. 4;5;6) or a YAML list")
         items = [_coerce(name, v, item_type) for v in value]
         return items if origin is list else tuple(items)
     if annotation is Any:

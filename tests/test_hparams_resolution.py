@@ -98,3 +98,21 @@ def test_every_declared_rule_of_a_field_is_checked(value, rule, message):
     with pytest.raises(E2UError) as info:
         check_field("x", value, rule)
     assert str(info.value) == message
+
+
+@pytest.mark.parametrize("given,expected", [(2, [2]), ("2", [2]), ("4;5", [4, 5]), ("[1, 2]", [1, 2])])
+def test_a_list_hparam_takes_one_value_or_several(given, expected):
+    """lm-eval reads `layers=2` as the number 2: one layer, not an error."""
+    from e2u_models.hparams import load_hparams
+    from e2u_models.methods import memit
+
+    assert load_hparams(memit.HyperParams, "memit", None, {"layers": given}).layers == expected
+
+
+def test_a_list_hparam_says_what_it_accepts():
+    from e2u_models.hparams import load_hparams
+    from e2u_models.methods import rome
+    from e2u_tasks.errors import E2UError
+
+    with pytest.raises(E2UError, match=r"layers=\{'a': 1\} is not a list; give one value, values separated by ';'"):
+        load_hparams(rome.HyperParams, "rome", None, {"layers": {"a": 1}})
