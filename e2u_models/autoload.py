@@ -56,10 +56,20 @@ def install(force: bool = False) -> None:
         _warn(exc)
 
 
-def _running_the_cli() -> bool:
-    from e2u_models.terminal import cli_module
+def running_the_cli(argv, orig_argv) -> bool:
+    """Whether this interpreter runs lm-eval's command line (console script or ``python -m``).
+    Checked at every interpreter start, so it only reads ``argv``."""
+    program = argv[0] if argv else ""
+    if os.path.basename(program) in CLI_NAMES:
+        return True
+    if program == "-m" and "-m" in orig_argv:  # at start-up ``python -m x`` shows argv[0] == "-m"
+        index = list(orig_argv).index("-m")
+        return index + 1 < len(orig_argv) and orig_argv[index + 1] in CLI_MODULES
+    return program.replace("\\", "/").endswith(("lm_eval/__main__.py", "e2u_models/cli.py"))
 
-    return cli_module(sys.argv or [""], getattr(sys, "orig_argv", []), CLI_NAMES)
+
+def _running_the_cli() -> bool:
+    return running_the_cli(sys.argv or [""], getattr(sys, "orig_argv", []))
 
 
 def _prepare_the_cli() -> None:
@@ -214,6 +224,7 @@ def _after_task_manager(module) -> None:
 
 
 CLI_NAMES = ("lm_eval", "lm-eval", "e2u-lm-eval")
+CLI_MODULES = ("lm_eval", "e2u_models.cli")  # python -m ...
 
 
 def e2u_task_names(folder) -> set:

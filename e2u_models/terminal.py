@@ -1,7 +1,7 @@
 """What the ``lm_eval`` console script prints around e2u's tasks, made true for them.
 
-Installed by the start-up hook (:mod:`e2u_models.autoload`) in the lm-eval CLI only; the results
-files are never changed. Import-light (``logging``, ``os``, ``sys``): it runs before lm-eval.
+Imported by the start-up hook (:mod:`e2u_models.autoload`) only when the interpreter runs the
+lm-eval CLI; the results files are never changed. Import-light (``logging``): it runs before lm-eval.
 
 - **Batch size.** e2u's tasks are much faster batched, so an ``lm_eval --model e2u`` command
   without ``--batch_size`` runs with e2u's default; the flag is added to the command line before
@@ -20,34 +20,21 @@ files are never changed. Import-light (``logging``, ``os``, ``sys``): it runs be
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 
 DEFAULT_BATCH_SIZE = 64
-CLI_MODULES = ("lm_eval", "e2u_models.cli")
 _COMPOSITE = "composite"
 CHAT_TEMPLATE_NOTE = (
     "lm-eval: apply_chat_template is off; this concerns non-e2u tasks only: e2u's tasks render the "
     "model's chat template themselves (model arg chat_template=auto|none|<file>)")
 
 
-def cli_module(argv: Sequence[str], orig_argv: Sequence[str], cli_names: Sequence[str]) -> bool:
-    """Whether this interpreter runs lm-eval's command line (console script or ``python -m``)."""
-    program = argv[0] if argv else ""
-    if os.path.basename(program) in cli_names:
-        return True
-    if program == "-m" and "-m" in orig_argv:  # at start-up ``python -m x`` shows argv[0] == "-m"
-        index = list(orig_argv).index("-m")
-        return index + 1 < len(orig_argv) and orig_argv[index + 1] in CLI_MODULES
-    return program.replace("\\", "/").endswith(("lm_eval/__main__.py", "e2u_models/cli.py"))
-
-
 def with_default_batch_size(args: Sequence[str]) -> list[str] | None:
     """The CLI arguments (without the program) with ``--batch_size 64`` after ``--model e2u``
     when neither a batch size nor a config file is given; None when nothing changes."""
     args = list(args)
-    if any(a in ("--batch_size", "--config", "-C") or a.startswith("--config=") or "batch_size=" in a
-           or '"batch_size"' in a for a in args):  # given as a flag, in --model_args or a config
+    if any(a in ("--batch_size", "--config", "-C") or a.startswith(("--batch_size=", "--config="))
+           or _model_args_name_batch_size(a) for a in args):  # a flag, a model arg or a config
         return None
     for i, arg in enumerate(args):
         if arg == "--model" and i + 1 < len(args) and args[i + 1] == "e2u":
@@ -55,6 +42,14 @@ def with_default_batch_size(args: Sequence[str]) -> list[str] | None:
         if arg == "--model=e2u":
             return [*args[:i + 1], "--batch_size", str(DEFAULT_BATCH_SIZE), *args[i + 1:]]
     return None
+
+
+def _model_args_name_batch_size(arg: str) -> bool:
+    """``batch_size`` as a key of a ``key=value,...`` or JSON ``--model_args`` string (not
+    ``edit_batch_size`` or ``train_batch_size``)."""
+    if '"batch_size"' in arg:
+        return True
+    return any(item.split("=", 1)[0].strip() == "batch_size" for item in arg.split(",") if "=" in item)
 
 
 class E2UWarnings(logging.Filter):

@@ -71,6 +71,9 @@ def test_registry_none_method_is_a_real_noop(tiny_lm):
     (["--model", "e2u", "--batch_size", "1"], None),  # the user's size wins
     (["--model", "e2u", "--batch_size=8"], None),
     (["--model", "e2u", "--model_args", "method=none,batch_size=8"], None),
+    (["--model", "e2u", "--model_args", '{"method": "none", "batch_size": 8}'], None),
+    (["--model", "e2u", "--model_args", "method=memit,edit_batch_size=4"],  # a hparam, not the size
+     ["--model", "e2u", "--batch_size", "64", "--model_args", "method=memit,edit_batch_size=4"]),
     (["--config", "run.yaml"], None),
     (["--model", "hf", "--tasks", "t"], None),  # other models keep lm-eval's default
 ])
@@ -89,10 +92,9 @@ def test_cli_default_batch_size(args, expected):
     (["python"], [], False),
 ])
 def test_cli_is_recognised(argv, orig, expected):
-    from e2u_models.autoload import CLI_NAMES
-    from e2u_models.terminal import cli_module
+    from e2u_models.autoload import running_the_cli
 
-    assert cli_module(argv, orig, CLI_NAMES) is expected
+    assert running_the_cli(argv, orig) is expected
 
 
 def test_model_args_batch_size_wins_over_the_cli_flag(tiny_model_dir):
