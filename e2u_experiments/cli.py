@@ -37,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--out", required=True, help="leaderboard file to write (.yaml or .json)")
     board.add_argument("--name", default="", help="a title for the leaderboard")
     board.add_argument("--tolerance", type=float, default=1e-6,
-                       help="absolute tolerance of every metric (default 1e-6: same machine)")
+                       help="absolute tolerance of every metric that --repeats does not measure "
+                            "(default 1e-6)")
+    board.add_argument("--repeats", nargs="+", default=None,
+                       help="folder(s) of re-runs of some of the runs (another --batch_size, another "
+                            "process): each metric's tolerance is 10x the largest difference they show")
     board.add_argument("--note", default="", help="a sentence on where and how it was measured")
 
     regress = sub.add_parser("regress", help="check results against a leaderboard (CI)")
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             from e2u_experiments.leaderboard import write_leaderboard
 
             write_leaderboard(args.results, args.out, name=args.name, tolerance=args.tolerance,
-                              note=args.note, log=_say)
+                              note=args.note, repeats=args.repeats, log=_say)
             return 0
         if args.command == "regress":
             from e2u_experiments.leaderboard import regress

@@ -39,7 +39,7 @@ import yaml
 
 from e2u_experiments.report import method_order
 from e2u_experiments.runs import Run, load_runs
-from e2u_experiments.statistical import (Comparison, compare, docs_path, entry_id,
+from e2u_experiments.statistical import (LEVEL, Comparison, compare, docs_path, entry_id,
                                          fingerprint_differences, load_docs, per_document,
                                          unpaired_metrics, write_docs)
 from e2u_tasks.errors import E2UError
@@ -75,14 +75,48 @@ def _describe(ident: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------ writing
 
-def build_entries(runs: list[Run], tolerance: float) -> list[dict]:
+# Measured tolerances are this many times the largest difference seen between repeats: the repeats
+# sample a few batch sizes and processes, not every summation order a machine can take.
+TOLERANCE_FACTOR = 10
+
+
+def measured_tolerances(runs: list[Run], repeats: list[Run]) -> dict[str, dict[str, float]]:
+    """metric -> {max_diff, pairs, tolerance}: the largest |difference| of each metric between a
+    run and its repeats (same identity: another batch size, another process) on this machine.
+    Teacher-forced metrics carry float noise from the batch shape; generated answers do not, so
+    their metrics get a tolerance of 0 when no repeat moved them."""
+    by_identity = {_identity_key(identity_of(r)): r for r in runs}
+    found: dict[str, dict[str, float]] = {}
+    for repeat in repeats:
+        base = by_identity.get(_identity_key(identity_of(repeat)))
+        if base is None:
+            raise E2UError(f"repeat {repeat.path} has no run of the same identity among the results "
+                           f"({_describe(identity_of(repeat))}); a repeat must re-run a leaderboard run")
+        for task, values in repeat.metrics.items():
+            for metric, got in values.items():
+                want = base.metrics.get(task, {}).get(metric)
+                if metric.endswith("_stderr") or want is None or math.isnan(got) or math.isnan(want):
+                    continue
+                slot = found.setdefault(metric, {"max_diff": 0.0, "pairs": 0})
+                slot["max_diff"] = max(slot["max_diff"], abs(got - want))
+                slot["pairs"] += 1
+    for slot in found.values():
+        slot["tolerance"] = float(f"{TOLERANCE_FACTOR * slot['max_diff']:.3g}")
+    return dict(sorted(found.items()))
+
+
+def build_entries(runs: list[Run], tolerance: float,
+                  measured: dict[str, dict[str, float]] | None = None) -> list[dict]:
+    """One entry per run; each metric's tolerance is the measured one where repeats measured it,
+    ``tolerance`` otherwise."""
+    measured = measured or {}
     entries = []
     for run in sorted(runs, key=lambda r: (r.model, str(r.dataset), r.forget_size or 0,
                                            method_order(r.label), str(r.seed))):
         metrics = {}
         for task, values in sorted(run.metrics.items()):
-            kept = {m: {"value": v, "tolerance": tolerance} for m, v in sorted(values.items())
-                    if not m.endswith("_stderr") and not math.isnan(v)}
+            kept = {m: {"value": v, "tolerance": measured[m]["tolerance"] if m in measured else tolerance}
+                    for m, v in sorted(values.items()) if not m.endswith("_stderr") and not math.isnan(v)}
             if kept:
                 metrics[task] = kept
         card = {k: run.card[k] for k in CARD_KEYS if k in run.card}
@@ -91,12 +125,24 @@ def build_entries(runs: list[Run], tolerance: float) -> list[dict]:
 
 
 def write_leaderboard(folders: list[str], out: str, name: str = "", tolerance: float = 1e-6,
-                      note: str = "", log=print) -> Path:
+                      note: str = "", repeats: list[str] | None = None, log=print) -> Path:
+    """Write the leaderboard (and its per-document scores); with ``repeats`` (folders of re-runs
+    of some of its runs) each metric's tolerance is measured from them."""
     if not tolerance >= 0:
         raise E2UError(f"--tolerance {tolerance} is not accepted; give an absolute tolerance >= 0")
     runs = load_runs(folders, with_samples=True, log=log)
+    measured = measured_tolerances(runs, load_runs(repeats, with_samples=False, log=log)) if repeats else {}
+    if repeats and not measured:
+        raise E2UError(f"--repeats {' '.join(repeats)} holds no results to measure tolerances from")
     board = {"format": FORMAT, "name": name or f"e2u leaderboard from {', '.join(folders)}",
-             "note": note, "entries": build_entries(runs, tolerance)}
+             "note": note}
+    if measured:
+        board["tolerances"] = {
+            "rule": f"{TOLERANCE_FACTOR} x the largest difference between a run and its repeats "
+                    f"(another batch size or process, same machine); {tolerance:g} for metrics no "
+                    "repeat measured",
+            "metrics": measured}
+    board["entries"] = build_entries(runs, tolerance, measured)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     tables = {entry_id(_identity_key(identity_of(r))): per_document(r) for r in runs}
@@ -110,7 +156,8 @@ def write_leaderboard(folders: list[str], out: str, name: str = "", tolerance: f
     os.replace(tmp, path)
     count = sum(len(m) for e in board["entries"] for m in e["metrics"].values())
     log(f"e2u: leaderboard with {len(board['entries'])} entries ({count} numbers) written to {path}"
-        + (f", per-document scores of {len(tables)} to {docs_path(path)}" if tables else ""))
+        + (f", per-document scores of {len(tables)} to {docs_path(path)}" if tables else "")
+        + (f"; tolerances of {len(measured)} metrics measured from repeats" if measured else ""))
     return path
 
 
@@ -216,6 +263,7 @@ class Checked:
 
     rows: list[tuple] = field(default_factory=list)
     comparisons: list[tuple[str, Comparison]] = field(default_factory=list)
+    paired: list[tuple[str, Comparison]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=lambda: {"exact": 0, "statistical": 0})
     runs: dict[str, int] = field(default_factory=lambda: {"exact": 0, "statistical": 0})
@@ -257,6 +305,7 @@ def _check_statistical(entry: dict, run: Run, docs: dict, margin: float | None, 
                        "regenerate the leaderboard from results run with --log_samples, or use --mode exact")
     for comparison in compare(want, run, what, margin):
         found.counts["statistical"] += 1
+        found.paired.append((what, comparison))
         if comparison.worse:
             found.comparisons.append((what, comparison))
     unpaired = unpaired_metrics(entry["metrics"], want)
@@ -311,13 +360,19 @@ def _report(found: Checked, leaderboard: str, folders: list[str], allow_missing:
         log(f"e2u regress: {len(found.rows)} of {found.counts['exact']} numbers outside tolerance "
             f"(leaderboard {leaderboard}):")
         _table(("run", "metric", "expected", "got", "tolerance", "diff"), found.rows, log)
+    if found.paired:
+        log(f"e2u regress: statistical mode, each metric paired over the same documents "
+            f"(difference = got - expected, paired-bootstrap {LEVEL:.0%} interval):")
+        _table(("run", "metric", "expected", "got", f"diff [{LEVEL:.0%} interval]", "margin", "decision"),
+               [(what, f"{c.task}/{c.metric}", _fmt(c.expected), _fmt(c.got),
+                 f"{c.diff:+.4f} [{c.low:+.4f}, {c.high:+.4f}]", _fmt(c.margin),
+                 "worse" if c.worse else "ok")
+                for what, c in found.paired], log)
     if found.comparisons:
         log(f"e2u regress: {len(found.comparisons)} of {found.counts['statistical']} metrics worse "
-            f"beyond their margin, paired over the same documents (leaderboard {leaderboard}):")
-        _table(("run", "metric", "expected", "got", "diff [99% interval]", "margin", "decision"),
-               [(what, f"{c.task}/{c.metric}", _fmt(c.expected), _fmt(c.got),
-                 f"{c.diff:+.4f} [{c.low:+.4f}, {c.high:+.4f}]", _fmt(c.margin), "worse")
-                for what, c in found.comparisons], log)
+            f"beyond their margin, paired over the same documents (leaderboard {leaderboard}): "
+            + "; ".join(f"{what} {c.task}/{c.metric} {c.diff:+.4f} [{c.low:+.4f}, {c.high:+.4f}], margin "
+                        f"{_fmt(c.margin)}" for what, c in found.comparisons))
     failed = bool(found.rows or found.comparisons) or (bool(found.missing) and not allow_missing)
     if not failed:
         parts = []

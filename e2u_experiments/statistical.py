@@ -32,7 +32,18 @@ ITERS = 2000
 MARGINS = {"rouge1_recall": 0.05, "hit_rate": 0.05, "mrr": 0.05, "prob": 0.02, "refusal_rate": 0.05,
            "entity_mention": 0.05, "answer_leak": 0.05, "composite": 0.1,
            # other benchmarks' multiple-choice accuracy (mmlu, hellaswag, e2u_general_mc)
-           "acc": 0.05, "acc_norm": 0.05}
+           "acc": 0.05, "acc_norm": 0.05,
+           # the logit lens: lens_mrr, and lens_hit@k for every k (LENS_HIT)
+           "lens_mrr": 0.05}
+LENS_HIT = "lens_hit@"
+LENS_HIT_MARGIN = 0.05
+
+
+def margin_of(metric: str) -> float | None:
+    """The practical margin of a metric; None for metrics statistical mode does not pair."""
+    if metric.startswith(LENS_HIT):
+        return LENS_HIT_MARGIN
+    return MARGINS.get(metric)
 
 
 def docs_path(board: str | Path) -> Path:
@@ -53,7 +64,7 @@ def per_document(run: Run) -> dict[str, dict[str, list]]:
             continue
         table: dict[str, list] = {"docs": [r["index"] if r.get("index") is not None else r["doc_id"]
                                            for r in rows]}
-        for metric in MARGINS:
+        for metric in sorted({m for r in rows for m in r if margin_of(m) is not None}):
             if all(metric in r for r in rows):
                 table[metric] = [round(float(r[metric]), 8) for r in rows]
         if len(table) > 1:
@@ -146,7 +157,7 @@ def _compare_metric(task, metric, table, mine, order, margin, what) -> Compariso
     got = np.array([mine[metric][order[str(d)]] for d in table["docs"]], dtype=float)
     diffs = got - expected
     low, high = paired_interval(diffs, ITERS, f"{what}|{task}|{metric}", LEVEL)
-    allowed = MARGINS[metric] if margin is None else margin
+    allowed = margin_of(metric) if margin is None else margin
     worse_sign = -1.0 if higher_is_better(task, metric) else 1.0  # the sign of a worsening
     beyond_zero = low > 0 if worse_sign > 0 else high < 0
     worse = bool(beyond_zero and worse_sign * float(diffs.mean()) > allowed)

@@ -446,8 +446,13 @@ def test_halved_retain_fails_statistical_mode_and_is_named(big_board, big_result
     _scale_samples(big_results, "none", "tofu_retain", "rouge1_recall", 0.5)
     code, out, _ = run_cli(capsys, "regress", "--leaderboard", str(big_board), "--results", str(big_results))
     assert code == 1
-    (line,) = [l for l in out.splitlines() if "tofu_retain/rouge1_recall" in l]
-    assert "none tofu_factual" in line and "worse" in line and "0.05" in line
+    (line,) = [l for l in out.splitlines() if "tofu_retain/rouge1_recall" in l and l.rstrip().endswith("worse")]
+    assert "none tofu_factual" in line and "0.05" in line
+    # every paired metric is reported with its difference, interval and decision, not only the worse one
+    decided = [l for l in out.splitlines() if l.rstrip().endswith((" ok", " worse"))]
+    assert len(decided) == 14 and sum(l.rstrip().endswith("worse") for l in decided) == 1
+    (summary,) = [l for l in out.splitlines() if "metrics worse beyond their margin" in l]
+    assert "tofu_retain/rouge1_recall -0." in summary and "margin 0.05" in summary
     # a better number never fails: the same change on the forget side is less knowledge
     _scale_samples(big_results, "none", "tofu_retain", "rouge1_recall", 2.0)
     _scale_samples(big_results, "none", "tofu_forget", "rouge1_recall", 0.5)
@@ -764,3 +769,45 @@ def test_statistical_mode_pairs_other_benchmarks_and_names_what_it_cannot_check(
     _scale_samples(utility_dir, "rome", "hellaswag", "acc_norm", 0.0)
     code, out, _ = run_cli(capsys, "regress", "--leaderboard", str(board), "--results", str(utility_dir))
     assert code == 1 and "hellaswag/acc_norm" in out
+
+
+# ------------------------------------------------------------------ measured tolerances
+
+
+def test_tolerances_are_measured_from_repeats_per_metric(results_dir, tmp_path, capsys):
+    """A repeat (another batch size) moves the teacher-forced prob by float noise and no generated
+    answer: prob gets 10x that difference, ROUGE-1 gets 0; a metric no repeat saw keeps --tolerance."""
+    repeats = tmp_path / "repeats"
+    write_result(repeats / "none")
+    path = next((repeats / "none").rglob("results_*.json"))
+    data = json.loads(path.read_text())
+    data["results"]["tofu_forget"]["prob,none"] += 3e-7
+    data["results"]["tofu_retain"]["prob,none"] -= 1e-7
+    del data["results"]["tofu_retain"]["mrr,none"], data["results"]["tofu_forget"]["mrr,none"], \
+        data["results"]["tofu_rephrase"]["mrr,none"]
+    path.write_text(json.dumps(data))
+    board = tmp_path / "measured.yaml"
+    code, out, _ = run_cli(capsys, "leaderboard", str(results_dir), "--out", str(board), "--repeats", str(repeats),
+                           "--tolerance", "0.5")
+    assert code == 0 and "tolerances of" in out
+    written = yaml.safe_load(board.read_text())
+    measured = written["tolerances"]["metrics"]
+    assert measured["prob"]["max_diff"] == pytest.approx(3e-7, rel=1e-3) and measured["prob"]["pairs"] == 3
+    assert measured["prob"]["tolerance"] == pytest.approx(3e-6, rel=1e-2)
+    assert measured["rouge1_recall"] == {"max_diff": 0.0, "pairs": 3, "tolerance": 0.0}
+    assert "mrr" not in measured
+    rome = next(e for e in written["entries"] if e["method"] == "rome" and not e["options"])
+    assert rome["metrics"]["tofu_forget"]["prob"]["tolerance"] == measured["prob"]["tolerance"]
+    assert rome["metrics"]["tofu_forget"]["rouge1_recall"]["tolerance"] == 0.0
+    assert rome["metrics"]["tofu_forget"]["mrr"]["tolerance"] == 0.5
+    # the results themselves pass; the repeat passes too (it moved prob within 10x its own noise)
+    assert run_cli(capsys, "regress", "--leaderboard", str(board), "--results", str(results_dir))[0] == 0
+
+
+def test_a_repeat_of_no_leaderboard_run_is_one_line(results_dir, tmp_path, capsys):
+    repeats = tmp_path / "repeats"
+    write_result(repeats / "other", "memit")
+    code, _, err = run_cli(capsys, "leaderboard", str(results_dir), "--out", str(tmp_path / "b.yaml"),
+                           "--repeats", str(repeats))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "has no run of the same identity" in err and "memit" in err
