@@ -73,13 +73,15 @@ def baseline(lm, result, batch_size: int, e2u_seconds: float) -> dict:
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
+    from e2u_models.nethook import pad_id_of
+
     docs = [(s["doc"], s["arguments"]) for samples in result["samples"].values() for s in samples]
     prompts = [lm.prompt_format.render(lm.tokenizer, doc["question"]) for doc, _ in docs]
     gen_kwargs = {"until": ["\n\n", "\nQuestion:"], "do_sample": False, "max_gen_toks": 32}
     started = time.perf_counter()
     texts = HFLM.generate_until(lm, [Instance("generate_until", {}, (p, dict(gen_kwargs)), 0)
                                      for p in prompts], disable_tqdm=True)
-    pad = lm._pad_id()
+    pad = pad_id_of(lm.tokenizer, lm.eot_token_id)
     for start in range(0, len(docs), batch_size):
         chunk = [lm._encode_context_answer(p, d["answer"])
                  for p, (d, _) in zip(prompts[start:start + batch_size], docs[start:start + batch_size])]

@@ -302,7 +302,8 @@ def benchmarks_block(root: Path) -> str:
     folder = root / BENCHMARK_DIR
     files = sorted(folder.glob("*.json")) if folder.is_dir() else []
     how = ("Produce them with `python benchmarks/eval_speed.py --baseline > benchmarks/results/eval_speed.json` "
-           "(prints JSON), `python benchmarks/edit_speed.py --json benchmarks/results/edit_speed.json` and "
+           "(prints JSON), `python benchmarks/command_speed.py --json benchmarks/results/command_speed.json`, "
+           "`python benchmarks/edit_speed.py --json benchmarks/results/edit_speed.json` and "
            "then run `e2u docs`; `python benchmarks/train_speed.py` prints its own Markdown table.")
     if not files:
         return f"No benchmark output file in `{BENCHMARK_DIR}/`. {how}"
@@ -312,11 +313,22 @@ def benchmarks_block(root: Path) -> str:
             data = json.loads(path.read_text(encoding="utf-8"))
         except ValueError as exc:
             raise E2UError(f"benchmark output {path}: not valid JSON ({exc})") from None
-        rows = data if isinstance(data, list) else [data]
-        keys = list(dict.fromkeys(k for row in rows if isinstance(row, dict) for k in row))
-        table = _table(keys, [[_cell(row.get(k, "")) for k in keys] for row in rows if isinstance(row, dict)])
-        parts.append(f"`{BENCHMARK_DIR}/{path.name}`:\n\n{table}")
+        tables = data if _is_named_tables(data) else {"": data if isinstance(data, list) else [data]}
+        rendered = [(f"{name}:\n\n" if name else "") + _rows_table(rows) for name, rows in tables.items()]
+        parts.append(f"`{BENCHMARK_DIR}/{path.name}`:\n\n" + "\n\n".join(rendered))
     return "\n\n".join(parts) + f"\n\n{how}"
+
+
+def _is_named_tables(data: Any) -> bool:
+    """A JSON object whose every value is a list of objects (``{"summary": [...], "runs": [...]}``):
+    one table per key."""
+    return isinstance(data, dict) and bool(data) and all(
+        isinstance(rows, list) and all(isinstance(row, dict) for row in rows) for rows in data.values())
+
+
+def _rows_table(rows: list) -> str:
+    keys = list(dict.fromkeys(k for row in rows if isinstance(row, dict) for k in row))
+    return _table(keys, [[_cell(row.get(k, "")) for k in keys] for row in rows if isinstance(row, dict)])
 
 
 # --------------------------------------------------------------------------- generation and checking

@@ -8,6 +8,7 @@ A fenced command meant to fail carries a trailing ``# fails: <why>`` comment and
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import shutil
@@ -181,6 +182,17 @@ def test_benchmark_outputs_are_rendered_when_present(tmp_path):
     (out / "edit_speed.json").write_text('[{"method": "memit", "edit_s": 49.0}]', encoding="utf-8")
     block = docs.benchmarks_block(tmp_path)
     assert "| method | edit_s |" in block and "| memit | 49.0 |" in block
+
+
+def test_a_benchmark_output_of_named_tables_renders_one_table_each(tmp_path):
+    out = tmp_path / docs.BENCHMARK_DIR
+    out.mkdir(parents=True)
+    figures = {"summary": [{"wall_ratio": 1.5, "identical_answers": True}],
+               "runs": [{"run": "old", "wall_s": 3.0}, {"run": "new", "wall_s": 2.0}]}
+    (out / "command_speed.json").write_text(json.dumps(figures), encoding="utf-8")
+    block = docs.benchmarks_block(tmp_path)
+    assert "summary:\n\n| wall_ratio | identical_answers |\n|---|---|\n| 1.5 | true |" in block
+    assert "runs:\n\n| run | wall_s |\n|---|---|\n| old | 3.0 |\n| new | 2.0 |" in block
 
 
 def test_the_docs_module_does_not_import_torch():

@@ -103,3 +103,25 @@ def test_model_hash_is_the_content_not_the_folder(tiny_model_dir, tmp_path):
     with torch.no_grad():
         next(there.parameters()).view(-1)[0] += 1.0
     assert model_sha256(here) != model_sha256(there)
+
+
+def test_model_hash_reads_the_tensor_bytes_in_place(tiny_model_dir):
+    """The hash is sha256 over the config (less provenance keys) then name, dtype, shape and raw
+    bytes of every state entry, whatever the dtype: the digest from a byte copy of each tensor
+    equals the in-place one."""
+    import hashlib
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from e2u_models.edit_cache import CONFIG_PROVENANCE_KEYS, model_sha256
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    model.register_buffer("scalar_probe", torch.tensor(3.5, dtype=torch.bfloat16))
+    model.model.layers[0].mlp.down_proj.to(torch.bfloat16)
+    config = {k: v for k, v in model.config.to_dict().items() if k not in CONFIG_PROVENANCE_KEYS}
+    copied = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in model.state_dict().items():
+        copied.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        copied.update(bytes(tensor.contiguous().reshape(-1).view(torch.uint8).tolist()))
+    assert model_sha256(model) == copied.hexdigest()
