@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--repeats", nargs="+", default=None,
                        help="folder(s) of re-runs of some of the runs (another --batch_size, another "
                             "process): each metric's tolerance is 10x the largest difference they show")
+    board.add_argument("--update", default=None,
+                       help="an existing leaderboard: its entries that no new run replaces are kept "
+                            "(with their per-document scores)")
     board.add_argument("--note", default="", help="a sentence on where and how it was measured")
 
     regress = sub.add_parser("regress", help="check results against a leaderboard (CI)")
@@ -89,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             from e2u_experiments.leaderboard import write_leaderboard
 
             write_leaderboard(args.results, args.out, name=args.name, tolerance=args.tolerance,
-                              note=args.note, repeats=args.repeats, log=_say)
+                              note=args.note, repeats=args.repeats,
+                              update=args.update, log=_say)
             return 0
         if args.command == "regress":
             from e2u_experiments.leaderboard import regress

@@ -111,8 +111,7 @@ def build_entries(runs: list[Run], tolerance: float,
     ``tolerance`` otherwise."""
     measured = measured or {}
     entries = []
-    for run in sorted(runs, key=lambda r: (r.model, str(r.dataset), r.forget_size or 0,
-                                           method_order(r.label), str(r.seed))):
+    for run in runs:
         metrics = {}
         for task, values in sorted(run.metrics.items()):
             kept = {m: {"value": v, "tolerance": measured[m]["tolerance"] if m in measured else tolerance}
@@ -121,16 +120,36 @@ def build_entries(runs: list[Run], tolerance: float,
                 metrics[task] = kept
         card = {k: run.card[k] for k in CARD_KEYS if k in run.card}
         entries.append({**identity_of(run), "run_card": card, "metrics": metrics})
-    return entries
+    return sorted(entries, key=_entry_order)
+
+
+def _entry_order(entry: dict) -> tuple:
+    opts = ", ".join(f"{k}={v}" for k, v in sorted((entry.get("options") or {}).items()))
+    label = f"{entry['method']} ({opts})" if opts else entry["method"]
+    return (str(entry["model"]), str(entry.get("dataset")), entry.get("forget_size") or 0,
+            method_order(label), str(entry.get("seed")))
+
+
+def _kept_entries(update: str, replaced: set[str], log) -> tuple[list[dict], dict[str, dict]]:
+    """The entries (and per-document scores) of an existing leaderboard that no new run replaces."""
+    board = load_leaderboard(update)
+    docs = load_docs(update) if docs_path(update).is_file() else {}
+    kept = [e for e in board["entries"] if _identity_key(e) not in replaced]
+    log(f"e2u: {len(board['entries']) - len(kept)} entries of {update} replaced by new runs, {len(kept)} kept")
+    kept_ids = {entry_id(_identity_key(e)) for e in kept}
+    return kept, {key: table for key, table in docs.items() if key in kept_ids}
 
 
 def write_leaderboard(folders: list[str], out: str, name: str = "", tolerance: float = 1e-6,
-                      note: str = "", repeats: list[str] | None = None, log=print) -> Path:
+                      note: str = "", repeats: list[str] | None = None, update: str | None = None,
+                      log=print) -> Path:
     """Write the leaderboard (and its per-document scores); with ``repeats`` (folders of re-runs
-    of some of its runs) each metric's tolerance is measured from them."""
+    of some of its runs) each metric's tolerance is measured from them; with ``update`` (an
+    existing leaderboard) its entries that no run replaces are kept as they are."""
     if not tolerance >= 0:
         raise E2UError(f"--tolerance {tolerance} is not accepted; give an absolute tolerance >= 0")
     runs = load_runs(folders, with_samples=True, log=log)
+    kept, kept_docs = _kept_entries(update, {_identity_key(identity_of(r)) for r in runs}, log) if update else ([], {})
     measured = measured_tolerances(runs, load_runs(repeats, with_samples=False, log=log)) if repeats else {}
     if repeats and not measured:
         raise E2UError(f"--repeats {' '.join(repeats)} holds no results to measure tolerances from")
@@ -142,11 +161,11 @@ def write_leaderboard(folders: list[str], out: str, name: str = "", tolerance: f
                     f"(another batch size or process, same machine); {tolerance:g} for metrics no "
                     "repeat measured",
             "metrics": measured}
-    board["entries"] = build_entries(runs, tolerance, measured)
+    board["entries"] = sorted(build_entries(runs, tolerance, measured) + kept, key=_entry_order)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     tables = {entry_id(_identity_key(identity_of(r))): per_document(r) for r in runs}
-    tables = {key: table for key, table in tables.items() if table}
+    tables = {**kept_docs, **{key: table for key, table in tables.items() if table}}
     if tables:  # statistical mode of regress reads them (runs written with --log_samples)
         write_docs(docs_path(path), tables)
     text = (json.dumps(board, indent=1) if path.suffix == ".json"

@@ -811,3 +811,22 @@ def test_a_repeat_of_no_leaderboard_run_is_one_line(results_dir, tmp_path, capsy
                            "--repeats", str(repeats))
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "has no run of the same identity" in err and "memit" in err
+
+
+def test_update_replaces_rerun_entries_and_keeps_the_others(results_dir, tmp_path, capsys):
+    old = tmp_path / "old.yaml"
+    assert run_cli(capsys, "leaderboard", str(results_dir), "--out", str(old))[0] == 0
+    rerun = tmp_path / "rerun"
+    write_result(rerun / "rome", "rome", forget=[1.0, 1.0, 0.5, 0.0], retain=[0.5, 1.0, 0.0, 0.0, 0.5])
+    new = tmp_path / "new.yaml"
+    code, out, _ = run_cli(capsys, "leaderboard", str(rerun), "--out", str(new), "--update", str(old))
+    assert code == 0 and "1 entries of" in out and "2 kept" in out
+    written = yaml.safe_load(new.read_text())
+    assert [(e["method"], e["options"]) for e in written["entries"]] == \
+        [("none", {}), ("rome", {}), ("rome", {"merge": "5"})]
+    rome = written["entries"][1]["metrics"]["tofu_forget"]["rouge1_recall"]["value"]
+    assert rome == pytest.approx(0.625)
+    docs = json.loads((tmp_path / "new.docs.json").read_text())["entries"]
+    assert len(docs) == 3  # the kept entries' per-document scores travel with them
+    # the rerun passes the updated board; the old folder still passes for the kept entries
+    assert run_cli(capsys, "regress", "--leaderboard", str(new), "--results", str(rerun), "--allow-missing")[0] == 0
