@@ -28,7 +28,7 @@ from tqdm import tqdm
 from e2u_models.cache import atomic_directory, cache_root, json_sha256, verified_entry
 from e2u_models.editing.keys import read_at_keys
 from e2u_models.editing.requests import question_key_rows
-from e2u_models.nethook import StopForward, forward_until_stopped, pad_id_of, trace
+from e2u_models.nethook import StopForward, forward_until_stopped, pad_id_of, pad_right, trace
 from e2u_models.protocol import MethodEnv
 from e2u_tasks.errors import E2UError
 
@@ -263,27 +263,66 @@ def second_moments(model, tokenizer, corpus: TextCorpus, request: StatsRequest,
     started = time.perf_counter()
     log(f"e2u: collecting second moments of {len(todo)} module(s) on {request.n_tokens} tokens "
         f"of {corpus.identity}")
-    sums, count, seen = _outer_product_sums(model, tokenizer, corpus, request, todo, list(named))
-    if count.item() == 0:
+    sums, seen = _outer_product_sums(model, tokenizer, corpus, request, todo, list(named))
+    if seen == 0:
         raise E2UError(f"stats corpus {corpus.identity} produced no tokens")
     if seen < request.n_tokens:
         log(f"e2u: the corpus {corpus.identity} has only {seen} of the {request.n_tokens} tokens asked for")
     storage = getattr(torch, request.dtype)
     for module in todo:
-        result[module] = store_moment(cache_dir, keys[module], (sums[module] / count).to(storage), {
-            "module": module, "tokens": str(int(count.item())), "corpus": corpus.identity,
+        result[module] = store_moment(cache_dir, keys[module], (sums[module] / seen).to(storage), {
+            "module": module, "tokens": str(seen), "corpus": corpus.identity,
             "corpus_sha256": corpus.content_sha256})
     seconds = time.perf_counter() - started
-    log(f"e2u: second moments done in {seconds:.1f} s ({count.item() / seconds:.0f} tokens/s)")
+    log(f"e2u: second moments done in {seconds:.1f} s ({seen / seconds:.0f} tokens/s)")
     return result
 
 
+def corpus_rows(tokenizer, corpus: TextCorpus, request: StatsRequest) -> list[list[int]]:
+    """The token rows the statistics read: each text's first ``max_length`` tokens, in corpus
+    order, until ``n_tokens`` tokens are taken (the last row cut to the budget)."""
+    rows, seen = [], 0
+    for text in corpus.texts():
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][: request.max_length]
+        ids = ids[: request.n_tokens - seen]
+        if not ids:
+            continue
+        rows.append(ids)
+        seen += len(ids)
+        if seen >= request.n_tokens:
+            break
+    return rows
+
+
+def length_batches(rows: Sequence[Sequence[int]], token_budget: int) -> list[list[int]]:
+    """Indices of ``rows`` in batches of similar length, longest first, each batch padded to its
+    longest row holding at most ``token_budget`` tokens (at least one row): a second moment is a
+    sum over tokens, so the grouping changes no term, and little of each forward is padding."""
+    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), i))
+    batches: list[list[int]] = []
+    for index in order:
+        if batches and (len(batches[-1]) + 1) * len(rows[batches[-1][0]]) <= token_budget:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches
+
+
+def stats_forward_batches(model, tokenizer, rows: Sequence[Sequence[int]], request: StatsRequest):
+    """Yield (real-token mask, forward kwargs) of the length-grouped batches of ``rows``; a batch
+    holds up to ``batch_size`` × ``max_length`` tokens."""
+    device = next(model.parameters()).device
+    pad_id = pad_id_of(tokenizer)
+    for batch in length_batches(rows, request.batch_size * request.max_length):
+        ids, mask = pad_right([rows[i] for i in batch], pad_id, device)
+        yield mask.bool(), {"input_ids": ids, "attention_mask": mask}
+
+
 def _outer_product_sums(model, tokenizer, corpus: TextCorpus, request: StatsRequest, todo: list[str],
-                        order: list[str]) -> tuple[dict, torch.Tensor, int]:
-    """(Σ k kᵀ per module in float64, tokens counted, tokens read) over the corpus's first
+                        order: list[str]) -> tuple[dict, int]:
+    """(Σ k kᵀ per module in float64, tokens read) over the corpus's first
     ``n_tokens`` tokens; each forward stops after the deepest module (``order``: all names)."""
     sums = {m: None for m in todo}
-    count = torch.zeros((), dtype=torch.float64)
     current_mask: dict[str, torch.Tensor] = {}
     deepest = max(todo, key=lambda m: (_layer_of(m) or 0, order.index(m)))
 
@@ -299,48 +338,21 @@ def _outer_product_sums(model, tokenizer, corpus: TextCorpus, request: StatsRequ
 
         return probe
 
-    device = next(model.parameters()).device
-    pad_id = pad_id_of(tokenizer)
-
-    def run(batch_ids: list[list[int]]):
-        width = max(map(len, batch_ids))
-        ids = torch.full((len(batch_ids), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch_ids), width), dtype=torch.bool)
-        for i, row in enumerate(batch_ids):
-            ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = True
-        current_mask["mask"] = mask.to(device)
-        with torch.no_grad():
-            forward_until_stopped(model, input_ids=ids.to(device), attention_mask=mask.long().to(device))
-
-    progress = tqdm(total=request.n_tokens, unit="tok", desc="second moments")
-    seen = 0
-    batch: list[list[int]] = []
+    rows = corpus_rows(tokenizer, corpus, request)
+    seen = sum(map(len, rows))
+    progress = tqdm(total=seen, unit="tok", desc="second moments")
     was_training = model.training
     model.eval()
     try:
-        with trace(model, inputs={m: probe_for(m) for m in todo}):
-            for text in corpus.texts():
-                ids = tokenizer(text, add_special_tokens=False)["input_ids"][: request.max_length]
-                ids = ids[: request.n_tokens - seen]
-                if not ids:
-                    continue
-                batch.append(ids)
-                seen += len(ids)
-                progress.update(len(ids))
-                if len(batch) == request.batch_size or seen >= request.n_tokens:
-                    run(batch)
-                    count += sum(map(len, batch))
-                    batch = []
-                if seen >= request.n_tokens:
-                    break
-            if batch:
-                run(batch)
-                count += sum(map(len, batch))
+        with trace(model, inputs={m: probe_for(m) for m in todo}), torch.no_grad():
+            for mask, batch in stats_forward_batches(model, tokenizer, rows, request):
+                current_mask["mask"] = mask
+                forward_until_stopped(model, **batch)
+                progress.update(int(mask.sum()))
     finally:
         model.train(was_training)
         progress.close()
-    return sums, count, seen
+    return sums, seen
 
 
 @dataclass(frozen=True)
