@@ -7,8 +7,9 @@ temporary git worktree) and once with this tree, on the same model, requests and
   * ``stats``: AlphaEdit's second-moment statistics with an empty cache (its layers, the preset's
     token budget, the preserved questions' key moments);
   * ``wise`` / ``grace``: the whole edit (``apply``);
-  * ``alphaedit``: the whole edit with the statistics already cached (each side's own statistics,
-    collected before the timer starts).
+  * ``alphaedit``: the whole edit with the statistics already cached (both sides read the old
+    side's statistics, collected before the timer starts, so the edit alone is compared; the
+    ``stats`` row gives the largest relative difference between the two sides' moments).
 
 Per stage and side: wall seconds of the stage alone (model load excluded), peak RSS of the
 subprocess (``wait4``), and a sha256 of the result (the moments; the side memory or codebook
@@ -71,6 +72,33 @@ def sha256_of_tensors(tensors: dict, extra=None) -> str:
     return digest.hexdigest()
 
 
+def forward_only_throughput(model, tokenizer, hparams, layers, env) -> float | None:
+    """Tokens/s of the statistics' forward alone (the same batches, stopped at the deepest
+    module, no moments): the limit of the collection. None for a revision without the batching
+    helpers."""
+    import torch
+
+    from e2u_models.editing import stats
+
+    if not hasattr(stats, "stats_forward_batches"):
+        return None
+    spec = stats.StatsSpec.of(hparams)
+    corpus = stats.resolve_corpus(spec.stats_corpus, env.render)
+    request = stats.StatsRequest(modules=tuple(spec.module_tmp.format(l) for l in layers),
+                                 n_tokens=spec.mom2_n_tokens, max_length=spec.mom2_max_length)
+    rows = stats.corpus_rows(tokenizer, corpus, request)
+    deepest = dict(model.named_modules())[request.modules[-1]]
+
+    def stop(_):
+        raise stats.StopForward
+
+    started = time.perf_counter()
+    with stats.trace(model, inputs={deepest: stop}), torch.no_grad():
+        for _, batch in stats.stats_forward_batches(model, tokenizer, rows, request):
+            stats.forward_until_stopped(model, **batch)
+    return round(sum(map(len, rows)) / (time.perf_counter() - started), 1)
+
+
 def run_child(args) -> dict:
     sys.path.insert(0, args.root)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -108,6 +136,10 @@ def run_child(args) -> dict:
         row["sha256"] = sha256_of_tensors({str(k): v for k, v in moments.items()})
         row["tokens"] = hparams.mom2_n_tokens
         row["tokens_per_s"] = round(hparams.mom2_n_tokens / seconds, 1)
+        import torch
+
+        torch.save({k: v.cpu() for k, v in moments.items()}, f"{args.cache_dir}.moments.pt")
+        row["forward_tokens_per_s"] = forward_only_throughput(model, tokenizer, hparams, layers, env)
     else:
         original = {n: p.detach().clone() for n, p in model.named_parameters()}
         report = method.apply(model, tokenizer, forget, None, hparams, seed=0, env=env)
@@ -146,6 +178,28 @@ def run_side(stage: str, root: Path, cache_dir: str, args) -> dict:
     return row
 
 
+def moments_difference(reference: Path, other: Path) -> float:
+    """The largest relative Frobenius difference ‖C − C_ref‖ / ‖C_ref‖ over the layers."""
+    import torch
+
+    ref, new = torch.load(reference), torch.load(other)
+    return float(max((new[k].double() - ref[k].double()).norm() / ref[k].double().norm() for k in ref))
+
+
+def compare(stage: str, old: dict, new: dict) -> dict:
+    """One output row: both sides' seconds and peak RSS, the ratio old/new, whether the results'
+    hashes are equal, and the stage's own figures of each side."""
+    row = {"stage": stage, "old_s": old["seconds"], "new_s": new["seconds"],
+           "ratio": round(old["seconds"] / max(new["seconds"], 1e-9), 2),
+           "old_rss_gib": old["peak_rss_gib"], "new_rss_gib": new["peak_rss_gib"],
+           "identical": old["sha256"] == new["sha256"]}
+    for key in ("tokens_per_s", "forward_tokens_per_s", "max_rel_diff", "nll_after", "unreached"):
+        for side, result in (("old", old), ("new", new)):
+            if key in result:
+                row[f"{side}_{key}"] = result[key]
+    return row
+
+
 def main() -> None:
     args = options().parse_args()
     if args.child:
@@ -169,22 +223,20 @@ def main() -> None:
     rows = []
     try:
         for stage in stages:
-            row = {"stage": stage}
             results = {}
             for side, root in (("old", old_root), ("new", new_root)):
-                cache = scratch / f"cache-{side}"  # stats: empty (cold); alphaedit: filled by its own side
-                if stage == "stats":
+                if stage == "stats":  # an empty cache: cold
+                    cache = scratch / f"cache-{side}"
                     shutil.rmtree(cache, ignore_errors=True)
+                else:  # both editors read the same statistics (the old side's, filled on first use)
+                    cache = scratch / "cache-old"
                 results[side] = run_side(stage, root, str(cache), args)
                 print(f"{stage} {side}: {json.dumps(results[side])}", file=sys.stderr, flush=True)
-            old, new = results["old"], results["new"]
-            row.update(old_s=old["seconds"], new_s=new["seconds"],
-                       ratio=round(old["seconds"] / max(new["seconds"], 1e-9), 2),
-                       old_rss_gib=old["peak_rss_gib"], new_rss_gib=new["peak_rss_gib"],
-                       identical=old["sha256"] == new["sha256"])
-            for key in ("tokens_per_s", "nll_after", "unreached"):
-                if key in old:
-                    row[f"old_{key}"], row[f"new_{key}"] = old[key], new[key]
+            if stage == "stats":
+                for side in results:
+                    results[side]["max_rel_diff"] = moments_difference(scratch / "cache-old.moments.pt",
+                                                                       scratch / f"cache-{side}.moments.pt")
+            row = compare(stage, results["old"], results["new"])
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:

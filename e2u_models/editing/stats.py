@@ -2,8 +2,10 @@
 
 C = (1/N) Σ k kᵀ over every non-padding token of a text corpus, k the input of a linear module
 (for llama-style MLPs the input of ``down_proj``): the *uncentred* second moment MEMIT and
-AlphaEdit protect. One forward pass collects every requested module, stopping after the deepest
-one; sums accumulate in float64. Each module's result is cached as safetensors under a key that
+AlphaEdit protect. The corpus rows run in batches of similar length (little padding); each
+forward collects every requested module and stops after the deepest one. For a float32 result
+each batch's Σ k kᵀ is a float32 product and the batches add up in float64; a float64 result is
+float64 throughout. Each module's result is cached as safetensors under a key that
 hashes everything it depends on: the weights that feed that module (input embeddings and every
 layer up to the module's), the module name, the corpus identity and content, the token budget,
 the sequence cap and the storage dtype. A cached second request reads the files and runs nothing.
@@ -325,13 +327,17 @@ def _outer_product_sums(model, tokenizer, corpus: TextCorpus, request: StatsRequ
     sums = {m: None for m in todo}
     current_mask: dict[str, torch.Tensor] = {}
     deepest = max(todo, key=lambda m: (_layer_of(m) or 0, order.index(m)))
+    # A float32 result keeps about 7 digits, as does a float32 product of one batch (a block of
+    # up to batch_size × max_length tokens); the blocks add up in float64. A float64 result is
+    # float64 throughout.
+    block_dtype = torch.float64 if request.dtype == "float64" else torch.float32
 
     def probe_for(name):
         def probe(inputs):
             keys_ = inputs.detach()
             # On the module's own device (a model sharded over several GPUs).
-            rows = keys_[current_mask["mask"].to(keys_.device)].to(torch.float64)
-            total = rows.T @ rows
+            rows = keys_[current_mask["mask"].to(keys_.device)].to(block_dtype)
+            total = (rows.T @ rows).to(torch.float64)
             sums[name] = total if sums[name] is None else sums[name] + total
             if name == deepest:
                 raise StopForward
