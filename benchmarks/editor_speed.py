@@ -244,6 +244,10 @@ def main() -> None:
         shutil.rmtree(scratch, ignore_errors=True)
     settings = {"old_rev": old_sha[:12], "forget_size": args.forget_size, "tokens": args.tokens,
                 "steps": args.steps, "pretrained": args.pretrained}
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    print("\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
     print(json.dumps(settings))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -302,8 +302,9 @@ def benchmarks_block(root: Path) -> str:
     folder = root / BENCHMARK_DIR
     files = sorted(folder.glob("*.json")) if folder.is_dir() else []
     how = ("Produce them with `python benchmarks/eval_speed.py --baseline > benchmarks/results/eval_speed.json` "
-           "(prints JSON), `python benchmarks/edit_speed.py --json benchmarks/results/edit_speed.json` and "
-           "then run `e2u docs`; `python benchmarks/train_speed.py` prints its own Markdown table.")
+           "(prints JSON), `python benchmarks/edit_speed.py --json benchmarks/results/edit_speed.json`, "
+           "`python benchmarks/editor_speed.py --old-rev <revision> --json benchmarks/results/editor_speed.json` "
+           "and then run `e2u docs`; `python benchmarks/train_speed.py` prints its own Markdown table.")
     if not files:
         return f"No benchmark output file in `{BENCHMARK_DIR}/`. {how}"
     parts = []
