@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from e2u_experiments import docs
-from e2u_models.editing.stats import (StatsRequest, TextCorpus, corpus_rows, length_batches,
-                                      second_moments)
+from e2u_models.editing.stats import (StatsRequest, TextCorpus, add_upper_gram, corpus_rows,
+                                      length_batches, mirrored_upper, second_moments)
 from e2u_models.methods.wise import module_inputs
 from tests.conftest import TRAINING_TEXT, build_tiny_model, build_tiny_tokenizer
 
@@ -75,6 +75,16 @@ def test_length_grouped_moments_match_the_corpus_order_pass(tiny, tmp_path, dtyp
         difference = (fast[module].double() - reference[module]).norm() / reference[module].norm()
         assert difference < 1e-6
         assert fast[module].dtype == getattr(torch, dtype)
+        assert torch.equal(fast[module], fast[module].T)
+
+
+def test_upper_gram_blocks_complete_to_the_full_product():
+    rows = torch.randn(50, 23, dtype=torch.float64)
+    total = torch.zeros(23, 23, dtype=torch.float64)
+    add_upper_gram(total, rows, block=5)
+    add_upper_gram(total, rows[:7], block=5)
+    expected = rows.T @ rows + rows[:7].T @ rows[:7]
+    assert torch.allclose(mirrored_upper(total), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_wise_module_inputs_equal_the_full_forward_capture(tiny):

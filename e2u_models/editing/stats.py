@@ -3,12 +3,12 @@
 C = (1/N) Σ k kᵀ over every non-padding token of a text corpus, k the input of a linear module
 (for llama-style MLPs the input of ``down_proj``): the *uncentred* second moment MEMIT and
 AlphaEdit protect. The corpus rows run in batches of similar length (little padding); each
-forward collects every requested module and stops after the deepest one. For a float32 result
-each batch's Σ k kᵀ is a float32 product and the batches add up in float64; a float64 result is
-float64 throughout. Each module's result is cached as safetensors under a key that
-hashes everything it depends on: the weights that feed that module (input embeddings and every
-layer up to the module's), the module name, the corpus identity and content, the token budget,
-the sequence cap and the storage dtype. A cached second request reads the files and runs nothing.
+forward collects every requested module and stops after the deepest one. Each batch's Σ k kᵀ is
+computed on and above the diagonal only (it is symmetric), for a float32 result as float32
+products added up in float64; a float64 result is float64 throughout. Each module's result is
+cached as safetensors under a key that hashes everything it depends on: the weights that feed
+that module (input embeddings and every layer up to the module's), the module name, the corpus
+identity and content, the token budget, the sequence cap and the storage dtype. A cached second request reads the files and runs nothing.
 
 Kept apart from the methods on purpose (as in the original ROME code): a method asks for
 statistics (:func:`statistics_for` with a :class:`StatsSpec`), it never computes them itself.
@@ -320,6 +320,24 @@ def stats_forward_batches(model, tokenizer, rows: Sequence[Sequence[int]], reque
         yield mask.bool(), {"input_ids": ids, "attention_mask": mask}
 
 
+GRAM_BLOCK = 384  # columns per block row of the symmetric product: about 5/8 of a full product's work
+
+
+def add_upper_gram(total: torch.Tensor, rows: torch.Tensor, block: int = GRAM_BLOCK) -> None:
+    """Add rowsᵀ rows to ``total`` (float64) on and above the diagonal, by blocks of columns (the
+    product is symmetric: the blocks below the diagonal are not computed); :func:`mirrored_upper`
+    completes it. Each block is computed in ``rows``' dtype."""
+    width = rows.shape[1]
+    for start in range(0, width, block):
+        stop = min(start + block, width)
+        total[start:stop, start:] += (rows[:, start:stop].T @ rows[:, start:]).to(torch.float64)
+
+
+def mirrored_upper(total: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle (diagonal included) is ``total``'s."""
+    return total.triu() + total.triu(1).T
+
+
 def _outer_product_sums(model, tokenizer, corpus: TextCorpus, request: StatsRequest, todo: list[str],
                         order: list[str]) -> tuple[dict, int]:
     """(Σ k kᵀ per module in float64, tokens read) over the corpus's first
@@ -337,8 +355,9 @@ def _outer_product_sums(model, tokenizer, corpus: TextCorpus, request: StatsRequ
             keys_ = inputs.detach()
             # On the module's own device (a model sharded over several GPUs).
             rows = keys_[current_mask["mask"].to(keys_.device)].to(block_dtype)
-            total = (rows.T @ rows).to(torch.float64)
-            sums[name] = total if sums[name] is None else sums[name] + total
+            if sums[name] is None:
+                sums[name] = torch.zeros((rows.shape[1], rows.shape[1]), dtype=torch.float64, device=rows.device)
+            add_upper_gram(sums[name], rows)
             if name == deepest:
                 raise StopForward
 
@@ -358,7 +377,7 @@ def _outer_product_sums(model, tokenizer, corpus: TextCorpus, request: StatsRequ
     finally:
         model.train(was_training)
         progress.close()
-    return sums, seen
+    return {name: mirrored_upper(total) for name, total in sums.items()}, seen
 
 
 @dataclass(frozen=True)
