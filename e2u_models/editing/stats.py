@@ -8,7 +8,8 @@ computed on and above the diagonal only (it is symmetric), for a float32 result 
 products added up in float64; a float64 result is float64 throughout. Each module's result is
 cached as safetensors under a key that hashes everything it depends on: the weights that feed
 that module (input embeddings and every layer up to the module's), the module name, the corpus
-identity and content, the token budget, the sequence cap and the storage dtype. A cached second request reads the files and runs nothing.
+identity and content, the token budget, the sequence cap and the storage dtype. A cached second
+request reads the files and runs nothing.
 
 Kept apart from the methods on purpose (as in the original ROME code): a method asks for
 statistics (:func:`statistics_for` with a :class:`StatsSpec`), it never computes them itself.
@@ -356,7 +357,8 @@ def _outer_product_sums(model, tokenizer, corpus: TextCorpus, request: StatsRequ
             # On the module's own device (a model sharded over several GPUs).
             rows = keys_[current_mask["mask"].to(keys_.device)].to(block_dtype)
             if sums[name] is None:
-                sums[name] = torch.zeros((rows.shape[1], rows.shape[1]), dtype=torch.float64, device=rows.device)
+                width = rows.shape[1]
+                sums[name] = torch.zeros((width, width), dtype=torch.float64, device=rows.device)
             add_upper_gram(sums[name], rows)
             if name == deepest:
                 raise StopForward
