@@ -139,7 +139,9 @@ def run_child(args) -> dict:
         import torch
 
         torch.save({k: v.cpu() for k, v in moments.items()}, f"{args.cache_dir}.moments.pt")
-        row["forward_tokens_per_s"] = forward_only_throughput(model, tokenizer, hparams, layers, env)
+        limit = forward_only_throughput(model, tokenizer, hparams, layers, env)
+        if limit is not None:
+            row["forward_tokens_per_s"] = limit
     else:
         original = {n: p.detach().clone() for n, p in model.named_parameters()}
         report = method.apply(model, tokenizer, forget, None, hparams, seed=0, env=env)
@@ -183,7 +185,8 @@ def moments_difference(reference: Path, other: Path) -> float:
     import torch
 
     ref, new = torch.load(reference), torch.load(other)
-    return float(max((new[k].double() - ref[k].double()).norm() / ref[k].double().norm() for k in ref))
+    largest = max((new[k].double() - ref[k].double()).norm() / ref[k].double().norm() for k in ref)
+    return float(f"{float(largest):.3g}")
 
 
 def compare(stage: str, old: dict, new: dict) -> dict:
