@@ -2,11 +2,14 @@
 
 C = (1/N) Σ k kᵀ over every non-padding token of a text corpus, k the input of a linear module
 (for llama-style MLPs the input of ``down_proj``): the *uncentred* second moment MEMIT and
-AlphaEdit protect. One forward pass collects every requested module, stopping after the deepest
-one; sums accumulate in float64. Each module's result is cached as safetensors under a key that
-hashes everything it depends on: the weights that feed that module (input embeddings and every
-layer up to the module's), the module name, the corpus identity and content, the token budget,
-the sequence cap and the storage dtype. A cached second request reads the files and runs nothing.
+AlphaEdit protect. The corpus rows run in batches of similar length (little padding); each
+forward collects every requested module and stops after the deepest one. Each batch's Σ k kᵀ is
+computed on and above the diagonal only (it is symmetric), for a float32 result as float32
+products added up in float64; a float64 result is float64 throughout. Each module's result is
+cached as safetensors under a key that hashes everything it depends on: the weights that feed
+that module (input embeddings and every layer up to the module's), the module name, the corpus
+identity and content, the token budget, the sequence cap and the storage dtype. A cached second
+request reads the files and runs nothing.
 
 Kept apart from the methods on purpose (as in the original ROME code): a method asks for
 statistics (:func:`statistics_for` with a :class:`StatsSpec`), it never computes them itself.
@@ -28,7 +31,7 @@ from tqdm import tqdm
 from e2u_models.cache import atomic_directory, cache_root, json_sha256, verified_entry
 from e2u_models.editing.keys import read_at_keys
 from e2u_models.editing.requests import question_key_rows
-from e2u_models.nethook import StopForward, forward_until_stopped, pad_id_of, trace
+from e2u_models.nethook import StopForward, forward_until_stopped, pad_id_of, pad_right, trace
 from e2u_models.protocol import MethodEnv
 from e2u_tasks.errors import E2UError
 
@@ -220,7 +223,8 @@ def _cache_keys(model, corpus: TextCorpus, request: StatsRequest,
     return {module: json_sha256({
         "weights": weights[module], "module": module,
         "corpus": [corpus.identity, corpus.content_sha256], "n_tokens": request.n_tokens,
-        "max_length": request.max_length, "dtype": request.dtype, "version": 1})
+        # version 2: length-grouped batches, whose padding moves the moments' last float32 bits
+        "max_length": request.max_length, "dtype": request.dtype, "version": 2})
         for module in request.modules}
 
 
@@ -263,84 +267,120 @@ def second_moments(model, tokenizer, corpus: TextCorpus, request: StatsRequest,
     started = time.perf_counter()
     log(f"e2u: collecting second moments of {len(todo)} module(s) on {request.n_tokens} tokens "
         f"of {corpus.identity}")
-    sums, count, seen = _outer_product_sums(model, tokenizer, corpus, request, todo, list(named))
-    if count.item() == 0:
+    sums, seen = _outer_product_sums(model, tokenizer, corpus, request, todo, list(named))
+    if seen == 0:
         raise E2UError(f"stats corpus {corpus.identity} produced no tokens")
     if seen < request.n_tokens:
         log(f"e2u: the corpus {corpus.identity} has only {seen} of the {request.n_tokens} tokens asked for")
     storage = getattr(torch, request.dtype)
     for module in todo:
-        result[module] = store_moment(cache_dir, keys[module], (sums[module] / count).to(storage), {
-            "module": module, "tokens": str(int(count.item())), "corpus": corpus.identity,
+        result[module] = store_moment(cache_dir, keys[module], (sums[module] / seen).to(storage), {
+            "module": module, "tokens": str(seen), "corpus": corpus.identity,
             "corpus_sha256": corpus.content_sha256})
     seconds = time.perf_counter() - started
-    log(f"e2u: second moments done in {seconds:.1f} s ({count.item() / seconds:.0f} tokens/s)")
+    log(f"e2u: second moments done in {seconds:.1f} s ({seen / seconds:.0f} tokens/s)")
     return result
 
 
+def corpus_rows(tokenizer, corpus: TextCorpus, request: StatsRequest) -> list[list[int]]:
+    """The token rows the statistics read: each text's first ``max_length`` tokens, in corpus
+    order, until ``n_tokens`` tokens are taken (the last row cut to the budget)."""
+    rows, seen = [], 0
+    for text in corpus.texts():
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][: request.max_length]
+        ids = ids[: request.n_tokens - seen]
+        if not ids:
+            continue
+        rows.append(ids)
+        seen += len(ids)
+        if seen >= request.n_tokens:
+            break
+    return rows
+
+
+def length_batches(rows: Sequence[Sequence[int]], token_budget: int) -> list[list[int]]:
+    """Indices of ``rows`` in batches of similar length, longest first, each batch padded to its
+    longest row holding at most ``token_budget`` tokens (at least one row): a second moment is a
+    sum over tokens, so the grouping changes no term, and little of each forward is padding."""
+    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), i))
+    batches: list[list[int]] = []
+    for index in order:
+        if batches and (len(batches[-1]) + 1) * len(rows[batches[-1][0]]) <= token_budget:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches
+
+
+def stats_forward_batches(model, tokenizer, rows: Sequence[Sequence[int]], request: StatsRequest):
+    """Yield (real-token mask, forward kwargs) of the length-grouped batches of ``rows``; a batch
+    holds up to ``batch_size`` × ``max_length`` tokens."""
+    device = next(model.parameters()).device
+    pad_id = pad_id_of(tokenizer)
+    for batch in length_batches(rows, request.batch_size * request.max_length):
+        ids, mask = pad_right([rows[i] for i in batch], pad_id, device)
+        yield mask.bool(), {"input_ids": ids, "attention_mask": mask}
+
+
+GRAM_BLOCK = 384  # columns per block row of the symmetric product: about 5/8 of a full product's work
+
+
+def add_upper_gram(total: torch.Tensor, rows: torch.Tensor, block: int = GRAM_BLOCK) -> None:
+    """Add rowsᵀ rows to ``total`` (float64) on and above the diagonal, by blocks of columns (the
+    product is symmetric: the blocks below the diagonal are not computed); :func:`mirrored_upper`
+    completes it. Each block is computed in ``rows``' dtype."""
+    width = rows.shape[1]
+    for start in range(0, width, block):
+        stop = min(start + block, width)
+        total[start:stop, start:] += (rows[:, start:stop].T @ rows[:, start:]).to(torch.float64)
+
+
+def mirrored_upper(total: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle (diagonal included) is ``total``'s."""
+    return total.triu() + total.triu(1).T
+
+
 def _outer_product_sums(model, tokenizer, corpus: TextCorpus, request: StatsRequest, todo: list[str],
-                        order: list[str]) -> tuple[dict, torch.Tensor, int]:
-    """(Σ k kᵀ per module in float64, tokens counted, tokens read) over the corpus's first
+                        order: list[str]) -> tuple[dict, int]:
+    """(Σ k kᵀ per module in float64, tokens read) over the corpus's first
     ``n_tokens`` tokens; each forward stops after the deepest module (``order``: all names)."""
     sums = {m: None for m in todo}
-    count = torch.zeros((), dtype=torch.float64)
     current_mask: dict[str, torch.Tensor] = {}
     deepest = max(todo, key=lambda m: (_layer_of(m) or 0, order.index(m)))
+    # A float32 result keeps about 7 digits, as does a float32 product of one batch (a block of
+    # up to batch_size × max_length tokens); the blocks add up in float64. A float64 result is
+    # float64 throughout.
+    block_dtype = torch.float64 if request.dtype == "float64" else torch.float32
 
     def probe_for(name):
         def probe(inputs):
             keys_ = inputs.detach()
             # On the module's own device (a model sharded over several GPUs).
-            rows = keys_[current_mask["mask"].to(keys_.device)].to(torch.float64)
-            total = rows.T @ rows
-            sums[name] = total if sums[name] is None else sums[name] + total
+            rows = keys_[current_mask["mask"].to(keys_.device)].to(block_dtype)
+            if sums[name] is None:
+                width = rows.shape[1]
+                sums[name] = torch.zeros((width, width), dtype=torch.float64, device=rows.device)
+            add_upper_gram(sums[name], rows)
             if name == deepest:
                 raise StopForward
 
         return probe
 
-    device = next(model.parameters()).device
-    pad_id = pad_id_of(tokenizer)
-
-    def run(batch_ids: list[list[int]]):
-        width = max(map(len, batch_ids))
-        ids = torch.full((len(batch_ids), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch_ids), width), dtype=torch.bool)
-        for i, row in enumerate(batch_ids):
-            ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = True
-        current_mask["mask"] = mask.to(device)
-        with torch.no_grad():
-            forward_until_stopped(model, input_ids=ids.to(device), attention_mask=mask.long().to(device))
-
-    progress = tqdm(total=request.n_tokens, unit="tok", desc="second moments")
-    seen = 0
-    batch: list[list[int]] = []
+    rows = corpus_rows(tokenizer, corpus, request)
+    seen = sum(map(len, rows))
+    progress = tqdm(total=seen, unit="tok", desc="second moments")
     was_training = model.training
     model.eval()
     try:
-        with trace(model, inputs={m: probe_for(m) for m in todo}):
-            for text in corpus.texts():
-                ids = tokenizer(text, add_special_tokens=False)["input_ids"][: request.max_length]
-                ids = ids[: request.n_tokens - seen]
-                if not ids:
-                    continue
-                batch.append(ids)
-                seen += len(ids)
-                progress.update(len(ids))
-                if len(batch) == request.batch_size or seen >= request.n_tokens:
-                    run(batch)
-                    count += sum(map(len, batch))
-                    batch = []
-                if seen >= request.n_tokens:
-                    break
-            if batch:
-                run(batch)
-                count += sum(map(len, batch))
+        with trace(model, inputs={m: probe_for(m) for m in todo}), torch.no_grad():
+            for mask, batch in stats_forward_batches(model, tokenizer, rows, request):
+                current_mask["mask"] = mask
+                forward_until_stopped(model, **batch)
+                progress.update(int(mask.sum()))
     finally:
         model.train(was_training)
         progress.close()
-    return sums, count, seen
+    return {name: mirrored_upper(total) for name, total in sums.items()}, seen
 
 
 @dataclass(frozen=True)
