@@ -64,3 +64,34 @@ def test_run_card_seconds_are_read_from_the_results(tmp_path):
     card = results["config"]["e2u"]["run_card"]
     assert script.run_card_seconds(results) == {"edit_s": card["edit"]["seconds"],
                                                 "evaluation_s": card["evaluation"]["seconds"]}
+
+
+def test_main_reports_the_noise_run_at_another_batch_size(tmp_path, monkeypatch, capsys):
+    """The whole script with lm-eval stood in by folders it would write: the noise run is the old
+    tree at ``--batch_size 16``, compared with the first old run like the new runs are."""
+    script = _script()
+    calls = []
+
+    def fake_git(*args, cwd=None):
+        return {"rev-parse": "a" * 40 if "HEAD" not in args else "b" * 40}.get(args[0], "")
+
+    def fake_run(tree, argv, log):
+        calls.append(argv)
+        shift = 3e-6 if "--batch_size" in argv else 1e-6 if tree == script.ROOT else 0.0
+        _write_run(Path(argv[argv.index("--output_path") + 1]), "Tolkien.", 0.25, logprob=-1.25 + shift)
+        return {"wall_s": 10.0, "peak_rss_mib": 100.0}
+
+    monkeypatch.setattr(script, "git", fake_git)
+    monkeypatch.setattr(script, "run_once", fake_run)
+    monkeypatch.setattr(script, "lm_eval_program", lambda: "lm_eval")
+    out = tmp_path / "figures.json"
+    monkeypatch.setattr("sys.argv", ["command_speed.py", "--old-rev", "a" * 12, "--repeats", "1",
+                                     "--noise-batch-size", "16", "--json", str(out)])
+    script.main()
+    summary = json.loads(out.read_text(encoding="utf-8"))["summary"][0]
+    assert [argv[-2:] for argv in calls if "--batch_size" in argv] == [["--batch_size", "16"]]
+    assert len(calls) == 3 and summary["identical_answers"]
+    assert summary["max_logprob_diff"] == pytest.approx(1e-6)
+    assert summary["noise_batch_size_16_max_logprob_diff"] == pytest.approx(3e-6)
+    assert summary["noise_batch_size_16_identical_answers"]
+    assert json.loads(capsys.readouterr().out)["summary"][0] == summary
