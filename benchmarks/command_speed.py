@@ -5,11 +5,16 @@ The previous revision is checked out into a temporary git worktree; both trees r
 subprocess, alternating old/new for ``--repeats`` rounds, so machine load hits both alike. Per run:
 wall seconds of the whole command, the edit and evaluation seconds from the run card
 (``config.e2u.run_card``) and the process's peak RSS. The summary gives the medians, their ratios
-(old / new, > 1 means this tree is faster) and whether both trees produce identical results: every
-metric of every task and group, and every generated answer and per-token statistic of every sample.
+(old / new, > 1 means this tree is faster) and how the results compare with the first old run:
+whether every generated answer and every metric of the generated text (ROUGE, refusal, entity and
+answer leak) is identical, and for the teacher-forced numbers (``prob``, ``mrr``, ``hit_rate``,
+``lens_*``), which a different batch layout moves in the last bits, the largest difference of each
+metric and of a token log-probability, and how many samples' ranks or lens ranks differ. With
+``--noise-batch-size N`` the previous revision also runs once with ``--batch_size N``: the same
+figures for that run (``noise_batch_size_N_*``) are the float noise a batch layout alone causes.
 
     python benchmarks/command_speed.py [--old-rev <sha>] [--repeats 2] [--limit N] \\
-        [--json benchmarks/results/command_speed.json]
+        [--noise-batch-size 16] [--json benchmarks/results/command_speed.json]
 
 The command writes its results and samples (``--output_path``, ``--log_samples``) to a temporary
 folder: that is how they are compared. Set ``E2U_DATA_DIR`` (default: ``../shared/data`` from the
@@ -19,6 +24,7 @@ repository) and run on a quiet machine; ``HF_HUB_OFFLINE=1`` is set for the subp
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import shutil
@@ -50,10 +56,11 @@ def lm_eval_program() -> str:
     return found
 
 
-def command(output: Path, model_args: str, tasks: str, limit: int | None) -> list[str]:
+def command(output: Path, model_args: str, tasks: str, limit: int | None, batch_size: int | None = None) -> list[str]:
     argv = [lm_eval_program(), "--model", "e2u", "--model_args", model_args, "--tasks", tasks,
             "--output_path", str(output), "--log_samples"]
-    return argv + (["--limit", str(limit)] if limit is not None else [])
+    return (argv + (["--limit", str(limit)] if limit is not None else [])
+            + (["--batch_size", str(batch_size)] if batch_size is not None else []))
 
 
 def run_once(tree: Path, argv: list[str], log: Path) -> dict:
@@ -85,13 +92,84 @@ def read_outputs(folder: Path) -> tuple[dict, dict]:
     return json.loads(results[0].read_text(encoding="utf-8")), samples
 
 
-def comparable(results: dict, samples: dict) -> tuple[dict, dict]:
-    """What must be identical between two runs: the metrics of every task and group, and per
-    sample its document, arguments and responses (answers, tokens, log-probabilities, ranks)."""
+TEACHER_FORCED = ("prob", "mrr", "hit_rate", "lens_")  # metric names read from log-probabilities and ranks
+
+
+def is_teacher_forced(key: str) -> bool:
+    """Whether a results key (``prob,none``, ``lens_hit@10_stderr,none``) is a teacher-forced metric:
+    the batch layout moves those in the last bits; every metric of the generated text must not move."""
+    return key.split(",")[0].startswith(TEACHER_FORCED)
+
+
+def response(text: str):
+    """A logged e2u answer (lm-eval writes the dict's ``repr``), or the text of another response."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def comparable(results: dict, samples: dict) -> tuple[dict, dict, dict]:
+    """A run split three ways: its metrics (every task and group), its answers (per sample the
+    document, the arguments and the generated answer, or the whole response of other request types)
+    and its teacher-forced statistics (per sample the log-probabilities, ranks and logit-lens ranks)."""
     metrics = {"results": results.get("results"), "groups": results.get("groups")}
-    answers = {task: [(s["doc_id"], s["doc"], s["arguments"], s["resps"], s["filtered_resps"]) for s in rows]
-               for task, rows in samples.items()}
-    return metrics, answers
+    answers, forced = {}, {}
+    for task, rows in samples.items():
+        for sample in rows:
+            resps = [response(r) for group in sample["resps"] for r in group]
+            said = [r.get("generation") if isinstance(r, dict) else r for r in resps]
+            answers.setdefault(task, []).append((sample["doc_id"], sample["doc"], sample["arguments"], said))
+            forced.setdefault(task, []).append([{k: r.get(k) for k in ("tokens", "logprobs", "ranks", "lens_ranks")}
+                                                for r in resps if isinstance(r, dict)])
+    return metrics, answers, forced
+
+
+def metric_differences(reference: dict, other: dict) -> dict:
+    """Per metric name, the largest |difference| over tasks and groups (only those that differ)."""
+    largest: dict[str, float] = {}
+    for section in ("results", "groups"):
+        for task, values in (reference.get(section) or {}).items():
+            for key, value in values.items():
+                theirs = ((other.get(section) or {}).get(task) or {}).get(key)
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and value != theirs:
+                    gap = abs(value - theirs) if isinstance(theirs, (int, float)) else float("inf")
+                    largest[key] = max(largest.get(key, 0.0), gap)
+    return largest
+
+
+def teacher_forced_differences(reference: dict, other: dict) -> dict:
+    """The largest |difference| of a token log-probability, and the samples whose ranks or lens ranks differ."""
+    logprob, ranks, lens = 0.0, 0, 0
+    for task, rows in reference.items():
+        for mine, theirs in zip(rows, other.get(task, [])):
+            for a, b in zip(mine, theirs):
+                if a["tokens"] != b["tokens"]:  # other gold tokens: not comparable number by number
+                    logprob = float("inf")
+                logprob = max([logprob] + [abs(x - y) for x, y in zip(a["logprobs"] or [], b["logprobs"] or [])])
+                ranks += a["ranks"] != b["ranks"]
+                lens += a["lens_ranks"] != b["lens_ranks"]
+    return {"max_logprob_diff": logprob, "samples_other_ranks": ranks, "samples_other_lens_ranks": lens}
+
+
+def identity_report(reference: tuple, runs: list[tuple]) -> dict:
+    """How every run compares with ``reference``: answers and the metrics of the generated text must be
+    identical; teacher-forced numbers may differ by float rounding, reported as the largest difference."""
+    metric_gaps: dict[str, float] = {}
+    forced = {"max_logprob_diff": 0.0, "samples_other_ranks": 0, "samples_other_lens_ranks": 0}
+    for run in runs:
+        for key, gap in metric_differences(reference[0], run[0]).items():
+            metric_gaps[key] = max(metric_gaps.get(key, 0.0), gap)
+        for key, value in teacher_forced_differences(reference[2], run[2]).items():
+            forced[key] = max(forced[key], value)
+    return {
+        "identical_answers": all(run[1] == reference[1] for run in runs),
+        "identical_text_metrics": not any(not is_teacher_forced(key) for key in metric_gaps),
+        "identical_metrics": not metric_gaps,
+        "max_teacher_forced_metric_diff": {key: gap for key, gap in sorted(metric_gaps.items())
+                                           if is_teacher_forced(key)},
+        **forced,
+    }
 
 
 def run_card_seconds(results: dict) -> dict:
@@ -111,9 +189,12 @@ def main() -> None:
     parser.add_argument("--tasks", default="tofu_factual")
     parser.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
+    parser.add_argument("--noise-batch-size", type=int, default=None,
+                        help="also run the previous revision once at this --batch_size: how far its "
+                             "teacher-forced numbers move is the float noise the new ones are held to")
     args = parser.parse_args()
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
+    if args.repeats < 1 or (args.noise_batch_size is not None and args.noise_batch_size < 1):
+        parser.error("--repeats and --noise-batch-size must be at least 1")
     old_rev = git("rev-parse", "--verify", (args.old_rev or default_old_rev()) + "^{commit}")
     head = git("rev-parse", "HEAD")
     dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
@@ -139,6 +220,11 @@ def main() -> None:
                     outputs[label].append(comparable(results, samples))
                     runs.append({"run": label, "repeat": repeat + 1, **figures, **run_card_seconds(results)})
                     print(json.dumps(runs[-1]), file=sys.stderr)
+            if args.noise_batch_size is not None:
+                folder = scratch / "old-noise"
+                run_once(old_tree, command(folder, args.model_args, args.tasks, args.limit, args.noise_batch_size),
+                         scratch / "old-noise.log")
+                noise = identity_report(outputs["old"][0], [comparable(*read_outputs(folder))])
         finally:
             git("worktree", "remove", "--force", str(old_tree))
 
@@ -157,8 +243,9 @@ def main() -> None:
         "evaluation_ratio": round(median_of(old_runs, "evaluation_s") / median_of(new_runs, "evaluation_s"), 2),
         "old_peak_rss_mib": max(r["peak_rss_mib"] for r in old_runs),
         "new_peak_rss_mib": max(r["peak_rss_mib"] for r in new_runs),
-        "identical_metrics": all(o[0] == reference[0] for o in outputs["old"] + outputs["new"]),
-        "identical_answers": all(o[1] == reference[1] for o in outputs["old"] + outputs["new"]),
+        **identity_report(reference, outputs["old"][1:] + outputs["new"]),
+        **({f"noise_batch_size_{args.noise_batch_size}_{key}": value for key, value in noise.items()}
+           if args.noise_batch_size is not None else {}),
         "cpu": cpu_name(), "cpus": os.cpu_count(),
         "load_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
     }

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from functools import lru_cache
 
 import torch
 
@@ -36,19 +37,75 @@ def cache_of(output):
 
 
 def repeated_cache(cache, batch: int):
-    """A copy of a one-row cache repeated for ``batch`` rows."""
-    cache = copy.deepcopy(cache)
-    cache.batch_repeat_interleave(batch)
+    """A copy of a one-row cache for ``batch`` rows: the rows are broadcast views of the one row
+    (the next forward concatenates its own positions onto them, copying once)."""
+    shared = {id(t): t for layer in cache.layers for t in (layer.keys, layer.values)}
+    cache = copy.deepcopy(cache, memo=shared)
+    for layer in cache.layers:
+        layer.keys = layer.keys.expand(batch, *layer.keys.shape[1:])
+        layer.values = layer.values.expand(batch, *layer.values.shape[1:])
     return cache
 
 
-def crop_cache(cache, drop: int) -> None:
-    """Drop the last ``drop`` positions (a negative length works on old and new caches)."""
-    cache.crop(-drop)
+def gather_cache_positions(cache, columns: torch.Tensor) -> None:
+    """Keep, per row, the cache positions ``columns[row]`` (``[rows, new length]``), in that order."""
+    def gathered(states: torch.Tensor) -> torch.Tensor:
+        return states.gather(2, columns[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[-1]))
+
+    for layer in cache.layers:
+        layer.keys, layer.values = gathered(layer.keys), gathered(layer.values)
 
 
 def select_cache_rows(cache, index: torch.Tensor) -> None:
     cache.batch_select_indices(index)
+
+
+def reserve_cache_positions(cache, extra: int) -> None:
+    """Room for ``extra`` more positions in every plain dynamic layer of ``cache``, so that a
+    decoding step writes its position in place instead of concatenating (copying) the whole
+    cache (other layer kinds, e.g. sliding windows, keep their own storage)."""
+    roomy = _roomy_dynamic_layer()
+    for layer in cache.layers:
+        if type(layer) is roomy.__base__ and layer.is_initialized:
+            layer.__class__ = roomy
+            layer.reserve(extra)
+
+
+@lru_cache(maxsize=1)
+def _roomy_dynamic_layer() -> type:
+    """transformers' ``DynamicLayer`` whose keys/values are views of the start of buffers with
+    room for more positions (built on first use: transformers is imported late)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class RoomyDynamicLayer(DynamicLayer):
+        def reserve(self, extra: int) -> None:
+            self._length = self.keys.shape[2]
+            self._key_store, self._value_store = (
+                torch.cat([t, t.new_empty(*t.shape[:2], extra, t.shape[3])], dim=2)
+                for t in (self.keys, self.values))
+            self._expose()
+
+        def _expose(self) -> None:
+            self.keys = self._key_store[:, :, : self._length]
+            self.values = self._value_store[:, :, : self._length]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            end = self._length + key_states.shape[2]
+            if end > self._key_store.shape[2]:  # out of room: store as the plain layer does
+                self._key_store = torch.cat([self.keys, key_states], dim=2)
+                self._value_store = torch.cat([self.values, value_states], dim=2)
+            else:
+                self._key_store[:, :, self._length: end] = key_states
+                self._value_store[:, :, self._length: end] = value_states
+            self._length = end
+            self._expose()
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            self._key_store, self._value_store = self._key_store[indices], self._value_store[indices]
+            self._expose()
+
+    return RoomyDynamicLayer
 
 
 def prefix_kv(cache, layers: range, length: int) -> KV:

@@ -278,26 +278,26 @@ class E2ULM(HFLM):
         vocab, eot = len(self.tokenizer), self.eot_token_id
         lens = any(q.options.get("lens") for q in queries)
         results: list[dict | None] = [None] * len(queries)
-        for chunk in self._length_sorted_batches([c for c, _ in encoded]):
+        for chunk in self._length_sorted_batches([len(c) + len(a) for c, a in encoded]):
             answers = [encoded[i][1] for i in chunk]
             prompts = [encoded[i][0][prefix:] for i in chunk]
-            logits, cache, mask, hidden = runner.score_answers_and_layers(prompts, answers, hidden_states=lens)
+            scored = runner.score_answers(prompts, answers, hidden_states=lens)
             # Ranks within the tokenizer's vocabulary (padded embedding rows never count).
-            logits = logits[..., :vocab].float()
+            first_logits = scored.first_logits()[..., :vocab]
             layer_ranks = None
             if lens:  # the gold answer's first token after every layer, at the prompt's last token
-                first = torch.tensor([a[0] for a in answers], device=logits.device)
-                layer_ranks = lens_ranks(self.model, hidden, max(len(p) for p in prompts) - 1,
-                                         logits[:, 0], first, vocab).tolist()
-                del hidden
+                first = torch.tensor([a[0] for a in answers], device=first_logits.device)
+                layer_ranks = lens_ranks(self.model, scored.hidden_states, scored.prompt_ends,
+                                         first_logits, first, vocab).tolist()
+                scored.hidden_states = None
 
             def is_done(row, tokens):
                 return tokens[-1] == eot or any(u in self.tok_decode(tokens) for u in until)
 
-            generated = runner.greedy(logits[:, 0], cache, mask, max_new, is_done)
+            generated = runner.greedy(first_logits, scored.cache, scored.mask, max_new, is_done)
             for row, i in enumerate(chunk):
                 answer_ids = answers[row]
-                scores = logits[row, : len(answer_ids)]
+                scores = scored.answer_logits(row)[..., :vocab].float()
                 gold = torch.tensor(answer_ids, device=scores.device)
                 ranks = token_ranks(scores, gold)
                 logprobs = F.log_softmax(scores, dim=-1).gather(-1, gold[:, None]).squeeze(-1)
@@ -311,11 +311,13 @@ class E2ULM(HFLM):
             progress.update(len(chunk))
         return results
 
-    def _length_sorted_batches(self, rows: list[list[int]]) -> list[list[int]]:
-        """Row indices in batches of ``batch_size``, longest first (least padding)."""
+    def _length_sorted_batches(self, lengths: list[int]) -> list[list[int]]:
+        """Row indices, longest first, in batches of at most ``batch_size`` rows and of equal size
+        up to one row (least padding, and no short last batch decoding almost alone)."""
         size = self.batch_size if isinstance(self.batch_size, int) else self.max_batch_size
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
-        return [order[start:start + size] for start in range(0, len(order), size)]
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        batches = -(-len(order) // size)
+        return [order[b * len(order) // batches:(b + 1) * len(order) // batches] for b in range(batches)]
 
     # ------------------------------------------------------------------ provenance
 

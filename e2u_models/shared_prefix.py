@@ -4,18 +4,21 @@ Every e2u prompt starts with the same chat-template text (system prompt, user he
 part of each prompt. Running that prefix once, repeating its key/value cache across the batch
 and feeding only each row's remaining tokens saves that part of the prompt cost. The gold answer
 is scored teacher-forced in the same forward pass that reads the prompt, and greedy decoding
-continues from that pass's cache cropped back to the prompt, so each prompt is computed once.
-Rows are padded *after* the prefix with matching attention mask and position ids, so each row
-computes what it would alone, up to float rounding.
+continues from that pass's cache with each row's answer positions dropped, so each prompt is
+computed once. Rows are padded *after* the prefix with matching attention mask and position ids,
+so each row computes what it would alone, up to float rounding; a batch of rows of similar
+length (prompt plus answer) pads little.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from e2u_models.layers import cache_keyword, cache_of, crop_cache, repeated_cache, select_cache_rows
+from e2u_models.layers import (cache_keyword, cache_of, gather_cache_positions, repeated_cache,
+                               reserve_cache_positions, select_cache_rows)
 
 
 def common_prefix_length(rows: Sequence[Sequence[int]], keep: int = 1) -> int:
@@ -28,6 +31,34 @@ def common_prefix_length(rows: Sequence[Sequence[int]], keep: int = 1) -> int:
     while length < limit and all(r[length] == first[length] for r in rows):
         length += 1
     return max(length, 0)
+
+
+@dataclass
+class ScoredBatch:
+    """One batch's teacher-forced forward (:meth:`SharedPrefixRunner.score_answers`).
+
+    ``logits``: ``[rows, longest answer, vocab]``, row ``i``'s answer predictions right-aligned
+    (its last ``answer_lengths[i]`` entries); ``cache``/``mask``: the prompts' state for
+    :meth:`SharedPrefixRunner.greedy`; ``hidden_states``: the forward's ``output_hidden_states``
+    or None; ``prompt_ends``: per row, the sequence index of its prompt's last token in them.
+    """
+
+    logits: torch.Tensor
+    answer_lengths: list[int]
+    cache: object
+    mask: torch.Tensor
+    hidden_states: tuple | None
+    prompt_ends: torch.Tensor
+
+    def answer_logits(self, row: int) -> torch.Tensor:
+        """``[answer length, vocab]``: the logits predicting each of the row's answer tokens."""
+        return self.logits[row, self.logits.shape[1] - self.answer_lengths[row]:]
+
+    def first_logits(self) -> torch.Tensor:
+        """``[rows, vocab]``: the logits after each prompt (the first answer / greedy token)."""
+        starts = torch.tensor([self.logits.shape[1] - n for n in self.answer_lengths],
+                              device=self.logits.device)
+        return self.logits[torch.arange(len(starts), device=starts.device), starts]
 
 
 class SharedPrefixRunner:
@@ -50,43 +81,46 @@ class SharedPrefixRunner:
             return None
         return repeated_cache(self._prefix_cache, batch)
 
-    def score_answers(self, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]]):
+    @torch.no_grad()
+    def score_answers(self, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
+                      hidden_states: bool = False) -> ScoredBatch:
         """One forward over ``prompt + answer`` for every row.
 
-        Layout ``[prefix | pad | prompt | answer | pad]``: prompts end-aligned, answers after them
-        and right-padded (masked). Returns the logits at the positions predicting each answer
-        token (``[batch, max answer length, vocab]``; position 0 is also the first greedy
-        token), and the cache and mask cropped to the prompts, ready for :meth:`greedy`.
+        Layout ``[prefix | pad | prompt | answer]``: each row right-aligned by its whole length
+        (rows of similar length in one batch pad little), the last answer token not fed. The
+        result holds the logits predicting each answer token (the first one also starts greedy
+        decoding), the cache and mask rearranged to ``[prefix | pad | prompt]`` (prompts
+        end-aligned, answers dropped) ready for :meth:`greedy`, and with ``hidden_states`` the
+        same forward's hidden states after every layer.
         """
-        return self.score_answers_and_layers(prompts, answers, hidden_states=False)[:3]
-
-    @torch.no_grad()
-    def score_answers_and_layers(self, prompts: Sequence[Sequence[int]],
-                                 answers: Sequence[Sequence[int]], hidden_states: bool = True):
-        """:meth:`score_answers`, and with ``hidden_states`` the same forward's hidden states
-        after every layer (else None); their index ``max(len(p) for p in prompts) - 1`` is every
-        prompt's last token."""
-        width = max(len(p) for p in prompts)
-        longest = max(len(a) for a in answers)
-        rows, total = len(prompts), width + longest - 1
+        answer_lengths = [len(a) for a in answers]
+        lengths = [len(p) + len(a) - 1 for p, a in zip(prompts, answers)]
+        rows, total, longest = len(prompts), max(lengths), max(answer_lengths)
         ids = torch.full((rows, total), self.pad_id, dtype=torch.long)
         mask = torch.zeros((rows, self.prefix_length + total), dtype=torch.long)
         mask[:, : self.prefix_length] = 1
         for i, (prompt, answer) in enumerate(zip(prompts, answers)):
-            tail = list(answer[:-1])
-            ids[i, width - len(prompt): width + len(tail)] = torch.tensor(list(prompt) + tail)
-            mask[i, self.prefix_length + width - len(prompt): self.prefix_length + width + len(tail)] = 1
+            ids[i, total - lengths[i]:] = torch.tensor(list(prompt) + list(answer[:-1]))
+            mask[i, self.prefix_length + total - lengths[i]:] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -total:]
         extra = {"output_hidden_states": True} if hidden_states else {}
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                          use_cache=True, logits_to_keep=longest,
                          **{self._cache_arg: self._cache_for(rows)}, **extra)
-        cache = cache_of(out)
-        if longest > 1:  # drop the answer positions
-            crop_cache(cache, longest - 1)
-        return (out.logits, cache, mask[:, : self.prefix_length + width],
-                out.hidden_states if hidden_states else None)
+        cache, width = cache_of(out), max(len(p) for p in prompts)
+        # Decoding continues after each prompt: gather every row's prompt keys/values into the
+        # end-aligned layout [prefix | pad | prompt]; the pad columns stay masked.
+        prompt_ends = torch.tensor([total - n for n in answer_lengths], device=self.device)
+        columns = torch.arange(width, device=self.device) - width + 1
+        source = (prompt_ends[:, None] + columns).clamp(min=0) + self.prefix_length
+        prefix_columns = torch.arange(self.prefix_length, device=self.device).expand(rows, -1)
+        gather_cache_positions(cache, torch.cat([prefix_columns, source], dim=1))
+        prompt_lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        decode_mask = torch.cat([mask[:, : self.prefix_length],
+                                 (columns[None] > -prompt_lengths[:, None]).long()], dim=1)
+        return ScoredBatch(out.logits, answer_lengths, cache, decode_mask,
+                           out.hidden_states if hidden_states else None, prompt_ends)
 
     @torch.no_grad()
     def greedy(self, first_logits: torch.Tensor, cache, mask: torch.Tensor, max_new_tokens: int,
@@ -96,6 +130,7 @@ class SharedPrefixRunner:
         (logits -> token ids) replaces the argmax, e.g. by a seeded sampler."""
         rows = first_logits.shape[0]
         logits = first_logits
+        reserve_cache_positions(cache, max_new_tokens - 1)
         generated: list[list[int]] = [[] for _ in range(rows)]
         active = list(range(rows))  # batch row -> original row; finished rows leave the batch
         for step in range(max_new_tokens):
@@ -132,8 +167,9 @@ def continue_greedily(model, encoded: Sequence[Sequence[int]], pad_id: int, max_
     generated: list[list[int]] = []
     for start in range(0, len(encoded), batch_size):
         chunk = [list(row[prefix:]) for row in encoded[start:start + batch_size]]
-        logits, cache, mask = runner.score_answers(chunk, [[pad_id]] * len(chunk))
-        generated += runner.greedy(logits[:, 0], cache, mask, max_new_tokens, is_done, pick)
+        scored = runner.score_answers(chunk, [[pad_id]] * len(chunk))
+        generated += runner.greedy(scored.first_logits(), scored.cache, scored.mask, max_new_tokens,
+                                   is_done, pick)
     return generated
 
 

@@ -180,7 +180,8 @@ def test_lens_ranks_read_a_hidden_state_directly():
         hidden = torch.randn(1, 3, model.config.hidden_size)
         logits = torch.randn(1, len(model.get_output_embeddings().weight))
         gold = torch.tensor([7])
-        ranks = lens_ranks(model, (hidden, hidden, hidden), 2, logits, gold, logits.shape[-1])
+        ranks = lens_ranks(model, (hidden, hidden, hidden), torch.tensor([2]), logits, gold,
+                           logits.shape[-1])
         scores = model.lm_head(model.model.norm(hidden[:, 2]))[0]
     expected_first = 1 + int((scores > scores[7]).sum())
     expected_last = 1 + int((logits[0] > logits[0, 7]).sum())

@@ -111,9 +111,11 @@ def test_shared_prefix_scores_match_unshared_ones(tiny_lm):
     assert prefix > 5
     shared = SharedPrefixRunner(tiny_lm.model, rows[0][:prefix], 0, "cpu")
     plain = SharedPrefixRunner(tiny_lm.model, [], 0, "cpu")
-    a, _, _ = shared.score_answers([r[prefix:] for r in rows], answers)
-    b, _, _ = plain.score_answers(rows, answers)
-    assert torch.allclose(a[0], b[0], atol=1e-4) and torch.allclose(a[1, :1], b[1, :1], atol=1e-4)
+    a = shared.score_answers([r[prefix:] for r in rows], answers)
+    b = plain.score_answers(rows, answers)
+    for row, answer in enumerate(answers):
+        assert a.answer_logits(row).shape[0] == len(answer)
+        assert torch.allclose(a.answer_logits(row), b.answer_logits(row), atol=1e-4)
 
 
 def test_rows_that_finish_early_leave_the_batch_without_changing_the_others(tiny_lm):
@@ -125,10 +127,83 @@ def test_rows_that_finish_early_leave_the_batch_without_changing_the_others(tiny
     runner = SharedPrefixRunner(tiny_lm.model, rows[0][:prefix], 0, "cpu")
 
     def decode(limits):
-        logits, cache, mask = runner.score_answers([r[prefix:] for r in rows], [[5], [6], [7]])
-        return runner.greedy(logits[:, 0], cache, mask, 10, lambda row, toks: len(toks) >= limits[row])
+        scored = runner.score_answers([r[prefix:] for r in rows], [[5], [6], [7]])
+        return runner.greedy(scored.first_logits(), scored.cache, scored.mask, 10,
+                             lambda row, toks: len(toks) >= limits[row])
 
     full = decode([10, 10, 10])
     early = decode([2, 10, 5])
     assert [len(t) for t in early] == [2, 10, 5]
     assert all(full[i][: len(early[i])] == early[i] for i in range(3))
+
+
+MIXED = [("What is the capital of France?", "Paris"),
+         ("Who wrote the play about two young lovers who die for each other?", "William Shakespeare, in 1597."),
+         ("Why?", "Because the contract says so, and the seller agreed to every clause of it."),
+         ("When was the contract between the seller and the customer effective?", "06-02-1998"),
+         ("Name a colour.", "Blue"),
+         ("How many legs does a spider have, and how many eyes?", "Eight legs and usually eight eyes."),
+         ("Where?", "Rome"),
+         ("What is the payment due after delivery according to the agreement?", "Thirty days."),
+         ("Who?", "Ada Lovelace, the first programmer")]
+
+
+def test_length_sorted_batches_match_unpadded_rows_one_by_one(tmp_path, one_thread):
+    """Rows of mixed prompt and answer lengths, batched (padding, rows regrouped by length, the
+    cache rearranged for decoding), give the answers and statistics of one row at a time."""
+    from e2u_models.model import E2ULM
+    from tests.conftest import build_tiny_model, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()  # larger random weights: varied greedy tokens, not one token repeated
+    build_tiny_model(tokenizer, layers=3, initializer_range=0.3).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    generation = {"until": [], "max_gen_toks": 8}
+    requests = [stats_request(q, a, prompt="question", lens=True, generation=generation) for q, a in MIXED]
+    batched = E2ULM(pretrained=str(tmp_path), method="none", device="cpu", batch_size=4)
+    alone = E2ULM(pretrained=str(tmp_path), method="none", device="cpu", batch_size=1)
+    got, reference = batched.e2u_answer(requests, True), alone.e2u_answer(requests, True)
+    for mine, single in zip(got, reference):
+        assert mine["generation"] == single["generation"] and mine["tokens"] == single["tokens"]
+        assert mine["ranks"] == single["ranks"] and mine["lens_ranks"] == single["lens_ranks"]
+        assert mine["logprobs"] == pytest.approx(single["logprobs"], abs=1e-5)
+    assert len({len(r["tokens"]) for r in got}) > 3  # the answers really differ in length
+    assert len({r["generation"] for r in got}) == len(got)  # and so do the generations
+
+
+def test_length_sorted_batches_are_balanced_and_longest_first(tiny_lm):
+    lengths = [5, 9, 2, 7, 7, 1, 3, 8, 4]
+    batches = tiny_lm._length_sorted_batches(lengths)  # batch_size 4: three batches of three
+    assert [len(b) for b in batches] == [3, 3, 3]
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    flat = [lengths[i] for b in batches for i in b]
+    assert flat == sorted(lengths, reverse=True)
+    assert sorted(len(b) for b in tiny_lm._length_sorted_batches(list(range(13)))) == [3, 3, 3, 4]
+
+
+def test_decoding_into_reserved_cache_room_changes_no_bit(tiny_lm, monkeypatch, one_thread):
+    """Decoding steps write into preallocated cache room instead of concatenating: every step's
+    logits are the same bits as with transformers' own concatenating cache, rows leaving included."""
+    import e2u_models.shared_prefix as shared_prefix
+
+    rows = [tiny_lm.tok_encode(tiny_lm.prompt_format.render(tiny_lm.tokenizer, q))
+            for q in ("Who wrote it?", "What is the capital of Italy, and when?", "Why?")]
+    prefix = shared_prefix.common_prefix_length(rows)
+    runner = shared_prefix.SharedPrefixRunner(tiny_lm.model, rows[0][:prefix], 0, "cpu")
+
+    def decode():
+        seen = []
+
+        def pick(logits):
+            seen.append(logits.clone())
+            return logits.argmax(-1)
+
+        scored = runner.score_answers([r[prefix:] for r in rows], [[5, 6], [7], [8, 9, 10]])
+        tokens = runner.greedy(scored.first_logits(), scored.cache, scored.mask, 9,
+                               lambda row, toks: len(toks) >= (3, 9, 6)[row], pick)
+        return tokens, seen
+
+    roomy = decode()
+    monkeypatch.setattr(shared_prefix, "reserve_cache_positions", lambda cache, extra: None)
+    plain = decode()
+    assert roomy[0] == plain[0] and [len(t) for t in roomy[0]] == [3, 9, 6]
+    assert len(roomy[1]) == 9 and all(torch.equal(a, b) for a, b in zip(roomy[1], plain[1]))

@@ -26,11 +26,11 @@ def target_nll(model, tokenizer, prepared: Sequence[PreparedRequest], batch_size
     result = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start: start + batch_size]
-        logits, _, _ = runner.score_answers([p[prefix:] for p in prompts[start: start + batch_size]],
-                                            [row.labels for row in chunk])
+        scored = runner.score_answers([p[prefix:] for p in prompts[start: start + batch_size]],
+                                      [row.labels for row in chunk])
         for b, row in enumerate(chunk):
             labels = torch.tensor(row.labels, device=device)
-            result.append(float(torch.nn.functional.cross_entropy(logits[b, : len(row.labels)].float(), labels)))
+            result.append(float(torch.nn.functional.cross_entropy(scored.answer_logits(b).float(), labels)))
     return result
 
 
