@@ -225,6 +225,34 @@ def utility_csv_rows(block: Block) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------ PISTOL's ripple split
+
+RIPPLE_SPLITS = ("retain", "retain_adjacent", "retain_far")
+
+
+def ripple_markdown(block: Block) -> list[str]:
+    """Retain ROUGE-1 on all retain rows, on the contracts sharing a party with a forgotten one
+    (adjacent) and on the rest (far), each with its change against ``none``: where forgetting one
+    contract spills over. Empty for blocks without the split (every dataset but PISTOL)."""
+    rows = [row for row in block.rows if row.runs[0].task_for("retain_adjacent")]
+    if not rows:
+        return []
+    base = baseline_row(block)
+    head = ["method"] + [f"{split.replace('_', ' ')} ROUGE-1 (Δ vs none)" for split in RIPPLE_SPLITS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row.label + _seeds_note(row)]
+        for split in RIPPLE_SPLITS:
+            task = row.runs[0].task_for(split)
+            value = _cell(est.task_metric(row.runs, row.boots, task, "rouge1_recall"))
+            change = ("baseline" if row is base else "–" if base is None else
+                      _cell(est.task_change(row.runs, row.boots, base.runs, base.boots, task, "rouge1_recall"),
+                            signed=True))
+            cells.append(f"{value} ({change})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def _gib(value) -> str:
     return "–" if value is None else f"{value / 2**30:.1f}"
 
@@ -361,6 +389,11 @@ def write_report(folders: list[str], out: str, bootstrap: int = 1000, seed: int 
                    "--log_samples, else ≈ from both standard errors)", ""]
             md += utility_markdown(block) + [""]
             utility_csv += utility_csv_rows(block)
+        ripple = ripple_markdown(block)
+        if ripple:
+            md += ["### Ripple: retain ROUGE-1 on contracts that share a party with a forgotten one "
+                   "(adjacent) and on the rest (far); Δ: change against `none`, paired over documents", ""]
+            md += ripple + [""]
         recovery = recovery_markdown(block, _cell)
         if recovery:
             md += ["### Recovery: forget ROUGE-1 after each attack (change against no attack on the "

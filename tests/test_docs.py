@@ -59,9 +59,11 @@ def test_a_changed_leaderboard_number_makes_the_results_blocks_stale(tmp_path):
 
 def test_the_check_command_reports_stale_blocks(tmp_path):
     """`e2u docs --check` on a copy of the checkout with one hand-edited generated number."""
-    for name in ("README.md", "docs", "leaderboards"):
+    for name in ("README.md", "docs", "leaderboards", "benchmarks/results"):
         source = ROOT / name
-        (shutil.copytree if source.is_dir() else shutil.copy)(source, tmp_path / name)
+        if source.exists():
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            (shutil.copytree if source.is_dir() else shutil.copy)(source, tmp_path / name)
     readme = tmp_path / "README.md"
     text = readme.read_text(encoding="utf-8")
     body = text.split("<!-- generated:results-glance -->")[1]

@@ -830,3 +830,43 @@ def test_update_replaces_rerun_entries_and_keeps_the_others(results_dir, tmp_pat
     assert len(docs) == 3  # the kept entries' per-document scores travel with them
     # the rerun passes the updated board; the old folder still passes for the kept entries
     assert run_cli(capsys, "regress", "--leaderboard", str(new), "--results", str(rerun), "--allow-missing")[0] == 0
+
+
+def _with_ripple_split(folder: Path, adjacent: int) -> None:
+    """Give a run the PISTOL ripple tasks: its first ``adjacent`` retain documents as
+    ``tofu_retain_adjacent``, the rest as ``tofu_retain_far`` (samples and means)."""
+    out = folder / "smollm2-135m-instruct"
+    retain = next(out.glob("samples_tofu_retain_*.jsonl"))
+    rows = [json.loads(line) for line in retain.read_text().splitlines()]
+    path = next(out.glob("results_*.json"))
+    data = json.loads(path.read_text())
+    for part, chosen in (("adjacent", rows[:adjacent]), ("far", rows[adjacent:])):
+        task = f"tofu_retain_{part}"
+        retain.with_name(retain.name.replace("tofu_retain_", f"{task}_")).write_text(
+            "".join(json.dumps(r) + "\n" for r in chosen))
+        mean = sum(r["rouge1_recall"] for r in chosen) / len(chosen)
+        data["results"][task] = {"alias": task, "name": task, "rouge1_recall,none": mean,
+                                 "rouge1_recall_stderr,none": 0.01}
+    path.write_text(json.dumps(data))
+
+
+def test_the_report_shows_the_ripple_split_with_its_change_against_none(tmp_path, capsys):
+    root = tmp_path / "ripple"
+    write_result(root / "none", retain=[1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    write_result(root / "gd", "gd", retain=[0.0, 0.5, 1.0, 1.0, 1.0, 1.0])
+    for name in ("none", "gd"):
+        _with_ripple_split(root / name, adjacent=2)
+    code, _, err = run_cli(capsys, "report", str(root), "--out", str(tmp_path / "rep"), "--no-figures",
+                           "--bootstrap", "200")
+    assert code == 0, err
+    report = (tmp_path / "rep" / "report.md").read_text()
+    lines = report.split("### Ripple")[1].split("\n\n")[1].splitlines()
+    assert "retain adjacent ROUGE-1" in lines[0] and "retain far ROUGE-1" in lines[0]
+    (gd,) = [line for line in lines if line.startswith("| gd ")]
+    # the damage sits on the adjacent contracts: -0.75 there, none on the far ones
+    assert "0.250" in gd and "(-0.750" in gd and "(+0.000" in gd
+    # a dataset without the split has no ripple table
+    plain = tmp_path / "plain"
+    write_result(plain / "none")
+    assert run_cli(capsys, "report", str(plain), "--out", str(tmp_path / "rep2"), "--no-figures")[0] == 0
+    assert "### Ripple" not in (tmp_path / "rep2" / "report.md").read_text()
