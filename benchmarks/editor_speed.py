@@ -136,9 +136,9 @@ def run_child(args) -> dict:
         row["sha256"] = sha256_of_tensors({str(k): v for k, v in moments.items()})
         row["tokens"] = hparams.mom2_n_tokens
         row["tokens_per_s"] = round(hparams.mom2_n_tokens / seconds, 1)
-        import torch
+        from safetensors.torch import save_file
 
-        torch.save({k: v.cpu() for k, v in moments.items()}, f"{args.cache_dir}.moments.pt")
+        save_file({str(k): v.cpu().contiguous() for k, v in moments.items()}, f"{args.cache_dir}.moments.safetensors")
         limit = forward_only_throughput(model, tokenizer, hparams, layers, env)
         if limit is not None:
             row["forward_tokens_per_s"] = limit
@@ -182,9 +182,9 @@ def run_side(stage: str, root: Path, cache_dir: str, args) -> dict:
 
 def moments_difference(reference: Path, other: Path) -> float:
     """The largest relative Frobenius difference ‖C − C_ref‖ / ‖C_ref‖ over the layers."""
-    import torch
+    from safetensors.torch import load_file
 
-    ref, new = torch.load(reference), torch.load(other)
+    ref, new = load_file(str(reference)), load_file(str(other))
     largest = max((new[k].double() - ref[k].double()).norm() / ref[k].double().norm() for k in ref)
     return float(f"{float(largest):.3g}")
 
@@ -237,8 +237,8 @@ def main() -> None:
                 print(f"{stage} {side}: {json.dumps(results[side])}", file=sys.stderr, flush=True)
             if stage == "stats":
                 for side in results:
-                    results[side]["max_rel_diff"] = moments_difference(scratch / "cache-old.moments.pt",
-                                                                       scratch / f"cache-{side}.moments.pt")
+                    results[side]["max_rel_diff"] = moments_difference(scratch / "cache-old.moments.safetensors",
+                                                                       scratch / f"cache-{side}.moments.safetensors")
             row = compare(stage, results["old"], results["new"])
             rows.append(row)
             print(json.dumps(row), flush=True)
