@@ -120,9 +120,17 @@ def comparable(results: dict, samples: dict) -> tuple[dict, dict, dict]:
             resps = [response(r) for group in sample["resps"] for r in group]
             said = [r.get("generation") if isinstance(r, dict) else r for r in resps]
             answers.setdefault(task, []).append((sample["doc_id"], sample["doc"], sample["arguments"], said))
-            forced.setdefault(task, []).append([{k: r.get(k) for k in ("tokens", "logprobs", "ranks", "lens_ranks")}
-                                                for r in resps if isinstance(r, dict)])
+            forced.setdefault(task, []).append([{**{k: r.get(k) for k in ("tokens", "logprobs", "ranks")},
+                                                 "lens_rank": lens_rank(r)} for r in resps if isinstance(r, dict)])
     return metrics, answers, forced
+
+
+def lens_rank(answer: dict) -> int | None:
+    """The best logit-lens rank of an answer: ``lens_rank``, or the best of every layer's
+    ``lens_ranks`` where a revision reports those."""
+    if "lens_ranks" in answer:
+        return min(answer["lens_ranks"])
+    return answer.get("lens_rank")
 
 
 def metric_differences(reference: dict, other: dict) -> dict:
@@ -148,7 +156,7 @@ def teacher_forced_differences(reference: dict, other: dict) -> dict:
                     logprob = float("inf")
                 logprob = max([logprob] + [abs(x - y) for x, y in zip(a["logprobs"] or [], b["logprobs"] or [])])
                 ranks += a["ranks"] != b["ranks"]
-                lens += a["lens_ranks"] != b["lens_ranks"]
+                lens += a["lens_rank"] != b["lens_rank"]
     return {"max_logprob_diff": logprob, "samples_other_ranks": ranks, "samples_other_lens_ranks": lens}
 
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from e2u_models.args import E2UArgs, parse_model_args
 from e2u_models.editing.adapters import has_saved_adapters, load_adapters
 from e2u_models.embedded import DEFAULT_MODEL
-from e2u_models.logit_lens import lens_ranks, token_ranks
+from e2u_models.logit_lens import lens_best, token_ranks
 from e2u_models.nethook import pad_id_of
 from e2u_models.pipeline import Prepared, Runtime, edit_requests, method_env, prepare
 from e2u_models.prompts import PromptFormat
@@ -227,8 +227,9 @@ class E2ULM(HFLM):
         ``options["generation"]`` holds the task's generation kwargs (``until``,
         ``max_gen_toks``; greedy only). Returns per request ``generation`` (text), ``tokens``
         (gold answer ids), ``logprobs`` and ``ranks`` (1 = argmax; ties count in the gold
-        token's favour), teacher-forced; with ``options["lens"]`` also ``lens_ranks``, the rank
-        of the answer's first token after every layer (:mod:`e2u_models.logit_lens`). One
+        token's favour), teacher-forced; with ``options["lens"]`` also ``lens_rank``, the best rank
+        of the answer's first token through the logit lens over the layers, and ``lens_layer``,
+        the layer that gives it (:mod:`e2u_models.logit_lens`). One
         forward pass per batch reads prompt and answer; decoding continues from its cache (see
         :mod:`e2u_models.shared_prefix`).
         """
@@ -284,11 +285,11 @@ class E2ULM(HFLM):
             scored = runner.score_answers(prompts, answers, hidden_states=lens)
             # Ranks within the tokenizer's vocabulary (padded embedding rows never count).
             first_logits = scored.first_logits()[..., :vocab]
-            layer_ranks = None
-            if lens:  # the gold answer's first token after every layer, at the prompt's last token
+            lens_rank = lens_layer = None
+            if lens:  # the gold answer's first token through every layer, at the prompt's last token
                 first = torch.tensor([a[0] for a in answers], device=first_logits.device)
-                layer_ranks = lens_ranks(self.model, scored.hidden_states, scored.prompt_ends,
-                                         first_logits, first, vocab).tolist()
+                lens_rank, lens_layer = (t.tolist() for t in lens_best(
+                    self.model, scored.hidden_states, scored.prompt_ends, first_logits, first, vocab))
                 scored.hidden_states = None
 
             def is_done(row, tokens):
@@ -306,8 +307,8 @@ class E2ULM(HFLM):
                     text = text.split(stop)[0]
                 results[i] = {"generation": text, "tokens": answer_ids,
                               "logprobs": logprobs.tolist(), "ranks": ranks.tolist()}
-                if layer_ranks is not None:
-                    results[i]["lens_ranks"] = layer_ranks[row]
+                if lens_rank is not None:
+                    results[i].update(lens_rank=lens_rank[row], lens_layer=lens_layer[row])
             progress.update(len(chunk))
         return results
 

@@ -81,14 +81,13 @@ def lens_hit_name(k: int) -> str:
     return f"lens_hit@{k}"
 
 
-def lens_metrics(layer_ranks: Sequence[int], k: int = DEFAULT_LENS_K) -> dict[str, float]:
-    """The logit-lens metrics of one item from the first answer token's rank after each layer."""
-    if not layer_ranks or any(r < 1 for r in layer_ranks):
-        raise E2UError(f"the logit lens needs one rank >= 1 per layer (got {list(layer_ranks)})")
+def lens_metrics(best_rank: int, k: int = DEFAULT_LENS_K) -> dict[str, float]:
+    """The logit-lens metrics of one item from the first answer token's best rank over the layers."""
+    if best_rank < 1:
+        raise E2UError(f"the logit lens needs a rank >= 1 (got {best_rank})")
     if k < 1:
         raise E2UError(f"lens_k={k} is out of range: it must be >= 1")
-    best = min(layer_ranks)
-    return {"lens_mrr": 1.0 / best, lens_hit_name(k): float(best <= k)}
+    return {"lens_mrr": 1.0 / best_rank, lens_hit_name(k): float(best_rank <= k)}
 
 
 def composite_share(split: str, rouge1: float) -> float | None:

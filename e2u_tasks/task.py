@@ -89,7 +89,7 @@ class UnlearningTask(ConfigurableTask):
                               answer["ranks"], self.top_m, self.rouge)
         values.update(refusal_metrics(doc["question"], doc["answer"], answer["generation"]))
         if self.lens_k:
-            values.update(lens_metrics(answer["lens_ranks"], self.lens_k))
+            values.update(lens_metrics(answer["lens_rank"], self.lens_k))
         share = composite_share(self.split, values["rouge1_recall"])
         if share is not None:
             values["composite"] = share

@@ -8,7 +8,7 @@ import torch
 from e2u_models.attacks.quantize import quantize_model, quantize_rows
 from e2u_models.attacks.spec import parse_attack
 from e2u_models.editing.adapters import adapters_of
-from e2u_models.logit_lens import lens_ranks
+from e2u_models.logit_lens import lens_best
 from e2u_models.methods.grace import Codebook
 from e2u_models.methods.wise import SideMemory
 from e2u_tasks.errors import E2UError
@@ -137,11 +137,11 @@ def test_relearn_trains_on_one_half_and_the_forget_task_evaluates_the_other(tiny
 # ------------------------------------------------------------------ the logit lens
 
 
-def test_lens_metrics_take_the_best_layer():
-    assert lens_metrics([40, 3, 12], k=10) == {"lens_mrr": 1 / 3, "lens_hit@10": 1.0}
-    assert lens_metrics([40, 30], k=10) == {"lens_mrr": 1 / 30, "lens_hit@10": 0.0}
+def test_lens_metrics_read_the_best_rank():
+    assert lens_metrics(3, k=10) == {"lens_mrr": 1 / 3, "lens_hit@10": 1.0}
+    assert lens_metrics(30, k=10) == {"lens_mrr": 1 / 30, "lens_hit@10": 0.0}
     with pytest.raises(E2UError):
-        lens_metrics([], k=10)
+        lens_metrics(0, k=10)
 
 
 def hand_lens_ranks(lm, context, answer):
@@ -160,32 +160,48 @@ def hand_lens_ranks(lm, context, answer):
     return ranks
 
 
-def test_lens_ranks_match_a_hand_computation_in_padded_batches(tiny_lm):
+def hand_lens_best(layer_ranks):
+    """(best rank, its layer, 1-based, the deepest on ties) from every layer's rank."""
+    best = min(layer_ranks)
+    return best, max(layer for layer, rank in enumerate(layer_ranks, 1) if rank == best)
+
+
+def test_lens_best_matches_a_hand_computation_in_padded_batches(tiny_lm):
     results = tiny_lm.e2u_answer([stats_request(c, a, prompt="rendered", lens=True) for c, a in CASES],
                                   disable_tqdm=True)
-    for (context, answer), got in zip(CASES, results):
-        assert got["lens_ranks"] == hand_lens_ranks(tiny_lm, context, answer)
-        assert got["lens_ranks"][-1] == got["ranks"][0]  # the last layer is the model's own output
+    layer_ranks = [hand_lens_ranks(tiny_lm, context, answer) for context, answer in CASES]
+    for ranks, got in zip(layer_ranks, results):
+        assert (got["lens_rank"], got["lens_layer"]) == hand_lens_best(ranks)
+        assert ranks[-1] == got["ranks"][0]  # the last layer is the model's own output
+    assert any(got["lens_layer"] < len(ranks) for ranks, got in zip(layer_ranks, results))
     plain = tiny_lm.e2u_answer([stats_request(c, a, prompt="rendered") for c, a in CASES], disable_tqdm=True)
-    assert all("lens_ranks" not in r for r in plain)
+    assert all("lens_rank" not in r for r in plain)
     assert [r["ranks"] for r in plain] == [r["ranks"] for r in results]
 
 
-def test_lens_ranks_read_a_hidden_state_directly():
-    """lens_ranks on a constructed state: the head of a one-hot direction ranks that token first."""
+def test_lens_best_scans_every_vocabulary_block_when_it_must(monkeypatch):
+    """Readings scored block by block give the ranks of full rows: blocks of 7 tokens, gold
+    tokens in different blocks, a middle layer that beats the last, one that ties it."""
+    import e2u_models.logit_lens as logit_lens
     from tests.conftest import build_tiny_tokenizer
 
-    model = build_tiny_model(build_tiny_tokenizer(), layers=2)
+    monkeypatch.setattr(logit_lens, "LENS_VOCAB_BLOCK", 7)
+    torch.manual_seed(0)
+    model = build_tiny_model(build_tiny_tokenizer(), layers=4)
+    vocab = len(model.get_output_embeddings().weight)
     with torch.no_grad():
-        hidden = torch.randn(1, 3, model.config.hidden_size)
-        logits = torch.randn(1, len(model.get_output_embeddings().weight))
-        gold = torch.tensor([7])
-        ranks = lens_ranks(model, (hidden, hidden, hidden), torch.tensor([2]), logits, gold,
-                           logits.shape[-1])
-        scores = model.lm_head(model.model.norm(hidden[:, 2]))[0]
-    expected_first = 1 + int((scores > scores[7]).sum())
-    expected_last = 1 + int((logits[0] > logits[0, 7]).sum())
-    assert ranks.tolist() == [[expected_first, expected_last]]
+        states = tuple(torch.randn(3, 5, model.config.hidden_size) for _ in range(5))
+        positions, gold = torch.tensor([4, 2, 3]), torch.tensor([3, vocab - 2, 20])
+        rows = torch.arange(3)
+        readings = [model.lm_head(model.model.norm(state[rows, positions])) for state in states[1:-1]]
+        final = torch.randn(3, vocab)
+        readings.append(final)
+        expected = [[1 + int((r[i] > r[i, gold[i]]).sum()) for r in readings] for i in range(3)]
+        final[1] = readings[0][1]  # document 1: the last layer ties layer 1, its best
+        expected[1][-1] = expected[1][0]
+        best, layer = lens_best(model, states, positions, final, gold, vocab)
+    assert list(zip(best.tolist(), layer.tolist())) == [hand_lens_best(ranks) for ranks in expected]
+    assert min(layer.tolist()) < 4 and max(gold.tolist()) > 3 * 7  # a middle layer wins; a late block
 
 
 def test_task_metric_names_follow_lens_and_lens_k():

@@ -25,7 +25,7 @@ def _write_run(folder: Path, generation: str, prob: float, logprob: float = -1.2
                "groups": {"tofu_factual": {"composite,none": 0.9}},
                "config": {"e2u": {"run_card": {"edit": {"seconds": 1.5}, "evaluation": {"seconds": 30.25}}}}}
     (run / f"results_{stamp}.json").write_text(json.dumps(results), encoding="utf-8")
-    answer = {"generation": generation, "tokens": [1], "logprobs": [logprob], "ranks": [3], "lens_ranks": [9, 3]}
+    answer = {"generation": generation, "tokens": [1], "logprobs": [logprob], "ranks": [3], "lens_rank": 3, "lens_layer": 2}
     sample = {"doc_id": 0, "doc": {"question": "q"}, "arguments": {"gen_args_0": {"arg_0": "q"}},
               "resps": [[str(answer)]], "filtered_resps": [str(answer)]}
     (run / f"samples_tofu_forget_{stamp}.jsonl").write_text(json.dumps(sample) + "\n", encoding="utf-8")
