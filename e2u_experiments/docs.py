@@ -304,7 +304,9 @@ def benchmarks_block(root: Path) -> str:
     how = ("Produce them with `python benchmarks/eval_speed.py --baseline > benchmarks/results/eval_speed.json` "
            "(prints JSON), `python benchmarks/command_speed.py --json benchmarks/results/command_speed.json`, "
            "`python benchmarks/edit_speed.py --json benchmarks/results/edit_speed.json`, "
-           "`python benchmarks/editor_speed.py --old-rev <revision> --json benchmarks/results/editor_speed.json` "
+           "`python benchmarks/editor_speed.py --old-rev <revision> --json benchmarks/results/editor_speed.json`, "
+           "`python benchmarks/wise_sensitivity.py [--model smollm2-135m-instruct] --json "
+           "benchmarks/results/wise_sensitivity_<name>.json` "
            "and then run `e2u docs`; `python benchmarks/train_speed.py` prints its own Markdown table.")
     if not files:
         return f"No benchmark output file in `{BENCHMARK_DIR}/`. {how}"

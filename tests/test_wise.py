@@ -230,3 +230,26 @@ def test_preserved_questions_shrink_the_side_memorys_null_space(tokenizer, env, 
     assert dims[100.0] < dims[None]
     with pytest.raises(E2UError, match="preserve_questions shapes WISE's null space; set nullspace_threshold"):
         load_hparams(wise.HyperParams, "wise", None, {"preserve_questions": "factual"})
+
+
+def test_margin_mean_violated_jumps_where_all_is_continuous():
+    """mean₊ (EasyEdit's) changes by a whole entry's share when one entry crosses its margin; the
+    paper's mean of max(0, ·) over all entries moves by that entry's tiny excess only."""
+    below, above = torch.tensor([2.0, 1.0, -1e-6]), torch.tensor([2.0, 1.0, 1e-6])
+    assert wise.hinge_mean(below) == pytest.approx(1.5)
+    assert wise.hinge_mean(above) == pytest.approx(1.0, rel=1e-5)  # (3 + 1e-6) / 3
+    assert wise.hinge_mean(above, "all") - wise.hinge_mean(below, "all") == pytest.approx(1e-6 / 3, abs=1e-7)
+    assert wise.hinge_mean(torch.tensor([-1.0, -2.0]), "violated") == 0
+    assert wise.hinge_mean(torch.tensor([-1.0, -2.0]), "all") == 0
+
+
+def test_margin_mean_all_trains_and_bad_values_are_one_line_errors(tokenizer, env, one_thread):
+    model = build_tiny_model(tokenizer, layers=4, initializer_range=0.2)
+    requests = [EditRequest(index=i, question=q, answer="?", prompt=env.render(q), target="I")
+                for i, q in enumerate(EDITED)]
+    report = wise.apply(model, tokenizer, requests, None,
+                        load_hparams(wise.HyperParams, "wise", None, {**TINY, "margin_mean": "all"}), seed=0, env=env)
+    (shard,) = report.details["shards"]
+    assert shard["nll"] < 1.0 and shard["threshold"] > 0
+    with pytest.raises(E2UError, match="margin_mean"):
+        load_hparams(wise.HyperParams, "wise", None, {"margin_mean": "positive"})

@@ -13,7 +13,10 @@ the unedited model's own greedy answer (``irrelevant_answer_tokens``), as WISE's
 with [α, β, γ] = ``act_margin``, "in" the distances at the edit rows' tokens from the key (the
 prompt's last token) on, "out" those at the irrelevant prompts' tokens and the edit prompts'
 tokens before the key, the third term over every (out, in) pair as WISE pairs loc and edit rows,
-and mean₊ the mean over the violated (positive) entries only. With ``edit_positions=key`` (e2u's
+and mean₊ the mean over the violated (positive) entries only (EasyEdit's averaging; with
+``margin_mean=all`` the mean of max(0, ·) over all entries, as the paper's equation averages its
+hinges: continuous where mean₊ jumps whenever an entry crosses its margin, which makes training
+more sensitive to float noise, see ``benchmarks/wise_sensitivity.py``). With ``edit_positions=key`` (e2u's
 option) an edit's one in-scope token is its key (``fact_token``, e.g. the question's entity) and
 the side memory writes only there in the CE; every other token of the edit rows is out of scope.
 SGD (``edit_lr``, weight decay 1e-5) on D, gradients multiplied by a random Bernoulli(``mask_ratio``)
@@ -124,6 +127,9 @@ class HyperParams(OneLayerChoice):
     # retain questions differ, instead of the answer's positions, where they do not).
     fact_token: str = field(default="prompt_last", metadata={"choices": FACT_TOKENS})
     edit_positions: str = field(default="from_key", metadata={"choices": EDIT_POSITIONS})
+    # How the margin terms average their hinges: "violated" (EasyEdit: over the entries that
+    # violate their margin) or "all" (over every entry, as the paper's equation).
+    margin_mean: str = field(default="violated", metadata={"choices": ("violated", "all")})
 
     def validate(self) -> None:
         # Choices and ranges of single fields are declared on the fields; here: list shapes, rules
@@ -281,8 +287,11 @@ def module_inputs(model, tokenizer, texts_ids: list[list[int]], module_name: str
     return captured["x"][mask.bool()].float()
 
 
-def hinge_mean(values: torch.Tensor) -> torch.Tensor:
-    """Mean over the positive entries only (0 when none is positive): WISE's margin averaging."""
+def hinge_mean(values: torch.Tensor, over: str = "violated") -> torch.Tensor:
+    """The margin terms' average of max(0, values): over the positive (violated) entries only,
+    0 when none is (``violated``, EasyEdit's), or over all entries (``all``, the paper's)."""
+    if over == "all":
+        return torch.relu(values).mean()
     positive = values > 0
     return values[positive].mean() if bool(positive.any()) else values.new_zeros(())
 
@@ -347,8 +356,9 @@ def train_shard(model, tokenizer, prepared, irrelevant_ids, hparams: HyperParams
                 hidden = stack.run((in_x if key_only else suffix_x) @ delta.T)
                 logprobs = stack.logprobs(hidden[rows_index, cols_index])
                 nll = -logprobs.gather(-1, labels[:, None]).mean()
-                margin = (hinge_mean(d_out - alpha) + hinge_mean(beta - d_in)
-                          + hinge_mean(d_out[:, None] - d_in[None, :] + gamma))
+                over = hparams.margin_mean
+                margin = (hinge_mean(d_out - alpha, over) + hinge_mean(beta - d_in, over)
+                          + hinge_mean(d_out[:, None] - d_in[None, :] + gamma, over))
                 loss = hparams.ce_scale * nll + margin
                 if not torch.isfinite(loss):
                     raise E2UError(f"WISE loss is not finite (NaN/inf) at step {step}; the model was left unedited")
