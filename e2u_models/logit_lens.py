@@ -59,9 +59,9 @@ def lens_best(model, hidden_states, positions: torch.Tensor, final_logits: torch
         gold_score += bias[target].float()
     outscored = torch.zeros(len(readings), dtype=torch.int32, device=readings.device)
     active = torch.arange(len(readings), device=readings.device)
-    for start in [*range(0, vocab, LENS_VOCAB_BLOCK), vocab]:
+    for start in range(0, vocab, LENS_VOCAB_BLOCK):
         active = active[outscored[active] + 1 < best[document[active]]]
-        if not len(active) or start == vocab:
+        if not len(active):
             break
         block = slice(start, min(start + LENS_VOCAB_BLOCK, vocab))
         scores = torch.nn.functional.linear(readings[active], weight[block],
@@ -72,6 +72,7 @@ def lens_best(model, hidden_states, positions: torch.Tensor, final_logits: torch
         outscored[active] += above.sum(-1, dtype=torch.int32)
     # the readings left rank strictly better than their document's last layer: the best of them
     # (the deepest on ties) replaces it
+    active = active[outscored[active] + 1 < best[document[active]]]
     found = sorted(zip((outscored[active] + 1).tolist(), (active // len(rows) + 1).tolist(),
                        document[active].tolist()), key=lambda item: (item[0], -item[1]), reverse=True)
     for rank, layer, doc in found:  # the best of a document comes last and stays

@@ -335,6 +335,7 @@ def train_shard(model, tokenizer, prepared, irrelevant_ids, hparams: HyperParams
         suffix_x, in_x, out_x = suffix_x @ project, in_x @ project, out_x @ project
     _, act = activation_of(model)
     alpha, beta, gamma = hparams.act_margin
+    over = hparams.margin_mean
     device = weight.device
     stack.select(torch.arange(len(rows), device=device))
     labels = torch.tensor([t for r in rows for t in r.labels], device=device)
@@ -356,7 +357,6 @@ def train_shard(model, tokenizer, prepared, irrelevant_ids, hparams: HyperParams
                 hidden = stack.run((in_x if key_only else suffix_x) @ delta.T)
                 logprobs = stack.logprobs(hidden[rows_index, cols_index])
                 nll = -logprobs.gather(-1, labels[:, None]).mean()
-                over = hparams.margin_mean
                 margin = (hinge_mean(d_out - alpha, over) + hinge_mean(beta - d_in, over)
                           + hinge_mean(d_out[:, None] - d_in[None, :] + gamma, over))
                 loss = hparams.ce_scale * nll + margin
