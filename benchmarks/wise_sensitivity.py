@@ -7,11 +7,13 @@ the outcome is compared with the unperturbed run: the relative change of the sid
 routing threshold, and the share of probe tokens (edit and other prompts) routed differently.
 A stable method moves by about eps; a chaotic training amplifies it to whole decisions.
 
-Figures per ``edit_lr`` (WISE's SGD step; the shipped value is EasyEdit's 1.0), side by side in one
-run, on a tiny random llama by default (seconds):
+Figures per ``edit_lr`` (the step of WISE's optimiser: SGD as published, EasyEdit's 1.0; Adam with
+``--set optimizer=adam``), side by side in one run, on a tiny random llama by default (seconds);
+with ``--model``, the model's preset on a dev split unless ``--lrs``/``--set`` say otherwise:
 
     python benchmarks/wise_sensitivity.py
     python benchmarks/wise_sensitivity.py --lrs 1.0 0.1 0.01 --eps 1e-7 1e-6 --json out.json
+    python benchmarks/wise_sensitivity.py --model smollm2-135m-instruct --noise-seeds 1
 """
 
 from __future__ import annotations
@@ -109,23 +111,28 @@ def train_embedded(model_name: str, forget_seed: int, eps: float, noise_seed: in
     recall = [rouge1_recall(r.answer, a, scorer) for r, a in zip(probes, answers)]
     rouge = {"forget_rouge1": sum(recall[:len(forget)]) / len(forget),
              "retain_rouge1": sum(recall[len(forget):]) / (len(recall) - len(forget))}
-    return memory.deltas[0].clone(), memory.thresholds[0], routed, answers, rouge
+    trained = {"optimizer": hparams.optimizer, "edit_lr": hparams.edit_lr, "n_iter": hparams.n_iter,
+               "margin_mean": hparams.margin_mean}
+    return memory.deltas[0].clone(), memory.thresholds[0], routed, answers, {**rouge, "hparams": trained}
 
 
 def embedded_rows(args) -> list[dict]:
     rows = []
-    print("| edit_lr | n_iter | eps | noise seed | ‖ΔD‖/‖D‖ | threshold (unperturbed) | threshold "
+    print("| optimizer | edit_lr | n_iter | eps | noise seed | ‖ΔD‖/‖D‖ | threshold (unperturbed) | threshold "
           "| probe tokens routed differently | probe answers that differ | forget / retain ROUGE-1 "
           "(unperturbed) | forget / retain ROUGE-1 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for lr in args.lrs:
-        overrides = {"edit_lr": lr, **({"n_iter": args.n_iter} if args.n_iter else {}), **args.set}
+        overrides = {**({"edit_lr": lr} if lr is not None else {}),
+                     **({"n_iter": args.n_iter} if args.n_iter else {}), **args.set}
         delta0, threshold0, routed0, answers0, rouge0 = train_embedded(args.model, args.forget_seed, 0.0, 0, overrides)
+        trained = rouge0.pop("hparams")
         for eps in args.eps:
             for seed in range(1, args.noise_seeds + 1):
                 delta, threshold, routed, answers, rouge = train_embedded(args.model, args.forget_seed, eps, seed, overrides)
-                row = {"model": args.model, "forget_seed": args.forget_seed, "edit_lr": lr, **args.set,
-                       "n_iter": args.n_iter or "preset", "eps": eps, "noise_seed": seed,
+                rouge.pop("hparams")
+                row = {"model": args.model, "forget_seed": args.forget_seed, **args.set, **trained,
+                       "eps": eps, "noise_seed": seed,
                        "delta_change": float((delta - delta0).norm() / delta0.norm()),
                        "threshold_unperturbed": threshold0, "threshold": threshold,
                        "routing_flips": float((routed != routed0).float().mean()),
@@ -136,7 +143,7 @@ def embedded_rows(args) -> list[dict]:
                 rows.append(row)
                 if args.json:  # after every row: a long run stopped early keeps what it measured
                     Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
-                print(f"| {lr:g} | {row['n_iter']} | {eps:g} | {seed} | {row['delta_change']:.2e} | "
+                print(f"| {row['optimizer']} | {row['edit_lr']:g} | {row['n_iter']} | {eps:g} | {seed} | {row['delta_change']:.2e} | "
                       f"{threshold0:.4f} | {threshold:.4f} | {row['routing_flips']:.1%} | "
                       f"{row['answers_differing']} / {row['answers']} | "
                       f"{rouge0['forget_rouge1']:.3f} / {rouge0['retain_rouge1']:.3f} | "
@@ -146,7 +153,8 @@ def embedded_rows(args) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lrs", type=float, nargs="+", default=[1.0, 0.1, 0.01])
+    parser.add_argument("--lrs", type=float, nargs="+", default=None,
+                        help="edit_lr values (default: 1.0 0.1 0.01 on the tiny model, the preset's with --model)")
     parser.add_argument("--eps", type=float, nargs="+", default=[1e-7])
     parser.add_argument("--noise-seeds", type=int, default=2)
     parser.add_argument("--n-iter", type=int, default=60)
@@ -169,8 +177,10 @@ def main() -> None:
         os.environ.setdefault("E2U_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         args.n_iter = args.n_iter if "--n-iter" in sys.argv else None  # the preset's by default
+        args.lrs = args.lrs or [None]
         embedded_rows(args)
         return
+    args.lrs = args.lrs or [1.0, 0.1, 0.01]
     rows = []
     if args.set:
         print(f"WISE hparams: {args.set}")

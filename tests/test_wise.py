@@ -253,3 +253,28 @@ def test_margin_mean_all_trains_and_bad_values_are_one_line_errors(tokenizer, en
     assert shard["nll"] < 1.0 and shard["threshold"] > 0
     with pytest.raises(E2UError, match="margin_mean"):
         load_hparams(wise.HyperParams, "wise", None, {"margin_mean": "positive"})
+
+
+def test_adam_steps_every_entry_by_edit_lr_whatever_the_loss_scale(tokenizer, env, one_thread):
+    """optimizer=adam: the first step moves each unmasked entry of D by exactly edit_lr (Adam's
+    bias-corrected first step is the gradient's sign), so the CE weight does not change the
+    step; SGD's step grows with it, the cause of WISE's chaotic training at large steps."""
+    requests = [EditRequest(index=i, question=q, answer="?", prompt=env.render(q), target="I")
+                for i, q in enumerate(EDITED)]
+
+    def one_step(optimizer: str, ce_scale: float) -> torch.Tensor:
+        model = build_tiny_model(tokenizer, layers=4, initializer_range=0.2)
+        hparams = load_hparams(wise.HyperParams, "wise", None, {
+            **TINY, "n_iter": 2, "edit_lr": 0.01, "optimizer": optimizer, "ce_scale": ce_scale})
+        wise.apply(model, tokenizer, requests, None, hparams, seed=0, env=env)
+        (memory,) = adapters_of(model)
+        return memory.deltas[0]
+
+    for delta in one_step("adam", 1.0), one_step("adam", 50.0):
+        moved = delta.abs()[delta != 0]  # entries whose gradient is near Adam's eps move less
+        assert moved.numel() > 0 and float(moved.max()) <= 0.01 * (1 + 1e-5)
+        assert float((moved > 0.0099).float().mean()) > 0.9
+    sgd, sgd_scaled = one_step("sgd", 1.0), one_step("sgd", 50.0)
+    assert sgd_scaled.abs().max() > 5 * sgd.abs().max()
+    with pytest.raises(E2UError, match="optimizer"):
+        load_hparams(wise.HyperParams, "wise", None, {"optimizer": "rmsprop"})

@@ -19,7 +19,7 @@ hinges: continuous where mean₊ jumps whenever an entry crosses its margin, whi
 more sensitive to float noise, see ``benchmarks/wise_sensitivity.py``). With ``edit_positions=key`` (e2u's
 option) an edit's one in-scope token is its key (``fact_token``, e.g. the question's entity) and
 the side memory writes only there in the CE; every other token of the edit rows is out of scope.
-SGD (``edit_lr``, weight decay 1e-5) on D, gradients multiplied by a random Bernoulli(``mask_ratio``)
+SGD (``edit_lr``, weight decay 1e-5; Adam with ``optimizer=adam``) on D, gradients multiplied by a random Bernoulli(``mask_ratio``)
 mask drawn once per shard (seeded), D clamped to ±``norm_constraint`` after each step; stop
 after ``n_iter`` steps or when the loss is ≤ 0.02 and changes by ≤ 1e-4. The shard's threshold
 is ``act_ratio`` × the smallest in-distance at the final step.
@@ -130,6 +130,12 @@ class HyperParams(OneLayerChoice):
     # How the margin terms average their hinges: "violated" (EasyEdit: over the entries that
     # violate their margin) or "all" (over every entry, as the paper's equation).
     margin_mean: str = field(default="violated", metadata={"choices": ("violated", "all")})
+    # The optimiser of D: "sgd" (WISE's) or "adam" (e2u's option). SGD's step on D is edit_lr times
+    # the gradient, whose size grows with the squared norm of the layer's inputs and with ce_scale;
+    # where that step is too large training turns chaotic (float noise changes the outcome) and
+    # where it is small enough the targets barely move. Adam steps each entry by about edit_lr
+    # whatever the gradient's scale.
+    optimizer: str = field(default="sgd", metadata={"choices": ("sgd", "adam")})
 
     def validate(self) -> None:
         # Choices and ranges of single fields are declared on the fields; here: list shapes, rules
@@ -346,7 +352,8 @@ def train_shard(model, tokenizer, prepared, irrelevant_ids, hparams: HyperParams
     generator = torch.Generator(device="cpu").manual_seed(seed)
     grad_mask = (torch.rand(weight.shape, generator=generator) < hparams.mask_ratio).to(device, torch.float32)
     delta = torch.zeros(weight.shape, device=device, dtype=torch.float32, requires_grad=True)
-    optimiser = torch.optim.SGD([delta], lr=hparams.edit_lr, weight_decay=hparams.weight_decay)
+    optimiser_class = torch.optim.Adam if hparams.optimizer == "adam" else torch.optim.SGD
+    optimiser = optimiser_class([delta], lr=hparams.edit_lr, weight_decay=hparams.weight_decay)
     record: dict = {"steps": 0}
     previous = None
     with frozen(model):
