@@ -278,3 +278,32 @@ def test_adam_steps_every_entry_by_edit_lr_whatever_the_loss_scale(tokenizer, en
     assert sgd_scaled.abs().max() > 5 * sgd.abs().max()
     with pytest.raises(E2UError, match="optimizer"):
         load_hparams(wise.HyperParams, "wise", None, {"optimizer": "rmsprop"})
+
+
+def test_length_groups_train_the_same_side_memory_as_one_padded_batch(tokenizer, env, one_thread, monkeypatch):
+    """Edit rows run in groups of similar length (here: one long refusal and short ones); padding
+    is masked, so one group of all rows trains the same D up to float rounding."""
+    long_target = "I do not know anything about that, and I would rather not guess at all here, sorry"
+    requests = [EditRequest(index=i, question=q, answer="?", prompt=env.render(q),
+                            target=long_target if i == 0 else "I don't know")
+                for i, q in enumerate(EDITED)]
+    hparams = load_hparams(wise.HyperParams, "wise", None, {**TINY, "n_iter": 4, "edit_lr": 0.1})
+
+    def trained(buckets) -> tuple[torch.Tensor, int]:
+        seen = []
+
+        def grouping(lengths):
+            groups = buckets(lengths)
+            seen.append(len(groups))
+            return groups
+
+        monkeypatch.setattr(wise, "length_buckets", grouping)
+        model = build_tiny_model(tokenizer, layers=4, initializer_range=0.2)
+        wise.apply(model, tokenizer, requests, None, hparams, seed=0, env=env)
+        (memory,) = adapters_of(model)
+        return memory.deltas[0], seen[0]
+
+    grouped, count = trained(wise.length_buckets)
+    single, one = trained(lambda lengths: [list(range(len(lengths)))])
+    assert count >= 2 and one == 1
+    assert torch.allclose(grouped, single, rtol=1e-4, atol=1e-6)

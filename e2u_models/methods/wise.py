@@ -54,7 +54,7 @@ from e2u_models.editing.locate import FACT_TOKENS, OneLayerChoice, module_named
 from e2u_models.editing.requests import KeySpec, prepare_requests
 from e2u_models.editing.stats import StatsSpec, statistics_for
 from e2u_models.editing.verify import check_finite, target_nll, verification
-from e2u_models.editing.vstar import UpperStack, edit_stack
+from e2u_models.editing.vstar import UpperStack, edit_stack, length_buckets
 from e2u_models.layers import activation_named, hidden_activation
 from e2u_models.nethook import StopForward, forward_until_stopped, pad_id_of, pad_right, trace
 from e2u_models.question_sets import QUESTION_SETS, load_questions, off_dataset
@@ -302,24 +302,46 @@ def hinge_mean(values: torch.Tensor, over: str = "violated") -> torch.Tensor:
     return values[positive].mean() if bool(positive.any()) else values.new_zeros(())
 
 
-def scoped_inputs(model, tokenizer, stack: UpperStack, irrelevant_ids, module_name: str,
-                  key_only: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The edited module's inputs (float32): the edit rows' from the key on (rows, S, d_in), those
-    in scope (tokens, d_in) and those out of scope (tokens, d_in)."""
-    P = stack.P
-    x_all = stack.captured_input.float()                       # (n, P + S, d_in)
-    real = stack.layout_mask.bool()
-    suffix_x, suffix_real = x_all[:, P:], real[:, P:]
-    in_x = suffix_x[:, 0] if key_only else suffix_x[suffix_real]  # the key (column 0) / from the key on
-    # Out of scope: the irrelevant rows and the edit rows' tokens before the key (from_key) or
-    # all of them but the key (key).
-    edit_out = real.clone()
-    if key_only:
-        edit_out[:, P] = False
-    else:
-        edit_out[:, P:] = False
-    out_x = torch.cat([x_all[edit_out], module_inputs(model, tokenizer, irrelevant_ids, module_name)])
-    return suffix_x, in_x, out_x
+@dataclass
+class EditGroup:
+    """Edit rows of similar length run through the network above the edit together: their stack,
+    their edited module's inputs from the key on (rows, S, d_in), and where their labels sit."""
+
+    stack: UpperStack
+    suffix_x: torch.Tensor
+    label_rows: torch.Tensor
+    label_cols: torch.Tensor
+    labels: torch.Tensor
+
+
+def edit_groups(model, tokenizer, rows, layer_module_tmp: str, layer: int, module_name: str,
+                key_only: bool) -> tuple[list[EditGroup], torch.Tensor, torch.Tensor]:
+    """The edit rows in groups of similar length (padding all to the longest would spend much of
+    each step on padding), and the edited module's inputs (float32) in scope (tokens, d_in) and
+    out of scope on the edit rows (tokens, d_in): the key (``key_only``) or every token from the
+    key on is in scope, the rest of the row out of scope."""
+    groups, in_parts, out_parts = [], [], []
+    for members in length_buckets([len(r.ids) - r.key for r in rows]):
+        chosen = [rows[j] for j in members]
+        stack = edit_stack(model, tokenizer, chosen, layer_module_tmp, layer, module_name, capture_input=module_name)
+        P = stack.P
+        x_all = stack.captured_input.float()                       # (n, P + S, d_in)
+        real = stack.layout_mask.bool()
+        suffix_x, suffix_real = x_all[:, P:], real[:, P:]
+        in_parts.append(suffix_x[:, 0] if key_only else suffix_x[suffix_real])
+        edit_out = real.clone()
+        if key_only:
+            edit_out[:, P] = False
+        else:
+            edit_out[:, P:] = False
+        out_parts.append(x_all[edit_out])
+        device = x_all.device
+        stack.select(torch.arange(len(chosen), device=device))
+        label_index = [(b, r.label_start - r.key + j) for b, r in enumerate(chosen) for j in range(len(r.labels))]
+        groups.append(EditGroup(stack, suffix_x, torch.tensor([b for b, _ in label_index], device=device),
+                                torch.tensor([j for _, j in label_index], device=device),
+                                torch.tensor([t for r in chosen for t in r.labels], device=device)))
+    return groups, torch.cat(in_parts), torch.cat(out_parts)
 
 
 def train_shard(model, tokenizer, prepared, irrelevant_ids, hparams: HyperParams, layer: int,
@@ -330,24 +352,24 @@ def train_shard(model, tokenizer, prepared, irrelevant_ids, hparams: HyperParams
     module = module_named(model, module_name, 0, "inner_module_tmp")
     weight = out_in_weight(module)
     rows = [p.nll_rows(i)[0] for i, p in enumerate(prepared)]
-    stack = edit_stack(model, tokenizer, rows, hparams.layer_module_tmp, layer, module_name, capture_input=module_name)
     key_only = hparams.edit_positions == "key"
-    suffix_x, in_x, out_x = scoped_inputs(model, tokenizer, stack, irrelevant_ids, module_name, key_only)
+    groups, in_x, edit_out_x = edit_groups(model, tokenizer, rows, hparams.layer_module_tmp, layer,
+                                           module_name, key_only)
+    # Out of scope: the edit rows' other tokens and every token of the irrelevant rows.
+    out_x = torch.cat([edit_out_x, module_inputs(model, tokenizer, irrelevant_ids, module_name)])
     with torch.no_grad():
         in_main = F.linear(in_x, weight.float())
         out_main = F.linear(out_x, weight.float())
     if projector is not None:  # the side memory reads the projected inputs from here on
         project = projector.to(weight.device, torch.float32)
-        suffix_x, in_x, out_x = suffix_x @ project, in_x @ project, out_x @ project
+        in_x, out_x = in_x @ project, out_x @ project
+        for group in groups:
+            group.suffix_x = group.suffix_x @ project
     _, act = activation_of(model)
     alpha, beta, gamma = hparams.act_margin
     over = hparams.margin_mean
     device = weight.device
-    stack.select(torch.arange(len(rows), device=device))
-    labels = torch.tensor([t for r in rows for t in r.labels], device=device)
-    label_index = [(b, r.label_start - r.key + j) for b, r in enumerate(rows) for j in range(len(r.labels))]
-    rows_index = torch.tensor([b for b, _ in label_index], device=device)
-    cols_index = torch.tensor([j for _, j in label_index], device=device)
+    labels = torch.cat([group.labels for group in groups])
 
     generator = torch.Generator(device="cpu").manual_seed(seed)
     grad_mask = (torch.rand(weight.shape, generator=generator) < hparams.mask_ratio).to(device, torch.float32)
@@ -361,8 +383,11 @@ def train_shard(model, tokenizer, prepared, irrelevant_ids, hparams: HyperParams
             for step in range(hparams.n_iter):
                 d_in = (act(in_main + in_x @ delta.T) - act(in_main)).norm(dim=-1)
                 d_out = (act(out_main + out_x @ delta.T) - act(out_main)).norm(dim=-1)
-                hidden = stack.run((in_x if key_only else suffix_x) @ delta.T)
-                logprobs = stack.logprobs(hidden[rows_index, cols_index])
+                picked = []
+                for group in groups:
+                    hidden = group.stack.run((group.suffix_x[:, 0] if key_only else group.suffix_x) @ delta.T)
+                    picked.append(hidden[group.label_rows, group.label_cols])
+                logprobs = groups[0].stack.logprobs(torch.cat(picked))
                 nll = -logprobs.gather(-1, labels[:, None]).mean()
                 margin = (hinge_mean(d_out - alpha, over) + hinge_mean(beta - d_in, over)
                           + hinge_mean(d_out[:, None] - d_in[None, :] + gamma, over))
