@@ -31,17 +31,12 @@ PROBES = QUESTIONS + [f"What colour is the {thing}?" for thing in ("sky", "grass
 
 
 def build(eps: float, noise_seed: int):
-    import torch
-
     from tests.conftest import build_tiny_model, build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_model(tokenizer, layers=4, initializer_range=0.2)
     if eps:
-        generator = torch.Generator().manual_seed(noise_seed)
-        with torch.no_grad():
-            for parameter in model.parameters():
-                parameter.mul_(1 + eps * torch.randn(parameter.shape, generator=generator))
+        perturb(model, eps, noise_seed)
     return model, tokenizer
 
 
@@ -113,7 +108,7 @@ def train_embedded(model_name: str, forget_seed: int, eps: float, noise_seed: in
              "retain_rouge1": sum(recall[len(forget):]) / (len(recall) - len(forget))}
     trained = {"optimizer": hparams.optimizer, "edit_lr": hparams.edit_lr, "n_iter": hparams.n_iter,
                "margin_mean": hparams.margin_mean}
-    return memory.deltas[0].clone(), memory.thresholds[0], routed, answers, {**rouge, "hparams": trained}
+    return memory.deltas[0].clone(), memory.thresholds[0], routed, answers, rouge, trained
 
 
 def embedded_rows(args) -> list[dict]:
@@ -125,12 +120,12 @@ def embedded_rows(args) -> list[dict]:
     for lr in args.lrs:
         overrides = {**({"edit_lr": lr} if lr is not None else {}),
                      **({"n_iter": args.n_iter} if args.n_iter else {}), **args.set}
-        delta0, threshold0, routed0, answers0, rouge0 = train_embedded(args.model, args.forget_seed, 0.0, 0, overrides)
-        trained = rouge0.pop("hparams")
+        delta0, threshold0, routed0, answers0, rouge0, trained = train_embedded(
+            args.model, args.forget_seed, 0.0, 0, overrides)
         for eps in args.eps:
             for seed in range(1, args.noise_seeds + 1):
-                delta, threshold, routed, answers, rouge = train_embedded(args.model, args.forget_seed, eps, seed, overrides)
-                rouge.pop("hparams")
+                delta, threshold, routed, answers, rouge, _ = train_embedded(
+                    args.model, args.forget_seed, eps, seed, overrides)
                 row = {"model": args.model, "forget_seed": args.forget_seed, **args.set, **trained,
                        "eps": eps, "noise_seed": seed,
                        "delta_change": float((delta - delta0).norm() / delta0.norm()),

@@ -305,10 +305,11 @@ def hinge_mean(values: torch.Tensor, over: str = "violated") -> torch.Tensor:
 @dataclass
 class EditGroup:
     """Edit rows of similar length run through the network above the edit together: their stack,
-    their edited module's inputs from the key on (rows, S, d_in), and where their labels sit."""
+    the edited module's inputs the side memory writes in the CE (the key (rows, d_in) or every
+    token from the key on (rows, S, d_in)), and where their labels sit."""
 
     stack: UpperStack
-    suffix_x: torch.Tensor
+    written_x: torch.Tensor
     label_rows: torch.Tensor
     label_cols: torch.Tensor
     labels: torch.Tensor
@@ -329,6 +330,7 @@ def edit_groups(model, tokenizer, rows, layer_module_tmp: str, layer: int, modul
         real = stack.layout_mask.bool()
         suffix_x, suffix_real = x_all[:, P:], real[:, P:]
         in_parts.append(suffix_x[:, 0] if key_only else suffix_x[suffix_real])
+        written_x = suffix_x[:, 0] if key_only else suffix_x
         edit_out = real.clone()
         if key_only:
             edit_out[:, P] = False
@@ -338,7 +340,7 @@ def edit_groups(model, tokenizer, rows, layer_module_tmp: str, layer: int, modul
         device = x_all.device
         stack.select(torch.arange(len(chosen), device=device))
         label_index = [(b, r.label_start - r.key + j) for b, r in enumerate(chosen) for j in range(len(r.labels))]
-        groups.append(EditGroup(stack, suffix_x, torch.tensor([b for b, _ in label_index], device=device),
+        groups.append(EditGroup(stack, written_x, torch.tensor([b for b, _ in label_index], device=device),
                                 torch.tensor([j for _, j in label_index], device=device),
                                 torch.tensor([t for r in chosen for t in r.labels], device=device)))
     return groups, torch.cat(in_parts), torch.cat(out_parts)
@@ -364,7 +366,7 @@ def train_shard(model, tokenizer, prepared, irrelevant_ids, hparams: HyperParams
         project = projector.to(weight.device, torch.float32)
         in_x, out_x = in_x @ project, out_x @ project
         for group in groups:
-            group.suffix_x = group.suffix_x @ project
+            group.written_x = group.written_x @ project
     _, act = activation_of(model)
     alpha, beta, gamma = hparams.act_margin
     over = hparams.margin_mean
@@ -385,7 +387,7 @@ def train_shard(model, tokenizer, prepared, irrelevant_ids, hparams: HyperParams
                 d_out = (act(out_main + out_x @ delta.T) - act(out_main)).norm(dim=-1)
                 picked = []
                 for group in groups:
-                    hidden = group.stack.run((group.suffix_x[:, 0] if key_only else group.suffix_x) @ delta.T)
+                    hidden = group.stack.run(group.written_x @ delta.T)
                     picked.append(hidden[group.label_rows, group.label_cols])
                 logprobs = groups[0].stack.logprobs(torch.cat(picked))
                 nll = -logprobs.gather(-1, labels[:, None]).mean()
