@@ -127,7 +127,7 @@ def parse_model_args(pretrained: Any = DEFAULT_MODEL, **model_args: Any) -> E2UA
     # its config (as when the recipe was chosen after loading).
     method_config = config if isinstance(pretrained, str) else None
     hparams = resolve_hparams(method.HyperParams, method_name, own["hparams"], args.overrides, method_config,
-                              family_config=config)
+                              family_config=config, dataset=checked["splits"].spec.dataset)
     check_model = getattr(hparams.values, "check_model", None)
     if callable(check_model) and method_config is not None:
         check_model(method_config)

@@ -32,6 +32,8 @@ from e2u_tasks.splits import parse_int
 # Keys of a hparams YAML that describe the file rather than set a hyperparameter: ``match`` (the
 # model configs a preset is for) and ``base`` (the shipped file it changes).
 PRESET_META_KEYS = ("match", "base")
+# A ``match`` key that is not a config field: the dataset the preset is for (the spec's name).
+DATASET_MATCH_KEY = "dataset"
 MODEL_ARGS = "model args"
 DEFAULT = "default"
 
@@ -56,19 +58,25 @@ def has_presets(method: str) -> bool:
     return bool(preset_files(method))
 
 
-def preset_for(method: str, config) -> Path | None:
-    """The preset whose ``match`` (config field: value) fits the model's config, if any; so the
-    right values are picked by architecture and size, never by the model's name."""
+def preset_for(method: str, config, dataset: str | None = None) -> Path | None:
+    """The preset whose ``match`` fits the model's config (config field: value) and, where the
+    match names one, the evaluated ``dataset``; so the right values are picked by architecture and
+    size, never by the model's name. Of several that fit, the most specific wins: a preset for this
+    model *and* dataset (PISTOL's fine-tuned contracts) over the model's general one."""
+    fitting = []
     for path in preset_files(method).values():
-        match = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("match") or {}
-        if match and all(getattr(config, key, None) == value for key, value in match.items()):
-            return path
-    return None
+        match = dict((yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("match") or {})
+        wanted_dataset = match.pop(DATASET_MATCH_KEY, None)
+        if not match or (wanted_dataset is not None and wanted_dataset != dataset):
+            continue
+        if all(getattr(config, key, None) == value for key, value in match.items()):
+            fitting.append((wanted_dataset is not None, len(match), path))
+    return max(fitting, key=lambda fit: fit[:2])[2] if fitting else None
 
 
-def resolve_hparams_path(method: str, hparams: str | None, config=None) -> str | None:
+def resolve_hparams_path(method: str, hparams: str | None, config=None, dataset: str | None = None) -> str | None:
     """``hparams=`` as given (a file, or the name of a shipped preset), else the preset matching
-    the model's config, else None (the method's default YAML)."""
+    the model's config and the dataset, else None (the method's default YAML)."""
     if hparams:
         presets = preset_files(method)
         if hparams in presets:
@@ -78,7 +86,7 @@ def resolve_hparams_path(method: str, hparams: str | None, config=None) -> str |
                            f"presets: {', '.join(presets) or 'none'}")
         return hparams
     if config is not None:
-        preset = preset_for(method, config)
+        preset = preset_for(method, config, dataset)
         return str(preset) if preset else None
     return None
 
@@ -160,18 +168,22 @@ def _read_mapping(source: Path, given: bool) -> dict:
 
 def file_layers(method: str, path: str | None) -> list[tuple[Path, dict]]:
     """The files that set values, lowest first: a file's ``base:`` (a shipped method file, e.g.
-    ``base: rome`` for ``hparams/rome.yaml``), then the file itself. A preset thus lists only what
-    differs from its method's file, and each default lives in one place."""
+    ``base: rome`` for ``hparams/rome.yaml``, or a shipped preset, e.g. ``base: gd/smollm2-135m``),
+    then the file itself. A preset thus lists only what differs from its base, and each default
+    lives in one place."""
     source = Path(path).expanduser() if path else hparams_file(method)
     raw = _read_mapping(source, given=bool(path))
     base = raw.get("base")
     if base is None:
         return [(source, raw)]
     shipped = sorted(p.stem for p in hparams_dir().glob("*.yaml"))
-    if base not in shipped or hparams_file(base) == source:
+    base_presets = sorted(f"{folder.name}/{p.stem}" for folder in hparams_dir().iterdir() if folder.is_dir()
+                          for p in folder.glob("*.yaml"))
+    base_file = hparams_dir() / f"{base}.yaml" if base in (*shipped, *base_presets) else None
+    if base_file is None or base_file == source:
         raise E2UError(f"hparams file {str(source)!r}: base={base!r} is not accepted; use one of "
-                       f"{', '.join(shipped)}")
-    return [*file_layers(base, str(hparams_file(base))), (source, raw)]
+                       f"{', '.join(shipped)} or a preset such as {base_presets[0] if base_presets else 'gd/<name>'}")
+    return [*file_layers(method, str(base_file)), (source, raw)]
 
 
 def field_rules(cls: type) -> dict[str, typing.Mapping]:
@@ -234,14 +246,16 @@ class Resolved:
 
 
 def resolve_hparams(cls: type, method: str, hparams: str | None = None,
-                    overrides: dict[str, Any] | None = None, config=None, family_config=None) -> Resolved:
+                    overrides: dict[str, Any] | None = None, config=None, family_config=None,
+                    dataset: str | None = None) -> Resolved:
     """The one function that resolves hyperparameters: ``hparams=`` (a file or a preset name), else
-    the preset matching ``config`` (methods with a preset folder only), else the method's file;
+    the preset matching ``config`` and ``dataset`` (methods with a preset folder only), else the
+    method's file;
     then ``key=value`` overrides; module paths left unset come from ``family_config``'s
     architecture family (:mod:`e2u_models.architectures`). Unknown keys, wrong types and values
     outside a field's rules are one-line errors; then the class's ``validate()`` checks the rules
     across fields."""
-    path = resolve_hparams_path(method, hparams, config if has_presets(method) else None)
+    path = resolve_hparams_path(method, hparams, config if has_presets(method) else None, dataset)
     hints = typing.get_type_hints(cls)
     known = [f.name for f in dataclasses.fields(cls)]
     values: dict[str, Any] = {}

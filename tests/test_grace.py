@@ -79,6 +79,53 @@ def test_codebook_adds_splits_and_expands():
     assert output[0].tolist() == [[1.0, 1.0], [2.0, 2.0], [0.0, 0.0]]
 
 
+def grace_edit(tokenizer, env, questions, **overrides):
+    model = build_tiny_model(tokenizer, layers=4, initializer_range=0.2)
+    requests = [EditRequest(index=i, question=q, answer="?", prompt=env.render(q), target="I do not know")
+                for i, q in enumerate(questions)]
+    hparams = load_hparams(grace.HyperParams, "grace", None,
+                           {"layer": 1, "n_iter": 12, "edit_lr": 2.0, **overrides})
+    report = grace.apply(model, tokenizer, requests, None, hparams, seed=0, env=env)
+    (codebook,) = adapters_of(model)
+    return report.details, codebook
+
+
+def test_values_trained_together_equal_the_sequence(tokenizer, env, one_thread):
+    """Where no request's rows reach another entry, training the values together is the paper's
+    sequence, only batched: the same keys, radii, steps and (to float noise) values."""
+    questions = EDITED + UNRELATED
+    together, book = grace_edit(tokenizer, env, questions, eps=0.05)
+    alone, reference = grace_edit(tokenizer, env, questions, eps=0.05, batch_values=False)
+    assert together["value_training"].startswith("together")
+    assert alone["value_training"] == "one at a time (batch_values=false)"
+    assert torch.equal(book.keys, reference.keys) and torch.equal(book.radii, reference.radii)
+    assert together["training"]["steps"] == alone["training"]["steps"]
+    assert torch.allclose(book.values, reference.values, rtol=1e-4, atol=1e-5)
+    assert book.values.shape[0] == len(questions)
+
+
+def test_values_train_in_sequence_when_an_entry_is_shared(tokenizer, env, one_thread):
+    """One radius covering both questions with the same refusal: the second request retrains the
+    first one's entry from its trained value, so the values train one at a time, as the paper does."""
+    details, book = grace_edit(tokenizer, env, EDITED, eps=1e4)
+    assert details["codebook"]["expanded"] == 1 and book.values.shape[0] == 1
+    assert details["value_training"].startswith("one at a time (an entry is shared")
+    assert all(r["nll_after"] < r["nll_before"] for r in details["verification"]["requests"])
+
+
+def test_another_entry_reaches_a_row_within_its_radius_and_margin():
+    keys = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
+    radii = torch.tensor([1.0, 1.0])
+    own_key_only = torch.tensor([[0.0, 0.0], [0.5, 0.0]])
+    assert not grace.reached_by_others(own_key_only, keys, radii, own=0)
+    assert grace.reached_by_others(own_key_only, keys, radii, own=1)
+    # Just outside the radius is still too close: float noise could move it inside.
+    assert grace.reached_by_others(torch.tensor([[10.0, 1.0005]]), keys, radii, own=0)
+    assert not grace.reached_by_others(torch.tensor([[10.0, 1.01]]), keys, radii, own=0)
+    # An entry placed after this request (own beyond the keys at its turn) and an empty codebook.
+    assert not grace.reached_by_others(own_key_only, keys[:0], radii[:0], own=0)
+
+
 def edited_lm(model_dir, cache_dir, **args):
     return E2ULM(pretrained=model_dir, method=args.pop("method", "grace"), cache_dir=str(cache_dir),
                  **{**FAST, **args})

@@ -54,10 +54,13 @@ def test_an_unknown_base_is_a_one_line_error(tmp_path):
 @pytest.mark.parametrize("method", [*METHODS, FINETUNE])
 def test_shipped_presets_list_only_what_differs_from_their_base(method):
     cls = hparams_class(method)
-    base = dataclasses.asdict(load_hparams(cls, method))
-    for name, path in preset_files(method).items():
+    presets = preset_files(method)
+    for name, path in presets.items():
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        assert raw["base"] == method, name
+        # a model preset changes the method's file; a model-and-dataset preset changes a model preset
+        assert raw["base"] == method or raw["base"].removeprefix(f"{method}/") in presets, name
+        base_path = None if raw["base"] == method else str(presets[raw["base"].removeprefix(f"{method}/")])
+        base = dataclasses.asdict(load_hparams(cls, method, base_path))
         assert [source for source, _ in file_layers(method, str(path))][-1] == path
         resolved = dataclasses.asdict(load_hparams(cls, method, str(path)))
         for key in set(raw) - set(PRESET_META_KEYS):

@@ -415,3 +415,37 @@ def test_unlearning_presets_are_chosen_by_config():
         assert Path(resolve_hparams_path(method, None, smol)).stem == "smollm2-135m"
         assert Path(resolve_hparams_path(method, None, llama2)).stem == "llama2-7b-chat"
     assert load_hparams(get_method("gd").HyperParams, "gd").lr == 1e-5  # the paper's setting
+
+
+def test_a_model_and_dataset_preset_wins_for_its_dataset_only():
+    """The plain PISTOL command gets PISTOL's GD preset, TOFU keeps the model's, and a model
+    without a PISTOL preset keeps its own."""
+    from e2u_models.hparams import resolve_hparams_path
+
+    smol = type("Config", (), {"model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576})()
+    llama2 = type("Config", (), {"model_type": "llama", "num_hidden_layers": 32, "hidden_size": 4096,
+                                 "vocab_size": 32000})()
+    assert Path(resolve_hparams_path("gd", None, smol, "pistol")).stem == "smollm2-135m-pistol"
+    assert Path(resolve_hparams_path("gd", None, smol, "tofu_factual")).stem == "smollm2-135m"
+    assert Path(resolve_hparams_path("gd", None, smol)).stem == "smollm2-135m"
+    assert Path(resolve_hparams_path("gd", None, llama2, "pistol")).stem == "llama2-7b-chat"
+    pistol = load_hparams(get_method("gd").HyperParams, "gd", resolve_hparams_path("gd", None, smol, "pistol"))
+    model = load_hparams(get_method("gd").HyperParams, "gd", resolve_hparams_path("gd", None, smol))
+    assert pistol.lr == model.lr and pistol.epochs > model.epochs  # only what differs, on the model's preset
+
+
+def test_the_pistol_command_records_the_preset_that_ran(tiny_model_dir, tmp_path, monkeypatch):
+    """Presets match the config, so a tiny model gets the generic file; the dataset still reaches
+    the choice (the SmolLM2 case is above): the results name the file and where each value came from."""
+    import e2u_models.hparams as hp
+
+    chosen = {}
+    real = hp.preset_for
+
+    def spy(method, config, dataset=None):
+        chosen[method] = dataset
+        return real(method, config, dataset)
+
+    monkeypatch.setattr(hp, "preset_for", spy)
+    e2u(tiny_model_dir, tmp_path, method="gd", dataset="pistol", forget_edge="A_B", epochs=1)
+    assert chosen["gd"] == "pistol"

@@ -10,6 +10,15 @@ position, value = (output at q) + δ and δ is optimised by the shared v* engine
 (:mod:`e2u_models.editing.vstar`; Adam with ``edit_lr``, no KL, no decay, no clamp; Adam is
 shift-invariant, so this is exactly training the value from a ``warm`` initialisation).
 
+Training the values one request at a time is the paper's protocol; it is needed only where a
+request's training sees another entry. The layer's *input* at every position of every training row
+is fixed before any training (it depends on the layers below and the layer's attention, not on the
+codebook at its output, and δ enters at the output), so whether an entry fires anywhere in a
+row can be decided up front, for the codebook as it stands at that request's turn and for the
+final one. When no request's rows come near another entry (with a margin) and no entry is shared,
+each value's training is the same with or without the others, and all values train together in
+the batched v* engine (``batch_values``); otherwise they train in the paper's sequence.
+
 At inference every token position whose layer input lies within the radius of its nearest key
 gets that key's value as the layer's output (:class:`Codebook`); positions are independent, so
 the edit acts the same under teacher forcing, batched/padded inputs and KV-cached generation.
@@ -30,6 +39,7 @@ from e2u_models.editing.locate import OneLayerChoice, module_named
 from e2u_models.editing.requests import KeySpec, prepare_requests
 from e2u_models.editing.verify import check_finite, target_nll, verification
 from e2u_models.editing.vstar import VStarSettings, optimise_targets
+from e2u_models.nethook import StopForward, forward_until_stopped, pad_id_of, pad_right, trace
 
 NAME = "grace"
 KIND = "editing"
@@ -61,6 +71,9 @@ class HyperParams(OneLayerChoice):
     eps_expand: str = field(default="coverage", metadata={"choices": EPS_EXPANDS, "message": NOT_IMPLEMENTED})
     target_eos: bool = True
     verify_nll: float = field(default=1.0, metadata={"above": 0, "message": NLL_MESSAGE})
+    # e2u addition: train the values together where that is provably the same as one at a time
+    # (module docstring); false = always the paper's sequence.
+    batch_values: bool = True
 
 
 def key_spec(hparams: HyperParams) -> KeySpec:
@@ -155,6 +168,60 @@ def nearest_key(codebook: Codebook, query: torch.Tensor) -> tuple[float, int]:
     return float(distance[0]), int(index[0])
 
 
+# Another entry counts as reaching a position when the position lies within its radius times
+# (1 + REACH_MARGIN) plus REACH_MARGIN: far enough from the boundary that the float noise of a
+# differently batched forward cannot change the decision.
+REACH_MARGIN = 1e-3
+
+
+def row_inputs(model, tokenizer, rows, module_name: str, batch_size: int = 32) -> list[torch.Tensor]:
+    """The module's input at every position of each row (rows, then positions), float32; the
+    forward stops at the module."""
+    device = next(model.parameters()).device
+    seen: list[torch.Tensor] = []
+
+    def take(tensor):
+        seen.append(tensor.detach().float())
+        raise StopForward
+
+    found: list[torch.Tensor] = []
+    with trace(model, {module_name: take}):
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start: start + batch_size]
+            ids, mask = pad_right([r.ids for r in chunk], pad_id_of(tokenizer), device)
+            forward_until_stopped(model, input_ids=ids, attention_mask=mask)
+            batch = seen.pop()
+            found.extend(batch[i, : len(r.ids)] for i, r in enumerate(chunk))
+    return found
+
+
+def reached_by_others(inputs: torch.Tensor, keys: torch.Tensor, radii: torch.Tensor, own: int) -> bool:
+    """Whether any entry but ``own`` comes within (a margin of) its radius at any position."""
+    if keys.shape[0] == 0:
+        return False
+    distance = torch.cdist(inputs, keys, compute_mode="donot_use_mm_for_euclid_dist")
+    reach = radii * (1 + REACH_MARGIN) + REACH_MARGIN
+    near = distance <= reach
+    if own < keys.shape[0]:
+        near[:, own] = False
+    return bool(near.any())
+
+
+def why_not_batched(model, tokenizer, prepared, codebook: Codebook, entries: list[int], events: list[str],
+                    history: list[tuple[int, torch.Tensor]], module_name: str) -> str | None:
+    """None when training every value together equals the paper's sequence (module docstring),
+    else the reason it does not."""
+    if "expanded" in events:
+        return "an entry is shared by several requests (its value trains on top of the earlier one)"
+    rows = [request.nll_rows(number)[0] for number, request in enumerate(prepared)]
+    for number, inputs in enumerate(row_inputs(model, tokenizer, rows, module_name)):
+        size, radii = history[number]
+        if (reached_by_others(inputs, codebook.keys[:size], radii, entries[number])
+                or reached_by_others(inputs, codebook.keys, codebook.radii, entries[number])):
+            return f"request row {prepared[number].request.index} reaches another entry"
+    return None
+
+
 def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperParams, *,
           seed: int = 0, env: MethodEnv) -> MethodReport:
     hparams = with_architecture(hparams, model)
@@ -166,33 +233,50 @@ def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperPar
     before = target_nll(model, tokenizer, prepared)
     codebook = Codebook.empty(module_name, module)
     codebook.attach(model)
-    events = {"added": 0, "split": 0, "expanded": 0}
-    losses, steps, seconds, nearest = [], [], 0.0, []
+    entries, events, nearest, history = [], [], [], []
     try:
-        for number, request in enumerate(prepared):
-            key_row = request.key_rows(0)[:1]
-            query = read_at_keys(model, tokenizer, key_row, {module_name: "input"})[module_name][0]
+        # The codebook's keys and radii: each request's query in turn (a query does not depend on
+        # the codebook at the module's output, so the values can be trained afterwards).
+        for request in prepared:
+            query = read_at_keys(model, tokenizer, request.key_rows(0)[:1], {module_name: "input"})[module_name][0]
             with torch.no_grad():
                 plain = torch.nn.functional.linear(query.to(module.weight.dtype), out_in_weight(module), module.bias)
             if codebook.keys.shape[0]:
                 nearest.append(round(nearest_key(codebook, query)[0], 3))
             entry, event = place_query(codebook, query, plain, list(request.target_ids),
                                        request.request.index, hparams.eps)
-            events[event] += 1
-            result = optimise_targets(model, tokenizer, [request], settings, layer, module_name,
-                                      desc=f"GRACE {number + 1}/{len(prepared)}")
-            check_finite(result.deltas, f"GRACE value of request row {request.request.index}")
-            codebook.values[entry] = (result.v0[0] + result.deltas[0]).to(codebook.values.dtype)
-            losses.append(round(result.losses[0], 4))
-            steps.append(result.steps[0])
+            entries.append(entry)
+            events.append(event)
+            history.append((int(codebook.keys.shape[0]), codebook.radii.clone()))
+        reason = (why_not_batched(model, tokenizer, prepared, codebook, entries, events, history, module_name)
+                  if hparams.batch_values and len(prepared) > 1 else "batch_values=false")
+        schedule = [list(range(len(prepared)))] if reason is None else [[n] for n in range(len(prepared))]
+        keys, radii, values = codebook.keys, codebook.radii, codebook.values
+        losses, steps, seconds = [0.0] * len(prepared), [0] * len(prepared), 0.0
+        for numbers in schedule:
+            if reason is not None:  # the paper's sequence: the codebook as it stood at this request's turn
+                size, codebook.radii = history[numbers[0]]
+                codebook.keys, codebook.values = keys[:size], values[:size]  # views: values train in place
+            desc = (f"GRACE values ({len(numbers)} together)" if reason is None
+                    else f"GRACE {numbers[0] + 1}/{len(prepared)}")
+            result = optimise_targets(model, tokenizer, [prepared[n] for n in numbers], settings, layer,
+                                      module_name, desc=desc)
+            for k, number in enumerate(numbers):
+                check_finite(result.deltas[k], f"GRACE value of request row {prepared[number].request.index}")
+                values[entries[number]] = (result.v0[k] + result.deltas[k]).to(values.dtype)
+                losses[number], steps[number] = round(result.losses[k], 4), result.steps[k]
             seconds += result.seconds
+        codebook.keys, codebook.radii, codebook.values = keys, radii, values
     except BaseException:
         codebook.detach(model)  # a failed edit never leaves a half-built codebook behind
         raise
     after = target_nll(model, tokenizer, prepared)
+    counts = {name: events.count(name) for name in ("added", "split", "expanded")}
     details: dict[str, Any] = {
         "layer": layer, "module": module_name, "requests": len(prepared), "protocol": "sequential",
-        "codebook": {"entries": int(codebook.keys.shape[0]), **events,
+        "value_training": "together (no request's rows reach another entry)" if reason is None
+                          else f"one at a time ({reason})",
+        "codebook": {"entries": int(codebook.keys.shape[0]), **counts,
                      "radii": [round(r, 4) for r in codebook.radii.tolist()],
                      # distance of each new query to the nearest existing key (vs. eps)
                      "nearest_key_distances": nearest,
