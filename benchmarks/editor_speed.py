@@ -14,7 +14,10 @@ temporary git worktree) and once with this tree, on the same model, requests and
 Per stage and side: wall seconds of the stage alone (model load excluded), peak RSS of the
 subprocess (``wait4``), and a sha256 of the result (the moments; the side memory or codebook
 tensors and their description; the edited weights), so the report says whether the results are
-bit-identical. The ratio is old seconds / new seconds.
+bit-identical, and if not, the largest relative difference of any result tensor against the old
+side's (``max_rel_diff``: the moments of a layer; an edited weight, the codebook's keys/values/
+radii or the side memory, when both sides hold the same tensors). The ratio is old seconds / new
+seconds.
 
     python benchmarks/editor_speed.py --old-rev <sha>                           # SmolLM2-135M, 40 facts
     python benchmarks/editor_speed.py --old-rev <sha> --forget-size 4 --tokens 4000 --steps 3   # quick
@@ -56,6 +59,7 @@ def options() -> argparse.ArgumentParser:
     parser.add_argument("--child", choices=STAGES, help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--result-file", help=argparse.SUPPRESS)
     return parser
 
 
@@ -150,6 +154,13 @@ def run_child(args) -> dict:
         adapters = {f"{k}.{t}": v for k, a in enumerate(adapters_of(model)) for t, v in a.tensors().items()}
         described = [a.describe() for a in adapters_of(model)]
         row["sha256"] = sha256_of_tensors({**changed, **adapters}, described)
+        if args.result_file:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().cpu().contiguous() for k, v in {**changed, **adapters}.items()},
+                      args.result_file)
+        if "value_training" in report.details:
+            row["value_training"] = report.details["value_training"]
         verification = report.details["verification"]
         row["nll_after"] = verification["mean_nll_after"]
         row["unreached"] = len(verification["unreached"])
@@ -160,9 +171,10 @@ def run_child(args) -> dict:
 # --------------------------------------------------------------------------- both sides (parent)
 
 
-def run_side(stage: str, root: Path, cache_dir: str, args) -> dict:
+def run_side(stage: str, root: Path, cache_dir: str, args, result_file: Path) -> dict:
     command = [sys.executable, str(HERE), "--child", stage, "--root", str(root), "--cache-dir", cache_dir,
-               "--pretrained", args.pretrained, "--forget-size", str(args.forget_size)]
+               "--pretrained", args.pretrained, "--forget-size", str(args.forget_size),
+               "--result-file", str(result_file)]
     if args.tokens is not None:
         command += ["--tokens", str(args.tokens)]
     if args.steps is not None:
@@ -180,13 +192,20 @@ def run_side(stage: str, root: Path, cache_dir: str, args) -> dict:
     return row
 
 
-def moments_difference(reference: Path, other: Path) -> float:
-    """The largest relative Frobenius difference ‖C − C_ref‖ / ‖C_ref‖ over the layers."""
+def largest_difference(reference: Path, other: Path) -> float | None:
+    """The largest relative Frobenius difference ‖X − X_ref‖ / ‖X_ref‖ over the tensors (the
+    moments of each layer; the edited weights, codebook or side memory); None when the two hold
+    different tensors."""
     from safetensors.torch import load_file
 
+    if not (reference.is_file() and other.is_file()):
+        return None
     ref, new = load_file(str(reference)), load_file(str(other))
-    largest = max((new[k].double() - ref[k].double()).norm() / ref[k].double().norm() for k in ref)
-    return float(f"{float(largest):.3g}")
+    if set(ref) != set(new) or any(ref[k].shape != new[k].shape for k in ref):
+        return None
+    largest = max(float((new[k].double() - ref[k].double()).norm() / ref[k].double().norm().clamp(min=1e-30))
+                  for k in ref)
+    return float(f"{largest:.3g}")
 
 
 def compare(stage: str, old: dict, new: dict) -> dict:
@@ -196,7 +215,7 @@ def compare(stage: str, old: dict, new: dict) -> dict:
            "ratio": round(old["seconds"] / max(new["seconds"], 1e-9), 2),
            "old_rss_gib": old["peak_rss_gib"], "new_rss_gib": new["peak_rss_gib"],
            "identical": old["sha256"] == new["sha256"]}
-    for key in ("tokens_per_s", "forward_tokens_per_s", "max_rel_diff", "nll_after", "unreached"):
+    for key in ("tokens_per_s", "forward_tokens_per_s", "max_rel_diff", "nll_after", "unreached", "value_training"):
         for side, result in (("old", old), ("new", new)):
             if key in result:
                 row[f"{side}_{key}"] = result[key]
@@ -233,12 +252,15 @@ def main() -> None:
                     shutil.rmtree(cache, ignore_errors=True)
                 else:  # both editors read the same statistics (the old side's, filled on first use)
                     cache = scratch / "cache-old"
-                results[side] = run_side(stage, root, str(cache), args)
+                results[side] = run_side(stage, root, str(cache), args, scratch / f"{stage}-{side}.safetensors")
                 print(f"{stage} {side}: {json.dumps(results[side])}", file=sys.stderr, flush=True)
-            if stage == "stats":
-                for side in results:
-                    results[side]["max_rel_diff"] = moments_difference(scratch / "cache-old.moments.safetensors",
-                                                                       scratch / f"cache-{side}.moments.safetensors")
+            for side in results:
+                reference, other = ((scratch / "cache-old.moments.safetensors", scratch / f"cache-{side}.moments.safetensors")
+                                    if stage == "stats" else
+                                    (scratch / f"{stage}-old.safetensors", scratch / f"{stage}-{side}.safetensors"))
+                difference = largest_difference(reference, other)
+                if difference is not None:
+                    results[side]["max_rel_diff"] = difference
             row = compare(stage, results["old"], results["new"])
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -125,3 +125,17 @@ def test_benchmark_rows_compare_both_sides_and_render_on_the_performance_page(tm
     block = docs.benchmarks_block(tmp_path)
     assert "| stage | old_s | new_s | ratio |" in block and "| wise | 300.0 | 100.0 | 3.0 |" in block
     assert "editor_speed.py" in block  # the block says how to produce the file
+
+
+def test_benchmark_reports_how_far_two_results_differ(tmp_path):
+    from safetensors.torch import save_file
+
+    bench = load_benchmark()
+    save_file({"values": torch.ones(2, 3), "keys": torch.ones(2, 4)}, str(tmp_path / "old.safetensors"))
+    save_file({"values": torch.ones(2, 3) * 1.001, "keys": torch.ones(2, 4)}, str(tmp_path / "new.safetensors"))
+    save_file({"values": torch.ones(3, 3), "keys": torch.ones(2, 4)}, str(tmp_path / "other.safetensors"))
+    assert bench.largest_difference(tmp_path / "old.safetensors", tmp_path / "old.safetensors") == 0.0
+    assert bench.largest_difference(tmp_path / "old.safetensors", tmp_path / "new.safetensors") == pytest.approx(1e-3, rel=1e-3)
+    # Different tensors (another codebook size) cannot be compared, nor a missing file.
+    assert bench.largest_difference(tmp_path / "old.safetensors", tmp_path / "other.safetensors") is None
+    assert bench.largest_difference(tmp_path / "old.safetensors", tmp_path / "missing.safetensors") is None
