@@ -185,7 +185,7 @@ def row_inputs(model, tokenizer, rows, module_name: str, batch_size: int = 32) -
         raise StopForward
 
     found: list[torch.Tensor] = []
-    with trace(model, {module_name: take}):
+    with torch.no_grad(), trace(model, {module_name: take}):
         for start in range(0, len(rows), batch_size):
             chunk = rows[start: start + batch_size]
             ids, mask = pad_right([r.ids for r in chunk], pad_id_of(tokenizer), device)
