@@ -39,7 +39,7 @@ from e2u_models.editing.locate import OneLayerChoice, module_named
 from e2u_models.editing.requests import KeySpec, prepare_requests
 from e2u_models.editing.verify import check_finite, target_nll, verification
 from e2u_models.editing.vstar import VStarSettings, optimise_targets
-from e2u_models.nethook import StopForward, forward_until_stopped, pad_id_of, pad_right, trace
+from e2u_models.methods.wise import module_inputs
 
 NAME = "grace"
 KIND = "editing"
@@ -174,27 +174,6 @@ def nearest_key(codebook: Codebook, query: torch.Tensor) -> tuple[float, int]:
 REACH_MARGIN = 1e-3
 
 
-def row_inputs(model, tokenizer, rows, module_name: str, batch_size: int = 32) -> list[torch.Tensor]:
-    """The module's input at every position of each row (rows, then positions), float32; the
-    forward stops at the module."""
-    device = next(model.parameters()).device
-    seen: list[torch.Tensor] = []
-
-    def take(tensor):
-        seen.append(tensor.detach().float())
-        raise StopForward
-
-    found: list[torch.Tensor] = []
-    with torch.no_grad(), trace(model, {module_name: take}):
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start: start + batch_size]
-            ids, mask = pad_right([r.ids for r in chunk], pad_id_of(tokenizer), device)
-            forward_until_stopped(model, input_ids=ids, attention_mask=mask)
-            batch = seen.pop()
-            found.extend(batch[i, : len(r.ids)] for i, r in enumerate(chunk))
-    return found
-
-
 def reached_by_others(inputs: torch.Tensor, keys: torch.Tensor, radii: torch.Tensor, own: int) -> bool:
     """Whether any entry but ``own`` comes within (a margin of) its radius at any position."""
     if keys.shape[0] == 0:
@@ -213,8 +192,10 @@ def why_not_batched(model, tokenizer, prepared, codebook: Codebook, entries: lis
     else the reason it does not."""
     if "expanded" in events:
         return "an entry is shared by several requests (its value trains on top of the earlier one)"
-    rows = [request.nll_rows(number)[0] for number, request in enumerate(prepared)]
-    for number, inputs in enumerate(row_inputs(model, tokenizer, rows, module_name)):
+    rows = [request.nll_rows(number)[0].ids for number, request in enumerate(prepared)]
+    with torch.no_grad():
+        per_row = torch.split(module_inputs(model, tokenizer, rows, module_name), [len(r) for r in rows])
+    for number, inputs in enumerate(per_row):
         size, radii = history[number]
         if (reached_by_others(inputs, codebook.keys[:size], radii, entries[number])
                 or reached_by_others(inputs, codebook.keys, codebook.radii, entries[number])):
