@@ -8,13 +8,17 @@ computed), ``table1.csv`` (forget and retain x ROUGE-1 / prob / MRR / hit, compo
 headline metric and change against ``none``),
 ``recovery.csv`` (forget ROUGE-1 before and after each recovery attack, and the logit lens's
 ``lens_hit@k``, when the results hold ``attack=`` runs; see :mod:`recovery`),
-``runcards.csv``, ``case_study.md`` (answers before / after, Fig. 5) and, with matplotlib
+``seeds.csv`` (where runs of one model, dataset and forget size were drawn at several forget
+seeds: mean ± sd over the seeds next to each seed's own interval, and retain relative to
+``none``), ``runcards.csv``, ``case_study.md`` (answers before / after, Fig. 5) and, with matplotlib
 (``pip install e2u[report]``), the PNG figures: composite bars and forget/retain/rephrase radar
 (Fig. 3), composite vs number of forget samples (Fig. 4), query merging (Fig. 6 right), forget
 ROUGE-1 before and after the recovery attacks.
 
 Runs are grouped into *blocks* (model, dataset, forget size, forget seed, limit); a table row is a
-method with its options; several seeds of one row are averaged (see :mod:`estimates`).
+method with its options; several seeds of one row are averaged (see :mod:`estimates`). Blocks that
+differ only in their forget seed are pooled once more ("across forget seeds"), because a number
+measured on one forget set says little about the next one.
 """
 
 from __future__ import annotations
@@ -72,11 +76,14 @@ class Block:
     limit: object
     rows: list[Row]
     shared_options: dict[str, str] = field(default_factory=dict)
+    forget_seeds: tuple = ()  # set on a block pooled across forget seeds
 
     @property
     def title(self) -> str:
         text = f"{Path(self.model).name}, {self.dataset}, {self.forget_size} forget rows"
-        if self.forget_seed not in (None, 0):
+        if self.forget_seeds:
+            text += ", forget seeds " + ", ".join(map(str, self.forget_seeds))
+        elif self.forget_seed not in (None, 0):
             text += f" (forget seed {self.forget_seed})"
         if self.limit is not None:
             text += f", limit {self.limit}"
@@ -87,7 +94,9 @@ class Block:
     @property
     def slug(self) -> str:
         parts = [Path(self.model).name, str(self.dataset), f"n{self.forget_size}"]
-        if self.forget_seed not in (None, 0):
+        if self.forget_seeds:
+            parts.append("fs" + "+".join(map(str, self.forget_seeds)))
+        elif self.forget_seed not in (None, 0):
             parts.append(f"fs{self.forget_seed}")
         if self.limit is not None:
             parts.append(f"limit{self.limit}")
@@ -100,12 +109,18 @@ def method_order(label: str) -> tuple:
     return (base != "none", base, label != base, label)
 
 
-def build_blocks(runs: list[Run], iters: int, seed: int) -> list[Block]:
+def build_blocks(runs: list[Run], iters: int, seed: int, across_forget_seeds: bool = False) -> list[Block]:
+    """Blocks of runs; ``across_forget_seeds`` pools the forget seeds of a model, dataset and
+    forget size into one block, kept where two or more forget seeds were run, with the rows run at
+    two or more of them."""
     grouped: dict[tuple, list[Run]] = defaultdict(list)
     for run in runs:
-        grouped[(run.model, run.dataset, run.forget_size, run.forget_seed, json.dumps(run.limit))].append(run)
+        fseed = None if across_forget_seeds else run.forget_seed
+        grouped[(run.model, run.dataset, run.forget_size, fseed, json.dumps(run.limit))].append(run)
     blocks = []
     for (model, dataset, size, fseed, limit), members in grouped.items():
+        if across_forget_seeds and len(_forget_seeds(members)) < 2:
+            continue
         # options every run of the block shares (dtype=float16, ...) describe the block, not a row
         shared = dict(set.intersection(*(set(r.options.items()) for r in members)))
         by_label: dict[str, list[Run]] = defaultdict(list)
@@ -117,10 +132,86 @@ def build_blocks(runs: list[Run], iters: int, seed: int) -> list[Block]:
         for label in sorted(by_label, key=method_order):
             same = sorted(by_label[label], key=lambda r: str(r.seed))
             options = {k: v for k, v in same[0].options.items() if k not in shared}
+            if across_forget_seeds and len(_forget_seeds(same)) < 2:
+                continue
             rows.append(Row(label, same[0].method, options, same,
                             [est.RunBootstrap(r, iters, seed) for r in same]))
-        blocks.append(Block(model, dataset, size, fseed, json.loads(limit), rows, shared))
+        pooled = tuple(_forget_seeds(members)) if across_forget_seeds else ()
+        blocks.append(Block(model, dataset, size, fseed, json.loads(limit), rows, shared, pooled))
     return sorted(blocks, key=lambda b: (b.model, str(b.dataset), b.forget_size or 0, str(b.forget_seed)))
+
+
+def _forget_seeds(runs: list[Run]) -> list:
+    return sorted({r.forget_seed for r in runs}, key=str)
+
+
+def seed_rows(row: Row) -> list[tuple[object, Row]]:
+    """A pooled row's runs, one row per forget seed (same bootstrap replicates as the row's)."""
+    return [(fseed, Row(row.label, row.method, row.options,
+                        [r for r in row.runs if r.forget_seed == fseed],
+                        [b for b in row.boots if b.run.forget_seed == fseed]))
+            for fseed in _forget_seeds(row.runs)]
+
+
+def retain_vs_none(base: Row | None, row: Row) -> est.Estimate | None:
+    """Retain ROUGE-1 as a fraction of ``base``'s (``none``) on the same forget seed: the mean ±
+    sd of the ratios over the row's forget seeds."""
+    if base is None:
+        return None
+    base_by_seed = dict(seed_rows(base))
+    ratios = []
+    for fseed, one in seed_rows(row):
+        mine = one.metric("retain", "rouge1_recall")
+        theirs = base_by_seed[fseed].metric("retain", "rouge1_recall") if fseed in base_by_seed else None
+        if mine is not None and theirs is not None and theirs.value > 0:
+            ratios.append(mine.value / theirs.value)
+    return est.combine(ratios, [], [], None)
+
+
+def targets_reached(runs: list[Run]) -> str:
+    """Edit requests whose refusal target the editor's own check reached, summed over ``runs``."""
+    cards = [r.card["targets"] for r in runs if r.card.get("targets")]
+    if not cards:
+        return "–"
+    return f"{sum(c['reached'] for c in cards)}/{sum(c['requests'] for c in cards)}"
+
+
+ACROSS_COLUMNS = (("forget", "rouge1_recall"), ("rephrase", "rouge1_recall"), ("retain", "rouge1_recall"))
+
+
+def across_seeds_markdown(block: Block) -> list[str]:
+    """Mean ± sd over forget seeds [interval of the mean], each seed below with its own interval."""
+    head = ["method", "forget seeds"] + [f"{split} {METRIC_TITLES[m]}" for split, m in ACROSS_COLUMNS]
+    head += ["retain / none", "composite", "targets reached"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = baseline_row(block)
+    for row in block.rows:
+        seeds = " ".join(str(fseed) for fseed, _ in seed_rows(row))
+        lines.append(_across_line([f"**{row.label}**", seeds], base, row))
+        for fseed, one in seed_rows(row):
+            lines.append(_across_line([f"↳ seed {fseed}", ""], base, one))
+    return lines
+
+
+def _across_line(first: list[str], base: Row | None, row: Row) -> str:
+    cells = first + [_cell(row.metric(split, m)) for split, m in ACROSS_COLUMNS]
+    cells += [_cell(retain_vs_none(base, row)), _cell(row.composite()), targets_reached(row.runs)]
+    return "| " + " | ".join(cells) + " |"
+
+
+def across_seeds_csv_rows(block: Block) -> list[dict]:
+    """``seeds.csv``: per method the pooled row (``forget_seed`` lists the seeds), then each seed."""
+    rows, base = [], baseline_row(block)
+    for row in block.rows:
+        for fseed, one in [(" ".join(str(f) for f, _ in seed_rows(row)), row)] + seed_rows(row):
+            line = {**_block_columns(block, one), "forget_seed": fseed}
+            for split, m in ACROSS_COLUMNS:
+                line.update(_estimate_columns(f"{split}_{m}", one.metric(split, m)))
+            line.update(_estimate_columns("retain_vs_none", retain_vs_none(base, one)))
+            line.update(_estimate_columns("composite", one.composite()))
+            line["targets_reached"] = targets_reached(one.runs)
+            rows.append(line)
+    return rows
 
 
 def _cell(estimate: est.Estimate | None, signed: bool = False) -> str:
@@ -355,6 +446,7 @@ def write_report(folders: list[str], out: str, bootstrap: int = 1000, seed: int 
         raise E2UError(f"--bootstrap {bootstrap} is too few resamples for a 95% interval; use >= 100")
     runs = load_runs(folders, log=log)
     blocks = build_blocks(runs, bootstrap, seed)
+    pooled = build_blocks(runs, bootstrap, seed, across_forget_seeds=True)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     figure_files: dict[str, list[str]] = {}
@@ -373,6 +465,16 @@ def write_report(folders: list[str], out: str, bootstrap: int = 1000, seed: int 
           "interval from lm-eval's standard error (no `--log_samples`). With several seeds: "
           "mean ± standard deviation across seeds. Forget/rephrase: lower is better; retain and "
           "composite (1 − R1@forget + R1@retain): higher is better.", ""]
+    seeds_csv = []
+    for block in pooled:
+        md += [f"## Across forget seeds: {block.title}", "",
+               "Seed s draws the forget set (`forget_seed` s) and seeds the method. Bold rows: mean ± sd "
+               "over the forget seeds [95% interval of the mean]; the rows below give each seed with its "
+               "own interval. retain / none: retain ROUGE-1 as a fraction of `none`'s on the same forget "
+               "seed; targets reached: edit requests whose refusal target the editor's own check reached, "
+               "summed over the seeds.", ""]
+        md += across_seeds_markdown(block) + [""]
+        seeds_csv += across_seeds_csv_rows(block)
     t1_rows, t2_rows, refusal_csv, card_rows, utility_csv, recovery_rows = [], [], [], [], [], []
     for block in blocks:
         md += [f"## {block.title}", "", "### Table 1: forget and retain sets", ""]
@@ -431,6 +533,7 @@ def write_report(folders: list[str], out: str, bootstrap: int = 1000, seed: int 
     (out_dir / "case_study.md").write_text("\n".join(case_study_markdown(blocks, case_study)), encoding="utf-8")
     _write_csv(out_dir / "table1.csv", t1_rows)
     _write_csv(out_dir / "table2.csv", t2_rows)
+    _write_csv(out_dir / "seeds.csv", seeds_csv)
     _write_csv(out_dir / "refusal.csv", refusal_csv)
     _write_csv(out_dir / "utility.csv", utility_csv)
     _write_csv(out_dir / "recovery.csv", recovery_rows)

@@ -24,7 +24,7 @@ def write_result(folder: Path, method: str = "none", options: dict | None = None
                  forget: list[float] | None = None, retain: list[float] | None = None,
                  rephrase: list[float] | None = None, samples: bool = True, forget_size: int | None = None,
                  limit=None, stamp: str = STAMP, refusal: bool = False, lens: bool = False,
-                 evaluated: list[int] | None = None) -> Path:
+                 evaluated: list[int] | None = None, forget_seed: int = 0) -> Path:
     """One run's results_*.json (+ samples_*.jsonl) with per-document ROUGE-1 values given;
     prob/mrr/hit (and with ``lens`` the logit-lens metrics) are derived from them so every metric
     differs between documents. ``evaluated``: positions of the forget rows the forget and
@@ -73,7 +73,7 @@ def write_result(folder: Path, method: str = "none", options: dict | None = None
                    "e2u": {"method": method, "seed": seed, "hparams": {"merge": 1, **(options or {})},
                            "hparams_sha256": "ab" * 32,
                            "split": {"dataset": "tofu_factual", "forget_rows": forget_size or len(forget),
-                                     "forget_seed": 0, "data_sha256": "cd" * 32,
+                                     "forget_seed": forget_seed, "data_sha256": "cd" * 32,
                                      "forget_row_indices": forget_rows,
                                      **({"evaluated_forget_row_indices": [r for r, _ in docs["forget"]]}
                                         if evaluated is not None else {})},
@@ -258,6 +258,45 @@ def test_several_seeds_give_mean_and_spread(tmp_path, capsys):
     assert float(row["forget_rouge1_recall"]) == pytest.approx(0.25)
     assert float(row["forget_rouge1_recall_seed_sd"]) == pytest.approx(0.35355, abs=1e-4)
     assert "(2 seeds)" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_forget_seeds_are_pooled_with_mean_spread_and_each_seed_beside(tmp_path, capsys):
+    """Three forget seeds: the pooled row is the mean ± sd of the seeds, each seed keeps its own
+    interval, retain is compared with none's on the same forget seed; a method run at one forget
+    seed only is no pooled row."""
+    root = tmp_path / "results"
+    for s, (forget, retain, none_retain) in enumerate([([0.0] * 4, [1.0, 1.0, 0.5, 0.5, 0.5], [1.0] * 5),
+                                                       ([0.5] * 4, [0.5] * 5, [1.0, 1.0, 0.5, 0.5, 0.5]),
+                                                       ([0.25] * 4, [0.5] * 5, [0.5] * 5)]):
+        write_result(root / f"none{s}", "none", seed=s, forget_seed=s, retain=none_retain)
+        write_result(root / f"alpha{s}", "alphaedit", seed=s, forget_seed=s, forget=forget, retain=retain)
+    write_result(root / "rome0", "rome", seed=0, forget_seed=0)
+    code, _, _ = run_cli(capsys, "report", str(root), "--out", str(tmp_path / "r"), "--no-figures")
+    assert code == 0
+    rows = list(csv.DictReader(open(tmp_path / "r" / "seeds.csv")))
+    assert [(r["label"], r["forget_seed"]) for r in rows] == [
+        ("none", "0 1 2"), ("none", "0"), ("none", "1"), ("none", "2"),
+        ("alphaedit", "0 1 2"), ("alphaedit", "0"), ("alphaedit", "1"), ("alphaedit", "2")]
+    pooled, seed0 = rows[4], rows[5]
+    assert float(pooled["forget_rouge1_recall"]) == pytest.approx(0.25)
+    assert float(pooled["forget_rouge1_recall_seed_sd"]) == pytest.approx(0.25)
+    assert float(seed0["forget_rouge1_recall_low"]) == float(seed0["forget_rouge1_recall_high"]) == 0.0
+    # retain / none per seed: 0.7/1.0, 0.5/0.7, 0.5/0.5
+    ratios = [0.7, 0.5 / 0.7, 1.0]
+    assert float(pooled["retain_vs_none"]) == pytest.approx(sum(ratios) / 3)
+    assert float(rows[6]["retain_vs_none"]) == pytest.approx(ratios[1])
+    assert pooled["targets_reached"] == "117/120" and seed0["targets_reached"] == "39/40"
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "## Across forget seeds: smollm2-135m-instruct, tofu_factual, 4 forget rows, forget seeds 0, 1, 2" in report
+    assert report.index("Across forget seeds") < report.index("### Table 1")
+    assert "| **alphaedit** | 0 1 2 | 0.250 ± 0.250 [" in report
+    assert "| ↳ seed 1 |  | 0.500 [0.500, 0.500] |" in report
+
+
+def test_one_forget_seed_has_no_pooled_section(results_dir, tmp_path, capsys):
+    run_cli(capsys, "report", str(results_dir), "--out", str(tmp_path / "r"), "--no-figures")
+    assert "Across forget seeds" not in (tmp_path / "r" / "report.md").read_text()
+    assert not (tmp_path / "r" / "seeds.csv").exists()
 
 
 def test_without_samples_the_interval_is_the_marked_normal_one(tmp_path, capsys):
