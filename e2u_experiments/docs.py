@@ -254,16 +254,82 @@ def _group(entry: dict) -> str:
     return groups[0] if groups else "tofu_factual"
 
 
-def glance_block(board: dict, source: str) -> str:
-    rows = []
+def _by_dataset(board: dict) -> dict[str, dict[str, list[dict]]]:
+    """Entries grouped by dataset, then by method label, in the board's order."""
+    grouped: dict[str, dict[str, list[dict]]] = {}
     for e in board["entries"]:
-        p, group = _prefix(e), _group(e)
-        rows.append([entry_label(e), fmt(_value(e, f"{p}_forget", "rouge1_recall")),
-                     fmt(_value(e, f"{p}_retain", "rouge1_recall")),
-                     fmt(_value(e, f"{p}_rephrase", "rouge1_recall")), fmt(_value(e, group, "composite"))])
-    head = (f"From `{source}` ({board.get('name', '')}). ROUGE-1 recall; forget and rephrase ↓, "
-            "retain ↑, composite = (1 − forget) + retain ↑.\n\n")
-    return head + _table(["method", "forget R1", "retain R1", "rephrase R1", "composite"], rows)
+        grouped.setdefault(str(e.get("dataset")), {}).setdefault(entry_label(e), []).append(e)
+    return grouped
+
+
+def _forget_seeds(entries: list[dict]) -> list:
+    return sorted({e.get("forget_seed") for e in entries}, key=str)
+
+
+def _mean_sd(values: list[float | None]) -> str:
+    """Mean ± sample standard deviation of the values, as every multi-seed number is printed."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return fmt(mean)
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{fmt(mean)} ± {fmt(sd)}"
+
+
+def _retain_ratios(entries: list[dict], baseline: list[dict]) -> list[float]:
+    """Each entry's retain ROUGE-1 over ``none``'s on the same forget seed."""
+    base = {e.get("forget_seed"): _value(e, f"{_prefix(e)}_retain", "rouge1_recall") for e in baseline}
+    ratios = []
+    for e in entries:
+        mine, theirs = _value(e, f"{_prefix(e)}_retain", "rouge1_recall"), base.get(e.get("forget_seed"))
+        if mine is not None and theirs:
+            ratios.append(mine / theirs)
+    return ratios
+
+
+def _seeds_table(by_label: dict[str, list[dict]]) -> str:
+    """Methods run at two or more forget seeds: mean ± sd over the seeds."""
+    rows = []
+    baseline = by_label.get("none", [])
+    for label, entries in by_label.items():
+        seeds = _forget_seeds(entries)
+        if len(seeds) < 2:
+            continue
+        p, group = _prefix(entries[0]), _group(entries[0])
+        r1 = {split: _mean_sd([_value(e, f"{p}_{split}", "rouge1_recall") for e in entries])
+              for split in ("forget", "retain", "rephrase")}
+        rows.append([label, " ".join(map(str, seeds)), r1["forget"], r1["retain"],
+                     _mean_sd(_retain_ratios(entries, baseline)), r1["rephrase"],
+                     _mean_sd([_value(e, group, "composite") for e in entries])])
+    return _table(["method", "seeds", "forget R1", "retain R1", "retain / none", "rephrase R1", "composite"], rows)
+
+
+def glance_block(board: dict, source: str) -> str:
+    """Per dataset of the board: the methods run at several seeds (seed s drawing forget set s) as
+    mean ± sd over the seeds; a dataset run at one seed only, every entry's own numbers."""
+    parts = [f"From `{source}` ({board.get('name', '')}). ROUGE-1 recall; forget and rephrase ↓, "
+             "retain ↑, composite = (1 − forget) + retain ↑."]
+    by_dataset = _by_dataset(board)
+    for dataset, by_label in by_dataset.items():
+        several = any(len(_forget_seeds(entries)) > 1 for entries in by_label.values())
+        if len(by_dataset) > 1:
+            parts.append(f"**{dataset}**" + (", mean ± sd over seeds (seed s draws forget set s); "
+                                            "retain / none: retain as a fraction of `none`'s on "
+                                            "the same seed" if several else ""))
+        if several:
+            parts.append(_seeds_table(by_label))
+            continue
+        rows = []
+        for label, entries in by_label.items():
+            for e in entries:
+                p, group = _prefix(e), _group(e)
+                rows.append([label, fmt(_value(e, f"{p}_forget", "rouge1_recall")),
+                             fmt(_value(e, f"{p}_retain", "rouge1_recall")),
+                             fmt(_value(e, f"{p}_rephrase", "rouge1_recall")), fmt(_value(e, group, "composite"))])
+        parts.append(_table(["method", "forget R1", "retain R1", "rephrase R1", "composite"], rows))
+    return "\n\n".join(parts)
 
 
 def full_block(board: dict, source: str) -> str:

@@ -100,6 +100,31 @@ def test_readme_results_equal_the_leaderboard():
         assert shown[label] == [f"{round(v, 3):.3f}" for v in expected], label
 
 
+def _entry(method: str, dataset: str, forget_seed: int, forget: float, retain: float, **options) -> dict:
+    prefix, group = ("facts", "known_facts") if dataset == "known_facts" else ("tofu", "tofu_factual")
+    metrics = {f"{prefix}_forget": {"rouge1_recall": {"value": forget}},
+               f"{prefix}_rephrase": {"rouge1_recall": {"value": forget + 0.1}},
+               f"{prefix}_retain": {"rouge1_recall": {"value": retain}},
+               group: {"composite": {"value": 1 - forget + retain}}}
+    return {"model": "m", "method": method, "options": options, "dataset": dataset, "forget_size": 40,
+            "forget_seed": forget_seed, "seed": forget_seed, "limit": None, "metrics": metrics}
+
+
+def test_the_glance_gives_mean_and_spread_over_seeds_per_dataset():
+    """Seeds pooled per dataset and method (retain against none's of the same seed); a dataset
+    run at one seed lists its entries as they are."""
+    board = {"name": "b", "entries": [
+        _entry("none", "known_facts", 0, 1.0, 1.0), _entry("none", "known_facts", 1, 1.0, 0.8),
+        _entry("grace", "known_facts", 0, 0.0, 0.9), _entry("grace", "known_facts", 1, 0.1, 0.8),
+        _entry("rome", "known_facts", 0, 0.2, 0.5, merge=5),
+        _entry("none", "tofu_factual", 0, 0.5, 0.4), _entry("gd", "tofu_factual", 0, 0.25, 0.3)]}
+    text = docs.glance_block(board, "board.yaml")
+    assert "**known_facts**, mean ± sd over seeds" in text and "**tofu_factual**" in text
+    assert "| grace | 0 1 | 0.050 ± 0.071 | 0.850 ± 0.071 | 0.950 ± 0.071 | 0.150 ± 0.071 | 1.800 ± 0.141 |" in text
+    assert "rome (merge=5)" not in text  # one seed: no pooled row
+    assert "| gd | 0.250 | 0.300 | 0.350 | 1.050 |" in text
+
+
 # --------------------------------------------------------------------------- fenced commands
 
 
