@@ -332,32 +332,44 @@ def glance_block(board: dict, source: str) -> str:
     return "\n\n".join(parts)
 
 
+def _where_columns(board: dict) -> Callable[[dict], list[str]]:
+    """Dataset and forget seed columns, only when the board holds more than one of them."""
+    entries = board["entries"]
+    datasets = len({str(e.get("dataset")) for e in entries}) > 1
+    seeds = len(_forget_seeds(entries)) > 1
+    return lambda e: (([str(e.get("dataset"))] if datasets else []) + ([str(e.get("forget_seed"))] if seeds else []))
+
+
+def _where_header(board: dict) -> list[str]:
+    return _where_columns(board)({"dataset": "dataset", "forget_seed": "seed"})
+
+
 def full_block(board: dict, source: str) -> str:
-    rows = []
+    rows, where = [], _where_columns(board)
     for e in board["entries"]:
         p = _prefix(e)
-        cells = [entry_label(e)]
+        cells = [entry_label(e)] + where(e)
         for split in ("forget", "retain", "rephrase"):
             cells.append(" / ".join(fmt(_value(e, f"{p}_{split}", m))
                                     for m in ("rouge1_recall", "prob", "mrr", "hit_rate")))
         cells.append(fmt(_value(e, _group(e), "composite")))
         rows.append(cells)
     head = f"From `{source}`; each split: ROUGE-1 / prob / MRR / hit@100.\n\n"
-    return head + _table(["method", "forget", "retain", "rephrase", "composite"], rows)
+    return head + _table(["method"] + _where_header(board) + ["forget", "retain", "rephrase", "composite"], rows)
 
 
 def refusal_block(board: dict, source: str) -> str:
-    rows = []
+    rows, where = [], _where_columns(board)
     for e in board["entries"]:
         p = _prefix(e)
-        cells = [entry_label(e)]
+        cells = [entry_label(e)] + where(e)
         for split in ("forget", "rephrase"):
             cells += [fmt(_value(e, f"{p}_{split}", m)) for m in ("refusal_rate", "entity_mention", "answer_leak")]
         cells.append(fmt(_value(e, f"{p}_retain", "refusal_rate")))
         rows.append(cells)
     head = (f"From `{source}`. Refusal ↑ on forget/rephrase, entity mention ↑, leak ↓; retain refusal "
             "is over-refusal ↓.\n\n")
-    return head + _table(["method", "forget refusal", "forget entity", "forget leak", "rephrase refusal",
+    return head + _table(["method"] + _where_header(board) + ["forget refusal", "forget entity", "forget leak", "rephrase refusal",
                           "rephrase entity", "rephrase leak", "retain refusal"], rows)
 
 

@@ -123,6 +123,8 @@ def test_the_glance_gives_mean_and_spread_over_seeds_per_dataset():
     assert "| grace | 0 1 | 0.050 ± 0.071 | 0.850 ± 0.071 | 0.950 ± 0.071 | 0.150 ± 0.071 | 1.800 ± 0.141 |" in text
     assert "rome (merge=5)" not in text  # one seed: no pooled row
     assert "| gd | 0.250 | 0.300 | 0.350 | 1.050 |" in text
+    full = docs.full_block(board, "board.yaml")
+    assert "| method | dataset | seed | forget |" in full and "| grace | known_facts | 1 | 0.100 /" in full
 
 
 # --------------------------------------------------------------------------- fenced commands
