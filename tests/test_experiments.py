@@ -843,6 +843,31 @@ def test_tolerances_are_measured_from_repeats_per_metric(results_dir, tmp_path, 
     assert run_cli(capsys, "regress", "--leaderboard", str(board), "--results", str(results_dir))[0] == 0
 
 
+def test_an_update_without_repeats_keeps_the_measured_tolerances(results_dir, tmp_path, capsys):
+    """New runs added to a board take the tolerances measured before (they measure the machine's
+    noise), instead of falling back to --tolerance."""
+    repeats = tmp_path / "repeats"
+    write_result(repeats / "none")
+    path = next((repeats / "none").rglob("results_*.json"))
+    data = json.loads(path.read_text())
+    data["results"]["tofu_forget"]["prob,none"] += 3e-7
+    for split in ("forget", "retain", "rephrase"):
+        del data["results"][f"tofu_{split}"]["mrr,none"]
+    path.write_text(json.dumps(data))
+    old = tmp_path / "old.yaml"
+    assert run_cli(capsys, "leaderboard", str(results_dir), "--out", str(old), "--repeats", str(repeats))[0] == 0
+    added = tmp_path / "added"
+    write_result(added / "gd", "gd", seed=1, forget_seed=1)
+    new = tmp_path / "new.yaml"
+    assert run_cli(capsys, "leaderboard", str(added), "--out", str(new), "--update", str(old))[0] == 0
+    before, after = yaml.safe_load(old.read_text()), yaml.safe_load(new.read_text())
+    assert after["tolerances"] == before["tolerances"]
+    gd = next(e for e in after["entries"] if e["method"] == "gd")
+    assert gd["forget_seed"] == 1
+    assert gd["metrics"]["tofu_forget"]["prob"]["tolerance"] == before["tolerances"]["metrics"]["prob"]["tolerance"]
+    assert gd["metrics"]["tofu_forget"]["mrr"]["tolerance"] == 1e-6  # no repeat measured mrr's
+
+
 def test_a_repeat_of_no_leaderboard_run_is_one_line(results_dir, tmp_path, capsys):
     repeats = tmp_path / "repeats"
     write_result(repeats / "other", "memit")
