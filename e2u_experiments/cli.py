@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="prefix of every lm-eval command, e.g. 'srun -n1 --gres=gpu:1'")
 
     report = sub.add_parser("report", help="paper tables (Markdown, CSV) and figures (PNG)")
-    report.add_argument("results", nargs="+", help="folder(s) searched for results_*.json")
+    report.add_argument("results", nargs="+", help="folder(s) searched for results_*.json, and/or "
+                        "leaderboard files (their entries and per-document scores)")
     report.add_argument("--out", required=True, help="folder for the tables and figures")
     report.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     report.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")

@@ -48,7 +48,7 @@ FORMAT = "e2u-leaderboard/1"
 IDENTITY = ("model", "method", "options", "dataset", "forget_size", "forget_seed", "seed", "limit")
 ENTRY_KEYS = set(IDENTITY) | {"metrics", "run_card"}
 CARD_KEYS = ("packages", "hparams_sha256", "model_sha256", "model_file_sha256", "data_sha256",
-             "fingerprint")
+             "fingerprint", "targets")
 EXIT_MOVED = 1
 
 
@@ -254,6 +254,28 @@ def load_leaderboard(path: str | Path) -> dict:
                 if not _is_number(tolerance) or tolerance < 0:
                     raise _bad(path, f"{where}: {name} needs a 'tolerance' >= 0 (got {tolerance!r})")
     return board
+
+
+def runs_of_leaderboard(path: str | Path) -> list[Run]:
+    """A leaderboard's entries as runs, for ``e2u report``: the numbers and, from its
+    ``.docs.json``, the per-document scores (no questions or answers: no case study). A board
+    holds runs that outlive their results folders (across machines and sessions)."""
+    board = load_leaderboard(path)
+    docs = load_docs(path) if docs_path(path).is_file() else {}
+    runs = []
+    for number, entry in enumerate(board["entries"], 1):
+        tables = docs.get(entry_id(_identity_key(entry)), {})
+        samples = {task: [{"doc_id": i, "index": row, **{m: float(v[i]) for m, v in table.items() if m != "docs"}}
+                          for i, row in enumerate(table["docs"])]
+                   for task, table in tables.items()}
+        runs.append(Run(
+            path=Path(f"{path}#{number}"), model=str(entry["model"]), method=str(entry["method"]),
+            options=entry["options"], dataset=entry.get("dataset"), forget_size=entry.get("forget_size"),
+            forget_seed=entry.get("forget_seed"), seed=entry.get("seed"), limit=entry.get("limit"),
+            metrics={task: {m: float(spec["value"]) for m, spec in values.items()}
+                     for task, values in entry["metrics"].items()},
+            card=dict(entry.get("run_card") or {}), samples=samples))
+    return runs
 
 
 # ------------------------------------------------------------------ checking

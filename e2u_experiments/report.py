@@ -31,7 +31,7 @@ from pathlib import Path
 
 from e2u_experiments import estimates as est
 from e2u_experiments.recovery import recovery_csv, recovery_markdown
-from e2u_experiments.runs import METRICS, REFUSAL_METRICS, Run, load_runs
+from e2u_experiments.runs import METRICS, REFUSAL_METRICS, TIMESTAMP, Run, load_runs
 from e2u_tasks.errors import E2UError
 
 METRIC_TITLES = {"rouge1_recall": "ROUGE-1", "prob": "Prob", "mrr": "MRR", "hit_rate": "Hit",
@@ -409,7 +409,9 @@ def case_study_markdown(blocks: list[Block], questions: int) -> list[str]:
     """Answers of every method next to the un-edited model's, for a few forget (and retain) rows."""
     lines = ["# Case study: answers before and after (Fig. 5)", ""]
     for block in blocks:
-        rows = [r for r in block.rows if any(run.samples for run in r.runs)]
+        # (a leaderboard's entries carry per-document scores, not the questions and answers)
+        rows = [r for r in block.rows if any("question" in docs[0] for run in r.runs
+                                             for docs in run.samples.values() if docs)]
         if not rows:
             continue
         lines += [f"## {block.title}", ""]
@@ -436,15 +438,36 @@ def case_study_markdown(blocks: list[Block], questions: int) -> list[str]:
                         lines.append(f"| {row.label} | {shown} |")
                 lines.append("")
     if len(lines) == 2:
-        lines.append("No per-document samples in these results: run lm-eval with `--log_samples`.")
+        lines.append("No answers in these results: run lm-eval with `--log_samples` (a leaderboard keeps "
+                     "per-document scores, not the answers).")
     return lines
+
+
+def load_sources(sources: list[str], log=print) -> list[Run]:
+    """Runs of results folders (or files) and of leaderboards (a YAML/JSON file that is no
+    ``results_*.json``); a folder's run replaces a board's entry of the same identity, since it
+    has the answers too."""
+    boards = [s for s in sources if Path(s).is_file() and not TIMESTAMP.search(Path(s).name)]
+    folders = [s for s in sources if s not in boards]
+    runs = load_runs(folders, log=log) if folders else []
+    if boards:
+        from e2u_experiments.leaderboard import runs_of_leaderboard  # it imports this module
+
+        have = {json.dumps(r.identity(), sort_keys=True, default=str) for r in runs}
+        from_boards = [r for board in boards for r in runs_of_leaderboard(board)]
+        kept = [r for r in from_boards if json.dumps(r.identity(), sort_keys=True, default=str) not in have]
+        if len(kept) < len(from_boards):
+            log(f"e2u: {len(from_boards) - len(kept)} leaderboard entries are runs of the results "
+                "folders too; the folders' runs are used")
+        runs += kept
+    return runs
 
 
 def write_report(folders: list[str], out: str, bootstrap: int = 1000, seed: int = 0,
                  case_study: int = 6, figures: bool = True, log=print) -> Path:
     if bootstrap < 100:
         raise E2UError(f"--bootstrap {bootstrap} is too few resamples for a 95% interval; use >= 100")
-    runs = load_runs(folders, log=log)
+    runs = load_sources(folders, log)
     blocks = build_blocks(runs, bootstrap, seed)
     pooled = build_blocks(runs, bootstrap, seed, across_forget_seeds=True)
     out_dir = Path(out)

@@ -293,6 +293,34 @@ def test_forget_seeds_are_pooled_with_mean_spread_and_each_seed_beside(tmp_path,
     assert "| ↳ seed 1 |  | 0.500 [0.500, 0.500] |" in report
 
 
+def test_a_leaderboard_reports_like_its_runs_and_a_folder_run_replaces_its_entry(tmp_path, capsys):
+    """A board's entries (numbers and per-document scores) give the same tables as the results
+    they were written from; a results folder's run of the same identity is used instead of its
+    entry; runs of a board and of folders pool across forget seeds together."""
+    root = tmp_path / "results"
+    for s in (0, 1):
+        write_result(root / f"none{s}", "none", seed=s, forget_seed=s)
+        write_result(root / f"gd{s}", "gd", seed=s, forget_seed=s, forget=[0.0, 0.5 * s, 0.0, 0.0])
+    board = tmp_path / "board.yaml"
+    assert run_cli(capsys, "leaderboard", str(root), "--out", str(board))[0] == 0
+    assert run_cli(capsys, "report", str(root), "--out", str(tmp_path / "a"), "--no-figures")[0] == 0
+    assert run_cli(capsys, "report", str(board), "--out", str(tmp_path / "b"), "--no-figures")[0] == 0
+    for name in ("table1.csv", "table2.csv", "seeds.csv"):
+        from_runs = [{k: v for k, v in r.items() if k != "file"} for r in csv.DictReader(open(tmp_path / "a" / name))]
+        from_board = [{k: v for k, v in r.items() if k != "file"} for r in csv.DictReader(open(tmp_path / "b" / name))]
+        assert from_runs == from_board, name
+    assert (tmp_path / "b" / "runcards.csv").read_text().count("39/40") == 4  # the editors' reach
+    assert "No answers in these results" in (tmp_path / "b" / "case_study.md").read_text()
+    newer = tmp_path / "newer"
+    write_result(newer / "gd1", "gd", seed=1, forget_seed=1, forget=[1.0, 1.0, 1.0, 1.0])
+    write_result(newer / "gd2", "gd", seed=2, forget_seed=2, forget=[0.5, 0.5, 0.5, 0.5])
+    code, out, _ = run_cli(capsys, "report", str(board), str(newer), "--out", str(tmp_path / "c"), "--no-figures")
+    assert code == 0 and "1 leaderboard entries are runs of the results folders too" in out
+    pooled = next(r for r in csv.DictReader(open(tmp_path / "c" / "seeds.csv"))
+                  if r["label"] == "gd" and r["forget_seed"] == "0 1 2")
+    assert float(pooled["forget_rouge1_recall"]) == pytest.approx((0.0 + 1.0 + 0.5) / 3)
+
+
 def test_one_forget_seed_has_no_pooled_section(results_dir, tmp_path, capsys):
     run_cli(capsys, "report", str(results_dir), "--out", str(tmp_path / "r"), "--no-figures")
     assert "Across forget seeds" not in (tmp_path / "r" / "report.md").read_text()
