@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from e2u_models.editing.requests import EditRow, PreparedRequest
+from e2u_models.editing.locate import module_named
 from e2u_models.nethook import StopForward, forward_until_stopped, pad_id_of, pad_right, trace
 
 
@@ -64,3 +65,20 @@ def mean_key_per_request(model, tokenizer, prepared: Sequence[PreparedRequest], 
     rows = [row for i, p in enumerate(prepared) for row in p.key_rows(i)]
     keys = read_at_keys(model, tokenizer, rows, {module: "input"})[module]
     return _group_means(keys, [row.request for row in rows], len(prepared))
+
+
+def module_inputs(model, tokenizer, texts_ids: list[list[int]], module_name: str) -> torch.Tensor:
+    """The module's input at every real token of the given sequences: (tokens, d_in) float32.
+    The forward stops at the module: nothing above it is needed."""
+    module = module_named(model, module_name, 0, "inner_module_tmp")
+    device = next(model.parameters()).device
+    ids, mask = pad_right(texts_ids, pad_id_of(tokenizer), device)
+    captured = {}
+
+    def take(x):
+        captured["x"] = x
+        raise StopForward
+
+    with trace(model, inputs={module: take}):
+        forward_until_stopped(model, input_ids=ids, attention_mask=mask)
+    return captured["x"][mask.bool()].float()

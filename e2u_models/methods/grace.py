@@ -34,12 +34,11 @@ import torch
 from e2u_models.architectures import LAYERS, MLP_OUT, engine_record, out_in_weight, with_architecture
 from e2u_models.editing.adapters import Adapter
 from e2u_models.protocol import EditRequest, MethodEnv, MethodReport
-from e2u_models.editing.keys import read_at_keys
+from e2u_models.editing.keys import module_inputs, read_at_keys
 from e2u_models.editing.locate import OneLayerChoice, module_named
 from e2u_models.editing.requests import KeySpec, prepare_requests
 from e2u_models.editing.verify import check_finite, target_nll, verification
 from e2u_models.editing.vstar import VStarSettings, optimise_targets
-from e2u_models.methods.wise import module_inputs
 
 NAME = "grace"
 KIND = "editing"

@@ -51,12 +51,13 @@ from e2u_models.editing.adapters import Adapter
 from e2u_models.editing.nullspace import check_null_space_hparams, null_space_projector
 from e2u_models.protocol import EditRequest, MethodEnv, MethodReport
 from e2u_models.editing.locate import FACT_TOKENS, OneLayerChoice, module_named
+from e2u_models.editing.keys import module_inputs
 from e2u_models.editing.requests import KeySpec, prepare_requests
 from e2u_models.editing.stats import StatsSpec, statistics_for
 from e2u_models.editing.verify import check_finite, target_nll, verification
 from e2u_models.editing.vstar import UpperStack, edit_stack, length_buckets
 from e2u_models.layers import activation_named, hidden_activation
-from e2u_models.nethook import StopForward, forward_until_stopped, pad_id_of, pad_right, trace
+from e2u_models.nethook import pad_id_of
 from e2u_models.question_sets import QUESTION_SETS, load_questions, off_dataset
 from e2u_models.shared_prefix import continue_greedily, stop_token_ids
 from e2u_models.snapshot import frozen
@@ -276,23 +277,6 @@ def with_own_answers(model, tokenizer, prompts_ids: list[list[int]], max_new_tok
 
 
 @torch.no_grad()
-def module_inputs(model, tokenizer, texts_ids: list[list[int]], module_name: str) -> torch.Tensor:
-    """The module's input at every real token of the given sequences: (tokens, d_in) float32.
-    The forward stops at the module: nothing above it is needed."""
-    module = module_named(model, module_name, 0, "inner_module_tmp")
-    device = next(model.parameters()).device
-    ids, mask = pad_right(texts_ids, pad_id_of(tokenizer), device)
-    captured = {}
-
-    def take(x):
-        captured["x"] = x
-        raise StopForward
-
-    with trace(model, inputs={module: take}):
-        forward_until_stopped(model, input_ids=ids, attention_mask=mask)
-    return captured["x"][mask.bool()].float()
-
-
 def hinge_mean(values: torch.Tensor, over: str = "violated") -> torch.Tensor:
     """The margin terms' average of max(0, values): over the positive (violated) entries only,
     0 when none is (``violated``, EasyEdit's), or over all entries (``all``, the paper's)."""
