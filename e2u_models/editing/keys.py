@@ -67,6 +67,7 @@ def mean_key_per_request(model, tokenizer, prepared: Sequence[PreparedRequest], 
     return _group_means(keys, [row.request for row in rows], len(prepared))
 
 
+@torch.no_grad()
 def module_inputs(model, tokenizer, texts_ids: list[list[int]], module_name: str) -> torch.Tensor:
     """The module's input at every real token of the given sequences: (tokens, d_in) float32.
     The forward stops at the module: nothing above it is needed."""

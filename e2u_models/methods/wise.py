@@ -276,7 +276,6 @@ def with_own_answers(model, tokenizer, prompts_ids: list[list[int]], max_new_tok
     return [list(p) + a for p, a in zip(prompts_ids, answers)]
 
 
-@torch.no_grad()
 def hinge_mean(values: torch.Tensor, over: str = "violated") -> torch.Tensor:
     """The margin terms' average of max(0, values): over the positive (violated) entries only,
     0 when none is (``violated``, EasyEdit's), or over all entries (``all``, the paper's)."""
