@@ -46,8 +46,9 @@ def test_each_generated_block_appears_somewhere(blocks):
 
 def test_a_changed_leaderboard_number_makes_the_results_blocks_stale(tmp_path):
     board = yaml.safe_load((ROOT / docs.LEADERBOARD).read_text(encoding="utf-8"))
-    cell = board["entries"][0]["metrics"]["tofu_forget"]["rouge1_recall"]
-    cell["value"] = cell["value"] + 0.1
+    for metrics in (board["entries"][0]["metrics"], board["entries"][-1]["metrics"]):
+        task = next(t for t in metrics if t.endswith("_forget"))  # a pooled entry and a single one
+        metrics[task]["rouge1_recall"]["value"] += 0.1
     copy = tmp_path / "leaderboards" / docs.LEADERBOARD.name
     copy.parent.mkdir()
     copy.write_text(yaml.safe_dump(board, sort_keys=False), encoding="utf-8")
