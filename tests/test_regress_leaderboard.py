@@ -42,8 +42,10 @@ def regress(capsys, folder: Path, *extra: str) -> tuple[int, str]:
 
 
 def board_entry(method: str) -> dict:
+    """The board's plain entry of ``method`` on the split these tests run (TOFU, seed 0)."""
     board = yaml.safe_load(BOARD.read_text())
-    return next(e for e in board["entries"] if e["method"] == method and not e["options"])
+    return next(e for e in board["entries"] if e["method"] == method and not e["options"]
+                and e.get("dataset") == "tofu_factual" and e.get("forget_seed", 0) == 0)
 
 
 def as_plain_run(folder: Path, *given: str) -> None:
