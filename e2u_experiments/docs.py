@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -269,13 +270,9 @@ def _forget_seeds(entries: list[dict]) -> list:
 def _mean_sd(values: list[float | None]) -> str:
     """Mean ± sample standard deviation of the values, as every multi-seed number is printed."""
     values = [v for v in values if v is not None]
-    if not values:
-        return "–"
-    mean = sum(values) / len(values)
-    if len(values) == 1:
-        return fmt(mean)
-    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-    return f"{fmt(mean)} ± {fmt(sd)}"
+    if len(values) < 2:
+        return fmt(values[0] if values else None)
+    return f"{fmt(statistics.mean(values))} ± {fmt(statistics.stdev(values))}"
 
 
 def _retain_ratios(entries: list[dict], baseline: list[dict]) -> list[float]:

@@ -161,11 +161,12 @@ def write_leaderboard(folders: list[str], out: str, name: str = "", tolerance: f
                     f"(another batch size or process, same machine); {tolerance:g} for metrics no "
                     "repeat measured",
             "metrics": measured}
-    elif update and load_leaderboard(update).get("tolerances"):
+    elif update:
         # Tolerances measure this machine's run-to-run noise, not the runs: new runs of an updated
         # board take the ones measured before, unless --repeats measures them again.
-        board["tolerances"] = load_leaderboard(update)["tolerances"]
-        measured = board["tolerances"]["metrics"]
+        previous = load_leaderboard(update).get("tolerances")
+        if previous:
+            board["tolerances"], measured = previous, previous["metrics"]
     board["entries"] = sorted(build_entries(runs, tolerance, measured) + kept, key=_entry_order)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)

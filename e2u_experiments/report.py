@@ -357,8 +357,7 @@ def _card_numbers(run: Run) -> dict:
             "eval_peak_rss_gib": _gib(evaluation.get("peak_rss_bytes")),
             "cuda_peak_gib": _gib(max([p for p in (edit.get("cuda_peak_bytes"), evaluation.get("cuda_peak_bytes"))
                                        if p is not None], default=None)),
-            "targets_reached": ("{reached}/{requests}".format(**run.card["targets"]) if run.card.get("targets")
-                                else "–"),
+            "targets_reached": targets_reached([run]),
             "hparams_sha256": (run.card.get("hparams_sha256") or "")[:12],
             "model_sha256": (run.card.get("model_sha256") or "")[:12],
             "packages": ", ".join(f"{k} {v}" for k, v in (run.card.get("packages") or {}).items() if v),
