@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     report.add_argument("--case-study", type=int, default=6, help="questions in the case study")
     report.add_argument("--no-figures", action="store_true", help="tables only")
+    report.add_argument("--dataset", nargs="+", help="only the runs on these datasets (as the tables name them)")
 
     board = sub.add_parser("leaderboard", help="write a leaderboard file from results")
     board.add_argument("results", nargs="+", help="folder(s) searched for results_*.json")
@@ -87,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             from e2u_experiments.report import write_report
 
             write_report(args.results, args.out, bootstrap=args.bootstrap, seed=args.seed,
-                         case_study=args.case_study, figures=not args.no_figures, log=_say)
+                         case_study=args.case_study, figures=not args.no_figures, log=_say,
+                         datasets=args.dataset)
             return 0
         if args.command == "leaderboard":
             from e2u_experiments.leaderboard import write_leaderboard

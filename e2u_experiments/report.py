@@ -462,11 +462,24 @@ def load_sources(sources: list[str], log=print) -> list[Run]:
     return runs
 
 
+def of_datasets(runs: list[Run], datasets: list[str] | None) -> list[Run]:
+    """The runs on the named datasets (all runs when none is named): one report per benchmark
+    from folders and leaderboards that hold several."""
+    if not datasets:
+        return runs
+    present = sorted({str(r.dataset) for r in runs})
+    unknown = [d for d in datasets if d not in present]
+    if unknown:
+        raise E2UError(f"--dataset {unknown[0]!r} matches no run; the runs are on: {', '.join(present)}")
+    return [r for r in runs if str(r.dataset) in datasets]
+
+
 def write_report(folders: list[str], out: str, bootstrap: int = 1000, seed: int = 0,
-                 case_study: int = 6, figures: bool = True, log=print) -> Path:
+                 case_study: int = 6, figures: bool = True, log=print,
+                 datasets: list[str] | None = None) -> Path:
     if bootstrap < 100:
         raise E2UError(f"--bootstrap {bootstrap} is too few resamples for a 95% interval; use >= 100")
-    runs = load_sources(folders, log)
+    runs = of_datasets(load_sources(folders, log), datasets)
     blocks = build_blocks(runs, bootstrap, seed)
     pooled = build_blocks(runs, bootstrap, seed, across_forget_seeds=True)
     out_dir = Path(out)

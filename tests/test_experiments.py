@@ -321,6 +321,23 @@ def test_a_leaderboard_reports_like_its_runs_and_a_folder_run_replaces_its_entry
     assert float(pooled["forget_rouge1_recall"]) == pytest.approx((0.0 + 1.0 + 0.5) / 3)
 
 
+def test_report_of_one_dataset_among_several(tmp_path, capsys):
+    """--dataset keeps the runs on the named datasets; a name no run has is one line naming
+    the datasets present."""
+    root = tmp_path / "results"
+    write_result(root / "a", "none")
+    other = write_result(root / "b", "gd")
+    data = json.loads(other.read_text())
+    data["config"]["e2u"]["split"]["dataset"] = "my_facts"
+    other.write_text(json.dumps(data))
+    assert run_cli(capsys, "report", str(root), "--out", str(tmp_path / "r"), "--no-figures",
+                   "--dataset", "my_facts")[0] == 0
+    assert [r["method"] for r in csv.DictReader(open(tmp_path / "r" / "table1.csv"))] == ["gd"]
+    code, out, err = run_cli(capsys, "report", str(root), "--out", str(tmp_path / "s"), "--dataset", "tofu")
+    assert code == 2 and not (tmp_path / "s").exists()
+    assert "--dataset 'tofu' matches no run; the runs are on: my_facts, tofu_factual" in out + err
+
+
 def test_one_forget_seed_has_no_pooled_section(results_dir, tmp_path, capsys):
     run_cli(capsys, "report", str(results_dir), "--out", str(tmp_path / "r"), "--no-figures")
     assert "Across forget seeds" not in (tmp_path / "r" / "report.md").read_text()
