@@ -214,10 +214,12 @@ def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperPar
     codebook.attach(model)
     entries, events, nearest, history = [], [], [], []
     try:
-        # The codebook's keys and radii: each request's query in turn (a query does not depend on
-        # the codebook at the module's output, so the values can be trained afterwards).
-        for request in prepared:
-            query = read_at_keys(model, tokenizer, request.key_rows(0)[:1], {module_name: "input"})[module_name][0]
+        # The codebook's keys and radii: each request's query in turn. A query does not depend on
+        # the codebook at the module's output, so all are read in one pass, and the values can be
+        # trained afterwards.
+        queries = read_at_keys(model, tokenizer, [request.key_rows(0)[0] for request in prepared],
+                               {module_name: "input"})[module_name]
+        for request, query in zip(prepared, queries):
             with torch.no_grad():
                 plain = torch.nn.functional.linear(query.to(module.weight.dtype), out_in_weight(module), module.bias)
             if codebook.keys.shape[0]:
