@@ -257,11 +257,15 @@ class VStarRun:
 
 
 def optimise_targets(model, tokenizer, prepared: Sequence[PreparedRequest], settings: VStarSettings,
-                     layer: int, value_module: str, desc: str = "v*") -> VStarResult:
-    """v* of every request (see the module docstring); ``settings.mode`` picks the engine."""
+                     layer: int, value_module: str, desc: str = "v*",
+                     v0: torch.Tensor | None = None) -> VStarResult:
+    """v* of every request (see the module docstring); ``settings.mode`` picks the engine.
+    ``v0``: the value module's output at each request's key, when the caller already has it
+    (else one pass reads it)."""
     started = time.perf_counter()
-    key_rows = [p.key_rows(i)[0] for i, p in enumerate(prepared)]
-    v0 = read_at_keys(model, tokenizer, key_rows, {value_module: "output"})[value_module]
+    if v0 is None:
+        key_rows = [p.key_rows(i)[0] for i, p in enumerate(prepared)]
+        v0 = read_at_keys(model, tokenizer, key_rows, {value_module: "output"})[value_module]
     v0_norms = v0.norm(dim=-1).clamp(min=1e-8)
     n = len(prepared)
     deltas = torch.zeros_like(v0, requires_grad=True)

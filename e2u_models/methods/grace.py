@@ -240,8 +240,10 @@ def apply(model, tokenizer, forget: list[EditRequest], retain, hparams: HyperPar
                 codebook.keys, codebook.values = keys[:size], values[:size]  # views: values train in place
             desc = (f"GRACE values ({len(numbers)} together)" if reason is None
                     else f"GRACE {numbers[0] + 1}/{len(prepared)}")
+            # Together, every entry still holds its query's plain output: v0, no pass needed.
+            known_v0 = values[[entries[n] for n in numbers]].float() if reason is None else None
             result = optimise_targets(model, tokenizer, [prepared[n] for n in numbers], settings, layer,
-                                      module_name, desc=desc)
+                                      module_name, desc=desc, v0=known_v0)
             for k, number in enumerate(numbers):
                 check_finite(result.deltas[k], f"GRACE value of request row {prepared[number].request.index}")
                 values[entries[number]] = (result.v0[k] + result.deltas[k]).to(values.dtype)
