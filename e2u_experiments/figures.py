@@ -98,17 +98,32 @@ def radar(block, path: Path) -> str | None:
     return _save(fig, path)
 
 
-def forget_size_curve(blocks, path: Path, model: str, dataset: str) -> str | None:
-    """Composite vs forget size for every method label present at >= 2 sizes."""
+def forget_size_points(blocks, model: str, dataset: str) -> tuple[object, dict[str, list]]:
+    """(forget seed, label -> [(forget size, composite)]) for Fig. 4: one point per size, all of
+    one forget seed (the one run at the most sizes, the smallest of a tie: other seeds draw
+    other forget sets), for every label present at >= 2 sizes."""
+    sizes: dict = defaultdict(set)
+    chosen = [b for b in blocks if b.model == model and str(b.dataset) == str(dataset)
+              and b.limit is None and b.forget_size is not None]
+    for block in chosen:
+        sizes[block.forget_seed].add(block.forget_size)
+    if not sizes:
+        return None, {}
+    seed = min(sizes, key=lambda s: (-len(sizes[s]), str(s)))
     points: dict[str, list] = defaultdict(list)
-    for block in blocks:
-        if block.model != model or block.dataset != dataset or block.limit is not None:
+    for block in chosen:
+        if block.forget_seed != seed:
             continue
         for row in block.rows:
             e = row.composite()
-            if e is not None and block.forget_size is not None:
+            if e is not None:
                 points[row.label].append((block.forget_size, e))
-    points = {k: sorted(v, key=lambda p: p[0]) for k, v in points.items() if len({s for s, _ in v}) >= 2}
+    return seed, {k: sorted(v, key=lambda p: p[0]) for k, v in points.items() if len({s for s, _ in v}) >= 2}
+
+
+def forget_size_curve(blocks, path: Path, model: str, dataset: str) -> str | None:
+    """Composite vs forget size for every method label present at >= 2 sizes."""
+    seed, points = forget_size_points(blocks, model, dataset)
     if not points:
         return None
     plt = _pyplot()
@@ -118,7 +133,7 @@ def forget_size_curve(blocks, path: Path, model: str, dataset: str) -> str | Non
                     marker="o", capsize=3, label=label)
     ax.set_xlabel("number of forget samples")
     ax.set_ylabel("composite (95% CI)")
-    ax.set_title(f"Composite vs forget-set size\n{Path(model).name}, {dataset}", fontsize=9)
+    ax.set_title(f"Composite vs forget-set size\n{Path(model).name}, {dataset}, forget seed {seed}", fontsize=9)
     ax.legend(fontsize=7)
     return _save(fig, path)
 

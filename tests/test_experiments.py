@@ -376,6 +376,20 @@ def test_report_figures(results_dir, tmp_path, capsys):
     assert all((tmp_path / "r" / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names)
 
 
+def test_fig4_takes_one_forget_seed_per_size(tmp_path):
+    """Three forget seeds at one size and a second size at seed 0: the curve is seed 0's, one
+    point per size (another seed's forget set is another experiment)."""
+    from e2u_experiments.report import build_blocks, load_sources
+
+    root = tmp_path / "results"
+    for s in (0, 1, 2):
+        write_result(root / f"gd{s}", "gd", seed=s, forget_seed=s, forget_size=4)
+    write_result(root / "gd8", "gd", forget=[0.0] * 8, forget_size=8)
+    blocks = build_blocks(load_sources([str(root)], log=lambda *_: None), 100, 0)
+    seed, points = figures.forget_size_points(blocks, "smollm2-135m-instruct", "tofu_factual")
+    assert seed == 0 and [size for size, _ in points["gd"]] == [4, 8]
+
+
 @pytest.mark.skipif(not figures.available(), reason="pip install e2u[report]")
 def test_radar_lines_stay_distinguishable_beyond_ten_methods(tmp_path, capsys, monkeypatch):
     import matplotlib.axes
