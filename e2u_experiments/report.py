@@ -24,6 +24,7 @@ measured on one forget set says little about the next one.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -404,10 +405,30 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def rows_are_redistributable(dataset) -> bool:
+    """Whether a report may quote the dataset's questions and answers: e2u's own benchmarks and
+    the user's files, yes; a benchmark read from its publisher's files at run time (TOFU,
+    PISTOL), no: its rows are named by index and a hash of the question instead."""
+    from e2u_tasks.data import BENCHMARKS
+
+    benchmark = BENCHMARKS.get(str(dataset))
+    return benchmark is None or not benchmark.files
+
+
+def question_heading(doc: dict, quoted: bool) -> list[str]:
+    """The case study's lines naming one question (and its gold answer where it may be quoted)."""
+    if quoted:
+        return [f"**Q (row {doc.get('index')}):** {doc['question']}  ", f"**gold:** {doc['answer']}", ""]
+    digest = hashlib.sha256(str(doc["question"]).encode("utf-8")).hexdigest()[:12]
+    return [f"**Q (row {doc.get('index')}, question sha256 {digest}…)**: text and gold answer in the "
+            "dataset, read at run time", ""]
+
+
 def case_study_markdown(blocks: list[Block], questions: int) -> list[str]:
     """Answers of every method next to the un-edited model's, for a few forget (and retain) rows."""
     lines = ["# Case study: answers before and after (Fig. 5)", ""]
     for block in blocks:
+        quoted = rows_are_redistributable(block.dataset)
         # (a leaderboard's entries carry per-document scores, not the questions and answers)
         rows = [r for r in block.rows if any("question" in docs[0] for run in r.runs
                                              for docs in run.samples.values() if docs)]
@@ -428,7 +449,7 @@ def case_study_markdown(blocks: list[Block], questions: int) -> list[str]:
             lines += [f"### {split} questions", ""]
             for doc_id in sorted(docs)[:count]:
                 doc = docs[doc_id]
-                lines += [f"**Q (row {doc.get('index')}):** {doc['question']}  ", f"**gold:** {doc['answer']}", ""]
+                lines += question_heading(doc, quoted)
                 lines += ["| method | answer |", "|---|---|"]
                 for row in rows:
                     text = answers.get(row.label, {}).get(doc_id)

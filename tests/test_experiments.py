@@ -156,8 +156,21 @@ def test_report_writes_tables_with_bootstrap_intervals(results_dir, tmp_path, ca
     assert cards[0]["targets_reached"] == "39/40"  # the editor's own verification, from the results
     assert "| targets reached |" in (out / "report.md").read_text()
     case = (out / "case_study.md").read_text()
-    assert "Question 0?" in case and "answer rome 0" in case and "answer none 0" in case
+    # TOFU's questions are the publisher's: named by row and hash, never quoted
+    assert "Question 0?" not in case and "gold 0" not in case and "**Q (row 0, question sha256 " in case
+    assert "answer rome 0" in case and "answer none 0" in case
     assert json.loads((out / "bootstrap.json").read_text())["iters"] == 1000
+
+
+def test_the_case_study_quotes_e2us_own_and_the_users_questions(tmp_path, capsys):
+    root = tmp_path / "results"
+    path = write_result(root / "a", "none")
+    data = json.loads(path.read_text())
+    data["config"]["e2u"]["split"]["dataset"] = "my_facts.jsonl"
+    path.write_text(json.dumps(data))
+    assert run_cli(capsys, "report", str(root), "--out", str(tmp_path / "r"), "--no-figures")[0] == 0
+    case = (tmp_path / "r" / "case_study.md").read_text()
+    assert "**Q (row 0):** Question 0?" in case and "**gold:** gold 0" in case
 
 
 def test_report_has_a_refusal_quality_table_for_runs_that_carry_it(results_dir, tmp_path, capsys):
