@@ -1006,3 +1006,18 @@ def test_the_report_shows_the_ripple_split_with_its_change_against_none(tmp_path
     write_result(plain / "none")
     assert run_cli(capsys, "report", str(plain), "--out", str(tmp_path / "rep2"), "--no-figures")[0] == 0
     assert "### Ripple" not in (tmp_path / "rep2" / "report.md").read_text()
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_sweep_configs_load(path):
+    """Every shipped sweep config expands to runs; a dev config (``*-dev-*``: the tuning runs)
+    draws only dev splits, never the reported seeds 0, 1, 2 (tune on dev, report on test)."""
+    config = SweepConfig.load(path)
+    assert config.runs
+    if "-dev-" in path.name:
+        for run in config.runs:
+            args = run.model_args
+            assert int(args.get("forget_seed", 0)) >= 100 and int(args.get("seed", 0)) >= 100, run.run_id
