@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--case-study", type=int, default=6, help="questions in the case study")
     report.add_argument("--no-figures", action="store_true", help="tables only")
     report.add_argument("--dataset", nargs="+", help="only the runs on these datasets (as the tables name them)")
+    report.add_argument("--forget-seed", nargs="+", type=int,
+                        help="only the runs whose forget set was drawn with these seeds")
 
     board = sub.add_parser("leaderboard", help="write a leaderboard file from results")
     board.add_argument("results", nargs="+", help="folder(s) searched for results_*.json")
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
             write_report(args.results, args.out, bootstrap=args.bootstrap, seed=args.seed,
                          case_study=args.case_study, figures=not args.no_figures, log=_say,
-                         datasets=args.dataset)
+                         datasets=args.dataset, forget_seeds=args.forget_seed)
             return 0
         if args.command == "leaderboard":
             from e2u_experiments.leaderboard import write_leaderboard

@@ -495,12 +495,27 @@ def of_datasets(runs: list[Run], datasets: list[str] | None) -> list[Run]:
     return [r for r in runs if str(r.dataset) in datasets]
 
 
+def of_forget_seeds(runs: list[Run], forget_seeds: list[int] | None) -> list[Run]:
+    """The runs whose forget set was drawn with one of these seeds (all runs when none is named;
+    a run that records none drew with the default, 0): one seed's table from a board of several."""
+    if not forget_seeds:
+        return runs
+    def drawn_with(run):
+        return 0 if run.forget_seed is None else run.forget_seed
+    present = sorted({drawn_with(r) for r in runs})
+    unknown = [s for s in forget_seeds if s not in present]
+    if unknown:
+        raise E2UError(f"--forget-seed {unknown[0]} matches no run; the runs drew their forget sets with "
+                       f"seeds {', '.join(map(str, present))}")
+    return [r for r in runs if drawn_with(r) in forget_seeds]
+
+
 def write_report(folders: list[str], out: str, bootstrap: int = 1000, seed: int = 0,
                  case_study: int = 6, figures: bool = True, log=print,
-                 datasets: list[str] | None = None) -> Path:
+                 datasets: list[str] | None = None, forget_seeds: list[int] | None = None) -> Path:
     if bootstrap < 100:
         raise E2UError(f"--bootstrap {bootstrap} is too few resamples for a 95% interval; use >= 100")
-    runs = of_datasets(load_sources(folders, log), datasets)
+    runs = of_forget_seeds(of_datasets(load_sources(folders, log), datasets), forget_seeds)
     blocks = build_blocks(runs, bootstrap, seed)
     pooled = build_blocks(runs, bootstrap, seed, across_forget_seeds=True)
     out_dir = Path(out)

@@ -351,6 +351,20 @@ def test_report_of_one_dataset_among_several(tmp_path, capsys):
     assert "--dataset 'tofu' matches no run; the runs are on: my_facts, tofu_factual" in out + err
 
 
+def test_report_of_one_forget_seed_among_several(tmp_path, capsys):
+    """--forget-seed keeps the runs whose forget set that seed drew; a seed no run has is one
+    line naming the seeds present."""
+    root = tmp_path / "results"
+    write_result(root / "a", "none")
+    write_result(root / "b", "gd", forget_seed=1)
+    assert run_cli(capsys, "report", str(root), "--out", str(tmp_path / "r"), "--no-figures",
+                   "--forget-seed", "1")[0] == 0
+    assert [r["method"] for r in csv.DictReader(open(tmp_path / "r" / "table1.csv"))] == ["gd"]
+    code, out, err = run_cli(capsys, "report", str(root), "--out", str(tmp_path / "s"), "--forget-seed", "7")
+    assert code == 2 and not (tmp_path / "s").exists()
+    assert "--forget-seed 7 matches no run; the runs drew their forget sets with seeds 0, 1" in out + err
+
+
 def test_one_forget_seed_has_no_pooled_section(results_dir, tmp_path, capsys):
     run_cli(capsys, "report", str(results_dir), "--out", str(tmp_path / "r"), "--no-figures")
     assert "Across forget seeds" not in (tmp_path / "r" / "report.md").read_text()
