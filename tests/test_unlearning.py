@@ -451,3 +451,24 @@ def test_the_pistol_command_records_the_preset_that_ran(tiny_model_dir, tmp_path
     monkeypatch.setattr(hp, "preset_for", spy)
     e2u(tiny_model_dir, tmp_path, method="gd", dataset="pistol", forget_edge="A_B", epochs=1)
     assert chosen["gd"] == "pistol"
+
+
+def test_retain_per_forget_draws_that_many_retain_rows_per_forget_row(tokenizer, monkeypatch):
+    """Each step's retain batch holds k rows per forget row (k = 1: the references' one draw)."""
+    import e2u_models.methods.gd as gd
+
+    rows_seen = []
+
+    def counting_nll(network, batch):
+        rows_seen.append(batch.input_ids.shape[0])
+        return nll(network, batch)
+
+    monkeypatch.setattr(gd, "nll", counting_nll)
+    for k in (1, 3):
+        rows_seen.clear()
+        _, report, _, _ = run("gd", tokenizer, retain_per_forget=k)
+        forget_rows, retain_rows = rows_seen[0::2], rows_seen[1::2]
+        assert retain_rows == [k * n for n in forget_rows]
+        assert report.details["retain_sampling"]["per_forget_example"] == k
+    with pytest.raises(E2UError, match="retain_per_forget"):
+        hparams_of("kl", retain_per_forget=0)

@@ -1,13 +1,14 @@
 """GD, gradient difference: ascend the forget NLL, descend the NLL of sampled retain rows,
 L = −γ·NLL(B_f) + α·NLL(B_r) (γ = ``forget_weight``, α = ``retain_weight``, both 1 in the
-references). One uniformly drawn retain row per forget row per step (seeded, as PISTOL/TOFU)."""
+references). Uniformly drawn retain rows per forget row per step (seeded, as PISTOL/TOFU): one in
+the references, ``retain_per_forget`` here."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from e2u_models.protocol import EditRequest, MethodEnv, MethodReport
-from e2u_models.training.hparams import TrainHParams
+from e2u_models.training.hparams import RetainHParams
 from e2u_models.training.loop import apply_training
 from e2u_models.training.losses import nll
 
@@ -20,7 +21,7 @@ WEIGHT_RULE = {"min": 0, "message": "hparams forget_weight and retain_weight mus
 
 
 @dataclass(frozen=True)
-class HyperParams(TrainHParams):
+class HyperParams(RetainHParams):
     forget_weight: float = field(default=1.0, metadata=WEIGHT_RULE)
     retain_weight: float = field(default=1.0, metadata=WEIGHT_RULE)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from e2u_models.protocol import EditRequest, MethodEnv, MethodReport
-from e2u_models.training.hparams import TrainHParams
+from e2u_models.training.hparams import RetainHParams
 from e2u_models.training.loop import apply_training
 from e2u_models.training.losses import logits_of, masked_kl, nll
 
@@ -23,7 +23,7 @@ USES_RETAIN = True
 
 
 @dataclass(frozen=True)
-class HyperParams(TrainHParams):
+class HyperParams(RetainHParams):
     kl_weight: float = field(default=1.0, metadata={"min": 0})
 
 

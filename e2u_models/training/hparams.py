@@ -53,3 +53,14 @@ class TrainHParams:
                                f"(> 0), lora_dropout={self.lora_dropout} ([0, 1)) out of range")
             if self.lora_targets is not None and not self.lora_targets:
                 raise E2UError("hparam lora_targets=[] is empty; name the linear modules to adapt")
+
+
+@dataclass(frozen=True)
+class RetainHParams(TrainHParams):
+    """Settings of the methods that also train on retain rows (GD, KL)."""
+
+    # Retain rows drawn (uniformly, with replacement) per forget row in each step: the references
+    # draw 1. More draws average the retain term over more of the retain set at each step, at the
+    # cost of one more forward and backward pass per draw.
+    retain_per_forget: int = field(default=1, metadata={"min": 1})
+

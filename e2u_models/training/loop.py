@@ -343,12 +343,14 @@ def _epoch(loop: _Loop, state: _RunState) -> None:
 
 
 def _backward(loop: _Loop, state: _RunState, chunk: list[int]):
-    """The loss of one micro-batch (these forget examples, as many retain draws), backpropagated."""
+    """The loss of one micro-batch (these forget examples, ``retain_per_forget`` retain draws per
+    forget example), backpropagated."""
     setup, hparams = loop.setup, loop.hparams
     batch = collate([setup.forget[i] for i in chunk], loop.pad_id, loop.device)
     retain = None
     if setup.retain is not None:
-        picks = torch.randint(len(setup.retain), (len(chunk),), generator=loop.retain_gen).tolist()
+        draws = len(chunk) * hparams.retain_per_forget
+        picks = torch.randint(len(setup.retain), (draws,), generator=loop.retain_gen).tolist()
         retain = collate([setup.retain[i] for i in picks], loop.pad_id, loop.device)
     extra = setup.extra_batches(chunk, loop.device) if setup.extra_batches else {}
     micro_step = StepBatch(forget=batch, forget_indices=chunk, retain=retain, extra=extra)
@@ -409,6 +411,6 @@ def apply_training(name: str, model, tokenizer, forget: Sequence[EditRequest],
     changed = run.pop("changed_parameters")
     return MethodReport(method=name, changed_parameters=changed,
                         details={**run, **(details or {}),
-                                 "retain_sampling": ({"seed": seed, "per_forget_example": 1,
+                                 "retain_sampling": ({"seed": seed, "per_forget_example": hparams.retain_per_forget,
                                                       "with_replacement": True}
                                                      if retain is not None else None)})
