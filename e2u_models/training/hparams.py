@@ -63,4 +63,3 @@ class RetainHParams(TrainHParams):
     # draw 1. More draws average the retain term over more of the retain set at each step, at the
     # cost of one more forward and backward pass per draw.
     retain_per_forget: int = field(default=1, metadata={"min": 1})
-
