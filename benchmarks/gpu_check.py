@@ -126,16 +126,24 @@ def parity(tokenizer, env, rows, devices: list[str], tolerance: float) -> dict:
                 key = f"{device}_{str(dtype).replace('torch.', '')}"
                 model = copy.deepcopy(base).to(device, dtype)
                 started = time.perf_counter()
-                report = (run_method(name, model, tokenizer, forget, retain, env, PARITY_HPARAMS.get(name, {}))
-                          if name != "none" else None)
-                logits = probe_logits(model, tokenizer, env, forget)
+                try:
+                    report = (run_method(name, model, tokenizer, forget, retain, env, PARITY_HPARAMS.get(name, {}))
+                              if name != "none" else None)
+                    logits = probe_logits(model, tokenizer, env, forget)
+                except Exception as exc:  # one method failing on one device must not hide the others
+                    entry[key] = {"error": f"{type(exc).__name__}: {exc}"[:500], "finite": False}
+                    print(f"gpu_check: {family}/{name} {key} failed: {entry[key]['error']}", flush=True)
+                    del model
+                    continue
                 record = {"seconds": round(time.perf_counter() - started, 2),
                           "finite": bool(torch.isfinite(logits).all())}
                 verification = (report.details.get("verification") if report is not None else None) or {}
                 if "unreached" in verification:
                     record["unreached"] = len(verification["unreached"])
-                if reference is None:
+                if reference is None and device == "cpu":
                     reference, reference_unreached = logits, record.get("unreached")
+                elif reference is None:
+                    record["compared"] = "no cpu_float32 reference (it failed)"
                 elif dtype == torch.bfloat16 and reference_unreached is not None:
                     record["reaches_what_cpu_float32_reaches"] = record["unreached"] <= reference_unreached
                 elif dtype == torch.float32:
@@ -168,8 +176,10 @@ def measured(figures: dict, name: str, device: str):
     print(f"gpu_check: {name}: {record}", flush=True)
 
 
-def cost(tokenizer, env, rows, device: str, shape: str, requests: int, eval_limit: int | None) -> dict:
-    """Each stage once on one model (weights put back after each method)."""
+def cost(figures: dict, save, tokenizer, env, rows, device: str, shape: str, requests: int,
+         eval_limit: int | None) -> None:
+    """Each stage once on one model (weights put back after each method), into ``figures``;
+    ``save()`` after each stage."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from e2u_models.editing.adapters import adapters_of
@@ -187,10 +197,10 @@ def cost(tokenizer, env, rows, device: str, shape: str, requests: int, eval_limi
         config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                              num_key_value_heads=4, vocab_size=len(tokenizer), max_position_embeddings=512, **ids)
         dtype = torch.float32
-    figures: dict = {"shape": shape, "config": {k: getattr(config, k) for k in
-                                                ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                                 "vocab_size")},
-                     "dtype": str(dtype).replace("torch.", ""), "device": device, "requests": requests}
+    figures.update({"shape": shape, "config": {k: getattr(config, k) for k in
+                                               ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                "vocab_size")},
+                    "dtype": str(dtype).replace("torch.", ""), "device": device, "requests": requests})
     torch.manual_seed(0)
     with measured(figures, "build_model", device):
         with torch.device(device):
@@ -206,11 +216,13 @@ def cost(tokenizer, env, rows, device: str, shape: str, requests: int, eval_limi
     with measured(figures, "statistics_pass", device) as record:
         _, provenance = statistics_for(model, tokenizer, StatsSpec.of(hp), layers, env)
         record["tokens"] = hp.mom2_n_tokens
+    save()
     with measured(figures, f"v_star_{requests}_requests", device) as record:
         prepared = prepare_requests(model, tokenizer, forget, KeySpec.of(hp), env, seed=0)
         result = optimise_targets(model, tokenizer, prepared, VStarSettings.of(hp), layers[-1],
                                   hp.layer_module_tmp.format(layers[-1]))
         record["mode"] = result.mode
+    save()
     saved = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
              if any(f".{layer}.mlp." in n for layer in layers)}
 
@@ -221,11 +233,18 @@ def cost(tokenizer, env, rows, device: str, shape: str, requests: int, eval_limi
                 named[n].copy_(value.to(named[n].device))
         adapters_of(model).clear()
 
+    # The slowest stages (GRACE and WISE: one step loop per edit) last, after the evaluation, so
+    # that a run cut off by its time limit keeps the others.
     stages = {"memit": edit, "alphaedit": {**edit, "nullspace_threshold": 2e-2},
+              "gd": {"lora": True, "max_steps": 10 if shape == "7b" else 2, "train_batch_size": 4},
+              "evaluation": None,
               "grace": {} if shape == "7b" else {"n_iter": 5},
-              "wise": {"irrelevant_answer_tokens": 0, **({} if shape == "7b" else {"n_iter": 5})},
-              "gd": {"lora": True, "max_steps": 10 if shape == "7b" else 2, "train_batch_size": 4}}
+              "wise": {"irrelevant_answer_tokens": 0, **({} if shape == "7b" else {"n_iter": 5})}}
     for name, overrides in stages.items():
+        if name == "evaluation":
+            figures["evaluation"] = evaluate(model, tokenizer, device, eval_limit)
+            save()
+            continue
         with measured(figures, f"{name}_{requests}_edits" if name != "gd" else "gd_10_lora_steps", device) as record:
             report = run_method(name, model, tokenizer, forget, retain, env, overrides)
             details = report.details
@@ -236,8 +255,7 @@ def cost(tokenizer, env, rows, device: str, shape: str, requests: int, eval_limi
         for adapter in list(adapters_of(model)):
             adapter.detach(model)
         restore()
-    figures["evaluation"] = evaluate(model, tokenizer, device, eval_limit)
-    return figures
+        save()
 
 
 def evaluate(model, tokenizer, device: str, limit: int | None) -> dict:
@@ -269,6 +287,9 @@ def main(argv=None) -> int:
     parser.add_argument("--skip", nargs="*", default=(), choices=("parity", "cost"))
     args = parser.parse_args(argv)
     import tempfile
+    from importlib.metadata import version
+
+    import transformers
 
     from e2u_tasks.data import load_benchmark
 
@@ -281,23 +302,36 @@ def main(argv=None) -> int:
     report: dict = {"cuda": torch.cuda.get_device_name(0) if cuda else None,
                     "note": None if cuda else "no CUDA device: everything ran on the CPU at a small "
                                               "shape; these figures only show that the script runs",
-                    "torch": torch.__version__, "tolerance": args.tolerance}
+                    "torch": torch.__version__, "transformers": transformers.__version__,
+                    "lm_eval": version("lm_eval"), "tolerance": args.tolerance}
+    out = Path(args.out)
+
+    def save():
+        """Written after each part, so that a run cut off by its time limit keeps what it measured."""
+        out.write_text(json.dumps(report, indent=1), encoding="utf-8")
+
     with tempfile.TemporaryDirectory() as cache:
         env = method_env(tokenizer, cache, rows)
         if "parity" not in args.skip:
             report["parity"] = parity(tokenizer, env, rows, ["cpu"] + (["cuda"] if cuda else []), args.tolerance)
+            save()
         if "cost" not in args.skip:
             requests = args.requests or (40 if shape == "7b" else 4)
             limit = args.eval_limit if args.eval_limit is not None else (None if shape == "7b" else 1)
-            report["cost"] = cost(tokenizer, env, rows, device, shape, requests, limit)
-    Path(args.out).write_text(json.dumps(report, indent=1), encoding="utf-8")
+            report["cost"] = {}
+            try:
+                cost(report["cost"], save, tokenizer, env, rows, device, shape, requests, limit)
+            except Exception as exc:  # keep the stages measured before it
+                report["cost"]["error"] = f"{type(exc).__name__}: {exc}"[:500]
+                print(f"gpu_check: cost failed: {report['cost']['error']}", flush=True)
+    save()
     print(f"gpu_check: figures written to {args.out}")
     failed = [k for k, v in report.get("parity", {}).items()
               if any(r.get("within_tolerance") is False or r.get("reaches_what_cpu_float32_reaches") is False
                      or not r["finite"] for r in v.values())]
     if failed:
         print(f"gpu_check: parity failed for {', '.join(failed)}")
-    return 1 if failed else 0
+    return 1 if failed or "error" in report.get("cost", {}) else 0
 
 
 if __name__ == "__main__":
