@@ -127,6 +127,7 @@ def parity(tokenizer, env, rows, devices: list[str], tolerance: float) -> dict:
                 model = copy.deepcopy(base).to(device, dtype)
                 started = time.perf_counter()
                 try:
+                    before = probe_logits(model, tokenizer, env, forget)
                     report = (run_method(name, model, tokenizer, forget, retain, env, PARITY_HPARAMS.get(name, {}))
                               if name != "none" else None)
                     logits = probe_logits(model, tokenizer, env, forget)
@@ -135,8 +136,11 @@ def parity(tokenizer, env, rows, devices: list[str], tolerance: float) -> dict:
                     print(f"gpu_check: {family}/{name} {key} failed: {entry[key]['error']}", flush=True)
                     del model
                     continue
+                # How far the edit moved the probe logits: a parity far below it compares edits,
+                # not two untouched models.
                 record = {"seconds": round(time.perf_counter() - started, 2),
-                          "finite": bool(torch.isfinite(logits).all())}
+                          "finite": bool(torch.isfinite(logits).all()),
+                          "edit_moved_logits_by": float((logits - before).abs().max())}
                 verification = (report.details.get("verification") if report is not None else None) or {}
                 if "unreached" in verification:
                     record["unreached"] = len(verification["unreached"])
@@ -235,7 +239,7 @@ def cost(figures: dict, save, tokenizer, env, rows, device: str, shape: str, req
 
     # The slowest stages (GRACE and WISE: one step loop per edit) last, after the evaluation, so
     # that a run cut off by its time limit keeps the others.
-    stages = {"memit": edit, "alphaedit": {**edit, "nullspace_threshold": 2e-2},
+    stages = {"memit": edit, "alphaedit": {**edit, "nullspace_rule": "relative", "nullspace_threshold": 2e-2},
               "gd": {"lora": True, "max_steps": 10 if shape == "7b" else 2, "train_batch_size": 4},
               "evaluation": None,
               "grace": {} if shape == "7b" else {"n_iter": 5},
