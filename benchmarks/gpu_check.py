@@ -134,7 +134,6 @@ def parity(tokenizer, env, rows, devices: list[str], tolerance: float) -> dict:
                 except Exception as exc:  # one method failing on one device must not hide the others
                     entry[key] = {"error": f"{type(exc).__name__}: {exc}"[:500], "finite": False}
                     print(f"gpu_check: {family}/{name} {key} failed: {entry[key]['error']}", flush=True)
-                    del model
                     continue
                 # How far the edit moved the probe logits: a parity far below it compares edits,
                 # not two untouched models.

@@ -397,6 +397,103 @@ def benchmarks_block(root: Path) -> str:
     return "\n\n".join(parts) + f"\n\n{how}"
 
 
+GPU_CHECK_DIR = BENCHMARK_DIR / "gpu"
+# Stages of benchmarks/gpu_check.py's cost part, in its order, with what each one is.
+GPU_STAGES = {
+    "statistics_pass": "statistics pass (5 layers)",
+    "v_star_{n}_requests": "request preparation and v*",
+    "memit_{n}_edits": "MEMIT (v* included)",
+    "alphaedit_{n}_edits": "AlphaEdit (v* included)",
+    "gd_10_lora_steps": "GD, 10 LoRA steps",
+    "evaluation": "evaluation (`tofu_factual`)",
+    "grace_{n}_edits": "GRACE",
+    "wise_{n}_edits": "WISE",
+}
+
+
+def gpu_check_block(root: Path) -> str:
+    """What ``benchmarks/gpu_check.py`` measured on a GPU: CPU-vs-CUDA parity and the cost of
+    each stage at Llama-2-7B's shape, one section per output file."""
+    folder = root / GPU_CHECK_DIR
+    files = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    how = (f"Produce one with `python benchmarks/gpu_check.py --out {GPU_CHECK_DIR}/gpu_check_<gpu>.json` "
+           "on a machine with a GPU, then run `e2u docs`.")
+    if not files:
+        return f"No GPU check output in `{GPU_CHECK_DIR}/`. {how}"
+    return "\n\n".join(_gpu_check_section(path) for path in files) + f"\n\n{how}"
+
+
+def _gpu_check_section(path: Path) -> str:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise E2UError(f"GPU check output {path}: not valid JSON ({exc})") from None
+    if not data.get("cuda"):
+        raise E2UError(f"GPU check output {path}: ran without a GPU (its figures only show that the "
+                       "script runs); keep GPU runs only in that folder")
+    parts = [f"`{GPU_CHECK_DIR}/{path.name}`: {data['cuda']}, torch {data['torch']}, "
+             f"transformers {data.get('transformers', '?')}, lm-eval {data.get('lm_eval', '?')}."]
+    parity = data.get("parity") or {}
+    if parity:
+        rows = []
+        for pair, runs in parity.items():
+            cpu, cuda, bf16 = runs.get("cpu_float32", {}), runs.get("cuda_float32", {}), runs.get("cuda_bfloat16", {})
+            rows.append([pair, fmt(cpu.get("edit_moved_logits_by")), _sci(cuda.get("max_abs_logit_difference")),
+                         _yes(cuda.get("within_tolerance")), _yes(bf16.get("finite")),
+                         _reach(cpu.get("unreached"), bf16.get("unreached"))])
+        parts.append(f"Parity (tiny random models, three edits; tolerance {data['tolerance']} of the largest "
+                     "logit). *Moved*: how far the edit moved the probe logits on the CPU; *CUDA fp32 "
+                     "difference*: the largest logit difference from CPU fp32 after the same edit.\n\n"
+                     + _table(["model/method", "moved", "CUDA fp32 difference", "within tolerance",
+                               "bf16 finite", "unreached of 3, CPU fp32 / CUDA bf16"], rows))
+        reached_on_cpu = [runs["cpu_float32"]["unreached"] < 3 for runs in parity.values()
+                          if "unreached" in runs.get("cpu_float32", {})]
+        if reached_on_cpu and not any(reached_on_cpu):
+            parts.append("The quick settings reach none of the three refusals on the CPU either, so the last "
+                         "column compares no reached edit here; the bf16 edits are checked for finite logits only.")
+    cost = data.get("cost") or {}
+    if cost:
+        n = cost.get("requests")
+        rows = []
+        for key, label in GPU_STAGES.items():
+            record = cost.get(key.format(n=n))
+            if record is None:
+                continue
+            extra = [f"{record['unreached']} of {n} unreached"] if "unreached" in record else []
+            if "v_star_seconds" in record:
+                extra.append(f"v* {_one(record['v_star_seconds'])} s")
+            if "documents" in record:
+                extra.append(f"{record['documents']} documents")
+            if "tokens" in record:
+                extra.append(f"{record['tokens']} tokens")
+            rows.append([label, _one(record.get("seconds")), _one(record.get("peak_gpu_gib")), "; ".join(extra)])
+        shape = cost.get("config", {})
+        parts.append(f"Cost: random weights with the configuration of Llama-2-7B (hidden {shape.get('hidden_size')}, "
+                     f"MLP {shape.get('intermediate_size')}, {shape.get('num_hidden_layers')} layers) in "
+                     f"{cost.get('dtype')}, {n} edit requests. Random weights reach no refusal, so every "
+                     "value loop runs all its steps: these are upper bounds.\n\n"
+                     + _table(["stage", "seconds", "peak GPU memory (GiB)", "notes"], rows))
+        if "error" in cost:
+            parts.append(f"The cost part stopped: {cost['error']}")
+    return "\n\n".join(parts)
+
+
+def _one(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f}"
+
+
+def _sci(value: float | None) -> str:
+    return "" if value is None else f"{value:.1e}"
+
+
+def _yes(value: bool | None) -> str:
+    return "" if value is None else ("yes" if value else "**no**")
+
+
+def _reach(cpu: int | None, bf16: int | None) -> str:
+    return "" if cpu is None else f"{cpu} / {bf16}"
+
+
 def _is_named_tables(data: Any) -> bool:
     """A JSON object whose every value is a list of objects (``{"summary": [...], "runs": [...]}``):
     one table per key."""
@@ -426,6 +523,7 @@ def generate_blocks(root: Path = ROOT, leaderboard: Path | str | None = None) ->
         "results-full": lambda: full_block(board, source),
         "refusal-quality": lambda: refusal_block(board, source),
         "benchmarks": lambda: benchmarks_block(root),
+        "gpu-check": lambda: gpu_check_block(root),
     }
     return {name: make() for name, make in makers.items()}
 

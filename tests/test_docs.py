@@ -19,6 +19,7 @@ import yaml
 
 from e2u_experiments import docs
 from e2u_experiments.runs import split_of
+from e2u_tasks.errors import E2UError
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -237,8 +238,6 @@ def _check_lm_eval(argv: list[str]) -> None:
 
 @pytest.mark.parametrize("where,command,fails", COMMANDS, ids=[w for w, _, _ in COMMANDS])
 def test_fenced_command_parses(where, command, fails):
-    from e2u_tasks.errors import E2UError
-
     argv = shlex.split(command)
     check = _check_e2u if argv[0] == "e2u" else _check_lm_eval
     if fails:
@@ -278,3 +277,27 @@ def test_the_docs_module_does_not_import_torch():
     code = "import sys, e2u_experiments.docs, e2u_experiments.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "False"
+
+
+def test_gpu_check_output_is_rendered_and_a_cpu_run_is_refused(tmp_path):
+    assert "No GPU check output" in docs.gpu_check_block(tmp_path)
+    out = tmp_path / docs.GPU_CHECK_DIR
+    out.mkdir(parents=True)
+    figures = {"cuda": "Some GPU", "torch": "2.x", "transformers": "5.x", "lm_eval": "0.4.13", "tolerance": 0.02,
+               "parity": {"llama/rome": {"cpu_float32": {"finite": True, "unreached": 1, "edit_moved_logits_by": 0.5},
+                                         "cuda_float32": {"finite": True, "unreached": 1,
+                                                          "max_abs_logit_difference": 2e-6,
+                                                          "within_tolerance": True},
+                                         "cuda_bfloat16": {"finite": False, "unreached": 2}}},
+               "cost": {"requests": 40, "config": {"hidden_size": 4096}, "dtype": "bfloat16",
+                        "memit_40_edits": {"seconds": 32.12, "peak_gpu_gib": 38.89, "unreached": 3,
+                                           "v_star_seconds": 9.51}}}
+    (out / "gpu_check_x.json").write_text(json.dumps(figures), encoding="utf-8")
+    block = docs.gpu_check_block(tmp_path)
+    assert "| llama/rome | 0.500 | 2.0e-06 | yes | **no** | 1 / 2 |" in block
+    assert "| MEMIT (v* included) | 32.1 | 38.9 | 3 of 40 unreached; v* 9.5 s |" in block
+    assert "compares no reached edit" not in block  # the CPU reached two of three
+    figures["cuda"] = None
+    (out / "gpu_check_x.json").write_text(json.dumps(figures), encoding="utf-8")
+    with pytest.raises(E2UError, match="ran without a GPU"):
+        docs.gpu_check_block(tmp_path)
