@@ -459,13 +459,10 @@ def _gpu_check_section(path: Path) -> str:
             record = cost.get(key.format(n=n))
             if record is None:
                 continue
-            extra = [f"{record['unreached']} of {n} unreached"] if "unreached" in record else []
-            if "v_star_seconds" in record:
-                extra.append(f"v* {_one(record['v_star_seconds'])} s")
-            if "documents" in record:
-                extra.append(f"{record['documents']} documents")
-            if "tokens" in record:
-                extra.append(f"{record['tokens']} tokens")
+            notes = {"unreached": f"{record.get('unreached')} of {n} unreached",
+                     "v_star_seconds": f"v* {_one(record.get('v_star_seconds'))} s",
+                     "documents": f"{record.get('documents')} documents", "tokens": f"{record.get('tokens')} tokens"}
+            extra = [text for field_name, text in notes.items() if field_name in record]
             rows.append([label, _one(record.get("seconds")), _one(record.get("peak_gpu_gib")), "; ".join(extra)])
         shape = cost.get("config", {})
         parts.append(f"Cost: random weights with the configuration of Llama-2-7B (hidden {shape.get('hidden_size')}, "
