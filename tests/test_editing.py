@@ -158,6 +158,39 @@ def test_fast_v_star_equals_classic(tokenizer, env, layer, module):
     torch.testing.assert_close(torch.tensor(fast.losses), torch.tensor(classic.losses), atol=1e-4, rtol=1e-4)
 
 
+def test_blockwise_label_nll_equals_the_log_softmax_in_value_and_gradient():
+    """GRACE's blockwise NLL: the same −log p(label) and the same gradient as the whole
+    log-softmax, with blocks that do not divide the rows."""
+    from e2u_models.editing.vstar import BlockwiseLabelNLL
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(50, 8, generator=generator, dtype=torch.float64)
+    x = torch.randn(7, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 50, (7,), generator=generator)
+    scale = torch.rand(7, generator=generator, dtype=torch.float64)
+    blockwise = BlockwiseLabelNLL.apply(x, weight, labels, 3)
+    (grad_blockwise,) = torch.autograd.grad((blockwise * scale).sum(), x)
+    whole = -torch.log_softmax(x @ weight.T, -1).gather(-1, labels[:, None]).squeeze(-1)
+    (grad_whole,) = torch.autograd.grad((whole * scale).sum(), x)
+    torch.testing.assert_close(blockwise.double(), whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_blockwise, grad_whole, atol=1e-5, rtol=1e-5)
+
+
+def test_v_star_with_the_blockwise_nll_follows_the_same_path(tokenizer, env):
+    """The engine with ``nll_block`` (GRACE's value training) takes the same steps to the same
+    deltas as with the whole log-softmax."""
+    model = fresh_model(tokenizer)
+    hp = hparams("memit", v_loss_threshold=3.0)
+    prepared = prepare_requests(model, tokenizer, make_requests(env), KeySpec.of(hp), env, seed=0)
+    settings = VStarSettings.of(hp)
+    whole = optimise_targets(model, tokenizer, prepared, settings, 1, "model.layers.1")
+    blockwise = optimise_targets(model, tokenizer, prepared, dataclasses.replace(settings, nll_block=5), 1,
+                                 "model.layers.1")
+    assert blockwise.steps == whole.steps and whole.deltas.abs().max() > 0
+    torch.testing.assert_close(blockwise.deltas, whole.deltas, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.tensor(blockwise.losses), torch.tensor(whole.losses), atol=1e-5, rtol=1e-5)
+
+
 def test_length_buckets_group_similar_lengths_and_cover_every_row_once():
     """v*'s rows run in groups of similar length: padded tokens fall, every row is in one group."""
     from e2u_models.editing.vstar import length_buckets

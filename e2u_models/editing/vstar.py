@@ -56,6 +56,10 @@ class VStarSettings:
     kl_factor: float = 0.0625
     loss_threshold: float = 5e-2
     mode: str = "fast"
+    # Positions per block of the blockwise label NLL (:func:`label_nll`), which never holds the
+    # (positions, vocabulary) log-softmax of a whole step; None: that log-softmax at once, the
+    # path that made ROME's, MEMIT's and AlphaEdit's cached edits and leaderboard entries.
+    nll_block: int | None = None
 
     @classmethod
     def of(cls, hparams) -> VStarSettings:
@@ -161,6 +165,45 @@ class UpperStack:
 
     def logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.log_softmax(self.runner.logits(hidden).float(), dim=-1)
+
+    def label_nll(self, hidden: torch.Tensor, labels: torch.Tensor, block: int) -> torch.Tensor:
+        """−log p(label) at each position (rows of ``hidden``), ``block`` positions at a time;
+        a soft-capped or biased head takes the whole log-softmax."""
+        head = self.runner.head
+        if self.runner.softcap or getattr(head, "bias", None) is not None:
+            return -self.logprobs(hidden).gather(-1, labels[:, None]).squeeze(-1)
+        return BlockwiseLabelNLL.apply(self.runner.norm(hidden), head.weight, labels, block)
+
+
+class BlockwiseLabelNLL(torch.autograd.Function):
+    """−log softmax(x Wᵀ)[label] per row of x, ``block`` rows at a time. Each block's logits give
+    its NLL and, at once, its gradient with respect to x, ((softmax − one-hot) W); only that
+    gradient (rows, d) is kept for the backward pass, so the (rows, vocabulary) logits of a whole
+    step never exist together (40 GRACE values trained at once would otherwise hold several
+    copies of them). W is frozen: it gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, block: int) -> torch.Tensor:
+        nll = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+        grad = torch.empty(x.shape[0], weight.shape[1], dtype=torch.float32, device=x.device)
+        weight32 = weight.float()
+        for start in range(0, x.shape[0], block):
+            rows = slice(start, start + block)
+            logits = (x[rows] @ weight.T).float()
+            logsumexp = logits.logsumexp(dim=-1)
+            picked = labels[rows]
+            nll[rows] = logsumexp - logits.gather(-1, picked[:, None]).squeeze(-1)
+            probs = logits.sub_(logsumexp[:, None]).exp_()
+            probs[torch.arange(probs.shape[0], device=x.device), picked] -= 1.0
+            grad[rows] = probs @ weight32
+        ctx.save_for_backward(grad)
+        ctx.input_dtype = x.dtype
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad_nll: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_nll[:, None]).to(ctx.input_dtype), None, None, None
 
 
 
@@ -385,8 +428,12 @@ def _fast(run: VStarRun) -> None:
                 label_ids.extend(row.labels)
                 spans.append(len(row.labels))
                 owners.append(row.request)
-        logprobs = nll_stacks[0][1].logprobs(torch.cat(picks))
-        gold = logprobs.gather(-1, torch.tensor(label_ids, device=device)[:, None]).squeeze(-1)
+        labels = torch.tensor(label_ids, device=device)
+        first = nll_stacks[0][1]
+        if run.settings.nll_block is not None and isinstance(first, UpperStack):
+            gold = -first.label_nll(torch.cat(picks), labels, run.settings.nll_block)
+        else:
+            gold = first.logprobs(torch.cat(picks)).gather(-1, labels[:, None]).squeeze(-1)
         kl_lp = kl_ref = None
         if kl_stack is not None:
             kl_stack.select(index)
