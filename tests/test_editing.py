@@ -176,15 +176,21 @@ def test_blockwise_label_nll_equals_the_log_softmax_in_value_and_gradient():
     torch.testing.assert_close(grad_blockwise, grad_whole, atol=1e-5, rtol=1e-5)
 
 
-def test_v_star_with_the_blockwise_nll_follows_the_same_path(tokenizer, env):
-    """The engine with ``nll_block`` (GRACE's value training) takes the same steps to the same
-    deltas as with the whole log-softmax."""
+def test_low_memory_v_star_follows_the_same_path(tokenizer, env, monkeypatch):
+    """Low-memory steps (GRACE's value training: chunks of rows back-propagated one after the
+    other, the NLL in blocks) take the same steps to the same deltas as one pass, here with
+    several rows per request, the KL term and the weight decay, in chunks of two rows."""
+    from e2u_models.editing import vstar
+
+    monkeypatch.setattr(vstar, "LOW_MEMORY_ROWS", 2)
+    monkeypatch.setattr(vstar, "LABEL_NLL_BLOCK", 5)
     model = fresh_model(tokenizer)
-    hp = hparams("memit", v_loss_threshold=3.0)
+    hp = hparams("memit", v_loss_threshold=3.0, context_template_length_params="[[5, 2]]")
     prepared = prepare_requests(model, tokenizer, make_requests(env), KeySpec.of(hp), env, seed=0)
+    assert any(len(p.nll_rows(i)) > 1 for i, p in enumerate(prepared)) and hp.kl_factor > 0
     settings = VStarSettings.of(hp)
     whole = optimise_targets(model, tokenizer, prepared, settings, 1, "model.layers.1")
-    blockwise = optimise_targets(model, tokenizer, prepared, dataclasses.replace(settings, nll_block=5), 1,
+    blockwise = optimise_targets(model, tokenizer, prepared, dataclasses.replace(settings, low_memory=True), 1,
                                  "model.layers.1")
     assert blockwise.steps == whole.steps and whole.deltas.abs().max() > 0
     torch.testing.assert_close(blockwise.deltas, whole.deltas, atol=1e-5, rtol=1e-4)

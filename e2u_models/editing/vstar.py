@@ -43,6 +43,10 @@ from e2u_models.snapshot import frozen
 from e2u_tasks.errors import E2UError
 
 
+LOW_MEMORY_ROWS = 8     # rows per forward/backward pass of a low-memory step
+LABEL_NLL_BLOCK = 64    # label positions per block of the blockwise NLL
+
+
 @dataclass(frozen=True)
 class VStarSettings:
     """The optimisation of δ (module docstring): the decoder layer template, Adam's steps and
@@ -56,10 +60,13 @@ class VStarSettings:
     kl_factor: float = 0.0625
     loss_threshold: float = 5e-2
     mode: str = "fast"
-    # Positions per block of the blockwise label NLL (:func:`label_nll`), which never holds the
-    # (positions, vocabulary) log-softmax of a whole step; None: that log-softmax at once, the
-    # path that made ROME's, MEMIT's and AlphaEdit's cached edits and leaderboard entries.
-    nll_block: int | None = None
+    # Train chunk by chunk: each chunk of at most LOW_MEMORY_ROWS rows runs forward and backward
+    # before the next (a row's δ enters only its own request's rows, so the gradients are those
+    # of one pass), and the label NLL is taken in blocks of positions (:class:`BlockwiseLabelNLL`):
+    # many requests trained together hold the memory of a few. False: one pass over all rows and
+    # the whole log-softmax, the path that made ROME's, MEMIT's and AlphaEdit's cached edits and
+    # leaderboard entries.
+    low_memory: bool = False
 
     @classmethod
     def of(cls, hparams) -> VStarSettings:
@@ -328,12 +335,17 @@ def optimise_targets(model, tokenizer, prepared: Sequence[PreparedRequest], sett
 
 
 def _step_loop(n: int, settings: VStarSettings, deltas: torch.Tensor, v0_norms: torch.Tensor,
-               compute, result: VStarResult, progress, request_ids: Sequence[int]) -> None:
+               compute, result: VStarResult, progress, request_ids: Sequence[int],
+               backward_in_compute: bool = False) -> None:
     """EasyEdit's loop, for several independent requests at once: evaluate, stop the converged,
-    step the rest, restore the frozen, clamp."""
+    step the rest, restore the frozen, clamp. ``backward_in_compute``: ``compute`` has already
+    put every active request's gradient into ``deltas.grad`` (its losses come back detached);
+    the rows that stop get theirs zeroed, which is what back-propagating only the others gives."""
     optimiser = torch.optim.Adam([deltas], lr=settings.lr)
     active = list(range(n))
     for step in range(settings.num_grad_steps):
+        if backward_in_compute:
+            optimiser.zero_grad()
         losses = compute(active)
         for k, i in enumerate(active):
             if not torch.isfinite(losses[k]):
@@ -351,8 +363,12 @@ def _step_loop(n: int, settings: VStarSettings, deltas: torch.Tensor, v0_norms: 
         frozen_rows = torch.ones(n, dtype=torch.bool, device=deltas.device)
         frozen_rows[stepping] = False
         saved = deltas.detach().clone()
-        optimiser.zero_grad()
-        losses[keep].sum().backward()
+        if backward_in_compute:
+            with torch.no_grad():
+                deltas.grad[frozen_rows] = 0.0
+        else:
+            optimiser.zero_grad()
+            losses[keep].sum().backward()
         optimiser.step()
         with torch.no_grad():
             deltas[frozen_rows] = saved[frozen_rows]
@@ -411,6 +427,41 @@ def _fast(run: VStarRun) -> None:
         with torch.no_grad():
             kl_init = kl_stack.logprobs(kl_stack.run(torch.zeros(len(kl_rows), deltas.shape[1], device=device))[:, 0])
 
+    def low_memory_compute(active):
+        """The losses of ``active`` (detached), their gradients already in ``deltas.grad``."""
+        position = {request: k for k, request in enumerate(active)}
+        rows_per_request = Counter(row.request for row in nll_rows if row.request in position)
+        nll = torch.zeros(len(active), device=device)
+        for group, stack in nll_stacks:
+            chosen = [k for k, j in enumerate(group) if nll_rows[j].request in position]
+            for start in range(0, len(chosen), LOW_MEMORY_ROWS):
+                part = chosen[start: start + LOW_MEMORY_ROWS]
+                rows = [nll_rows[group[k]] for k in part]
+                stack.select(torch.tensor(part, device=device))
+                hidden = stack.run(deltas[[row.request for row in rows]])
+                picks = [hidden[b, row.label_start - row.key: row.label_start - row.key + len(row.labels)]
+                         for b, row in enumerate(rows)]
+                labels = torch.tensor([t for row in rows for t in row.labels], device=device)
+                if isinstance(stack, UpperStack):
+                    per_position = stack.label_nll(torch.cat(picks), labels, LABEL_NLL_BLOCK)
+                else:
+                    per_position = -stack.logprobs(torch.cat(picks)).gather(-1, labels[:, None]).squeeze(-1)
+                row_means = torch.stack([part_nll.mean() for part_nll in
+                                         torch.split(per_position, [len(row.labels) for row in rows])])
+                shares = row_means / torch.tensor([float(rows_per_request[row.request]) for row in rows],
+                                                  device=device)
+                shares.sum().backward()
+                nll.index_add_(0, torch.tensor([position[row.request] for row in rows], device=device),
+                               shares.detach())
+        index = torch.tensor(active, device=device)
+        rest = run.settings.weight_decay * deltas[index].norm(dim=-1) / run.v0_norms[index] ** 2
+        if kl_stack is not None:
+            kl_stack.select(index)
+            kl_lp = kl_stack.logprobs(kl_stack.run(deltas[index])[:, 0])
+            rest = rest + run.settings.kl_factor * (kl_lp.exp() * (kl_lp - kl_init[index])).sum(-1)
+        rest.sum().backward()
+        return nll + rest.detach()
+
     def compute(active):
         index = torch.tensor(active, device=device)
         active_set = set(active)
@@ -428,12 +479,8 @@ def _fast(run: VStarRun) -> None:
                 label_ids.extend(row.labels)
                 spans.append(len(row.labels))
                 owners.append(row.request)
-        labels = torch.tensor(label_ids, device=device)
-        first = nll_stacks[0][1]
-        if run.settings.nll_block is not None and isinstance(first, UpperStack):
-            gold = -first.label_nll(torch.cat(picks), labels, run.settings.nll_block)
-        else:
-            gold = first.logprobs(torch.cat(picks)).gather(-1, labels[:, None]).squeeze(-1)
+        logprobs = nll_stacks[0][1].logprobs(torch.cat(picks))
+        gold = logprobs.gather(-1, torch.tensor(label_ids, device=device)[:, None]).squeeze(-1)
         kl_lp = kl_ref = None
         if kl_stack is not None:
             kl_stack.select(index)
@@ -444,8 +491,9 @@ def _fast(run: VStarRun) -> None:
 
     with tqdm(total=run.settings.num_grad_steps, desc=f"{run.desc} (fast, {len(run.prepared)} requests)",
               leave=False) as progress:
-        _step_loop(len(run.prepared), run.settings, deltas, run.v0_norms, compute, run.result, progress,
-                   [p.request.index for p in run.prepared])
+        _step_loop(len(run.prepared), run.settings, deltas, run.v0_norms,
+                   low_memory_compute if run.settings.low_memory else compute, run.result, progress,
+                   [p.request.index for p in run.prepared], backward_in_compute=run.settings.low_memory)
 
 
 def _classic(run: VStarRun) -> None:

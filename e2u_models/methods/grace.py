@@ -45,8 +45,6 @@ KIND = "editing"
 USES_RETAIN = False
 VAL_INITS = ("warm",)
 EPS_EXPANDS = ("coverage",)
-# Label positions per block of the value training's NLL (the logits of one block at a time).
-NLL_BLOCK = 64
 # Messages of rules declared on the fields (checked by e2u_models.hparams).
 NOT_IMPLEMENTED = "hparam {name}={value!r} is not implemented; accepted: {choices}"
 NLL_MESSAGE = "hparams loss_threshold must be >= 0 and verify_nll > 0"
@@ -84,11 +82,11 @@ def key_spec(hparams: HyperParams) -> KeySpec:
 
 def value_training(hparams: HyperParams) -> VStarSettings:
     """The shared v* engine as GRACE's value training: Adam with ``edit_lr`` for ``n_iter``
-    steps, no decay, no KL, no norm clamp; the blockwise NLL, so that training every value
-    together holds no more memory than training them one at a time."""
+    steps, no decay, no KL, no norm clamp; low-memory steps, so that training every value
+    together holds about the memory of training them one at a time."""
     return VStarSettings(layer_module_tmp=hparams.layer_module_tmp, num_grad_steps=hparams.n_iter,
                          lr=hparams.edit_lr, weight_decay=0.0, clamp_norm_factor=None, kl_factor=0.0,
-                         loss_threshold=hparams.loss_threshold, mode="fast", nll_block=NLL_BLOCK)
+                         loss_threshold=hparams.loss_threshold, mode="fast", low_memory=True)
 
 
 class Codebook(Adapter):
