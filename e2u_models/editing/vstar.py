@@ -282,10 +282,15 @@ def _request_losses(nll_logprobs: list[torch.Tensor], nll_owner: list[int], kl_l
     for logprob, owner in zip(nll_logprobs, nll_owner):
         sums[position[owner]].append(-logprob.mean())
     nll = torch.stack([torch.stack(s).mean() for s in sums])
-    loss = nll + settings.weight_decay * deltas.norm(dim=-1) / v0_norms ** 2
+    return _plus_regularisers(nll, kl_logprobs, kl_init, deltas, v0_norms, settings)
+
+
+def _plus_regularisers(loss, kl_logprobs, kl_init, deltas, v0_norms, settings: VStarSettings) -> torch.Tensor:
+    """``loss`` plus each request's weight decay on δ and its KL from the unedited model at its
+    KL row (in this order: the sums of the cached edits)."""
+    loss = loss + settings.weight_decay * deltas.norm(dim=-1) / v0_norms ** 2
     if kl_logprobs is not None and settings.kl_factor > 0:
-        kl = (kl_logprobs.exp() * (kl_logprobs - kl_init)).sum(-1)
-        loss = loss + settings.kl_factor * kl
+        loss = loss + settings.kl_factor * (kl_logprobs.exp() * (kl_logprobs - kl_init)).sum(-1)
     return loss
 
 
@@ -454,11 +459,12 @@ def _fast(run: VStarRun) -> None:
                 nll.index_add_(0, torch.tensor([position[row.request] for row in rows], device=device),
                                shares.detach())
         index = torch.tensor(active, device=device)
-        rest = run.settings.weight_decay * deltas[index].norm(dim=-1) / run.v0_norms[index] ** 2
+        kl_lp = kl_ref = None
         if kl_stack is not None:
             kl_stack.select(index)
             kl_lp = kl_stack.logprobs(kl_stack.run(deltas[index])[:, 0])
-            rest = rest + run.settings.kl_factor * (kl_lp.exp() * (kl_lp - kl_init[index])).sum(-1)
+            kl_ref = kl_init[index]
+        rest = _plus_regularisers(0.0, kl_lp, kl_ref, deltas[index], run.v0_norms[index], run.settings)
         rest.sum().backward()
         return nll + rest.detach()
 
