@@ -193,7 +193,6 @@ class BlockwiseLabelNLL(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, block: int) -> torch.Tensor:
         nll = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
         grad = torch.empty(x.shape[0], weight.shape[1], dtype=torch.float32, device=x.device)
-        weight32 = weight.float()
         for start in range(0, x.shape[0], block):
             rows = slice(start, start + block)
             logits = (x[rows] @ weight.T).float()
@@ -202,7 +201,7 @@ class BlockwiseLabelNLL(torch.autograd.Function):
             nll[rows] = logsumexp - logits.gather(-1, picked[:, None]).squeeze(-1)
             probs = logits.sub_(logsumexp[:, None]).exp_()
             probs[torch.arange(probs.shape[0], device=x.device), picked] -= 1.0
-            grad[rows] = probs @ weight32
+            grad[rows] = probs.to(weight.dtype) @ weight  # in the head's dtype, as autograd would
         ctx.save_for_backward(grad)
         ctx.input_dtype = x.dtype
         return nll
