@@ -97,6 +97,12 @@ def _first_line(module) -> str:
 # --------------------------------------------------------------------------- blocks from code
 
 
+def _retain_use(module) -> str:
+    if hasattr(module, "uses_retain"):
+        return "optional (`retain_weight` > 0)"
+    return "yes" if module.USES_RETAIN else "no"
+
+
 def methods_block() -> str:
     """The methods table: registry order, NAME / KIND / USES_RETAIN and the docstring's first line."""
     from e2u_models.methods import METHODS, get_method
@@ -106,7 +112,7 @@ def methods_block() -> str:
     for name in METHODS:
         module = get_method(name)
         presets = ", ".join(preset_files(name)) or "–"
-        rows.append([f"`{module.NAME}`", module.KIND, "yes" if module.USES_RETAIN else "no", presets,
+        rows.append([f"`{module.NAME}`", module.KIND, _retain_use(module), presets,
                      _cell(_first_line(module))])
     return _table(["method", "kind", "uses retain split", "model presets", "what it does"], rows)
 

@@ -26,7 +26,7 @@ from e2u_models.edit_cache import EditCache, edit_key
 from e2u_models.edit_cache import model_sha256 as edit_model_sha256
 from e2u_models.editing.adapters import adapters_of
 from e2u_models.prompts import PromptFormat
-from e2u_models.protocol import EditRequest, MethodEnv, MethodReport
+from e2u_models.protocol import EditRequest, MethodEnv, MethodReport, uses_retain
 from e2u_models.provenance import e2u_info, environment_fingerprint, resource_usage
 from e2u_models.question_sets import load_questions, off_dataset
 from e2u_models.saving import save_edited_model
@@ -170,7 +170,8 @@ def apply_method(model, tokenizer, args: E2UArgs, runtime: Runtime, state: Prepa
     edit cache is loaded instead of recomputed."""
     name = args.method.NAME
     forget = edit_requests(tokenizer, args, runtime, state, args.splits.forget, with_targets=True)
-    retain = edit_requests(tokenizer, args, runtime, state, args.splits.retain) if args.method.USES_RETAIN else None
+    retain = edit_requests(tokenizer, args, runtime, state, args.splits.retain) \
+        if uses_retain(args.method, args.hparams.values) else None
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     started = time.perf_counter()

@@ -1,7 +1,8 @@
 """The protocol every method implements.
 
 A method is a module with ``NAME``, ``KIND`` ("editing", "unlearning" or "none"),
-``USES_RETAIN``, a hyperparameter dataclass ``HyperParams`` and
+``USES_RETAIN`` (or a function ``uses_retain(hparams)`` where a setting decides it), a
+hyperparameter dataclass ``HyperParams`` and
 ``apply(model, tokenizer, forget, retain, hparams, *, seed, env) -> MethodReport`` that edits the model
 in place. Methods never import lm-eval, so they can be used and tested without the harness.
 """
@@ -61,3 +62,10 @@ class MethodReport:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def uses_retain(method, hparams) -> bool:
+    """Whether ``method`` with these hparams reads the retain split (it is then given the retain
+    requests, and the results say so)."""
+    decide = getattr(method, "uses_retain", None)
+    return bool(decide(hparams)) if decide is not None else bool(method.USES_RETAIN)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from e2u_models.cache import json_sha256
+from e2u_models.protocol import uses_retain
 from e2u_models.editing.verify import targets_reached
 from e2u_models.hparams import Resolved, hparams_file
 from e2u_models.prompts import PromptFormat
@@ -116,7 +117,7 @@ def e2u_info(args: E2UArgs, prepared: Prepared, prompt_format: PromptFormat,
     return {
         "method": args.method.NAME,
         "method_kind": args.method.KIND,
-        "uses_retain_split": bool(args.method.USES_RETAIN),
+        "uses_retain_split": uses_retain(args.method, args.hparams.values),
         "hparams": hparams,
         "hparams_sha256": json_sha256(hparams),
         "hparams_source": file_name(args.hparams, args.method.NAME),

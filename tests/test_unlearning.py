@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from e2u_models.methods import get_method
-from e2u_models.protocol import EditRequest, MethodEnv
+from e2u_models.protocol import EditRequest, MethodEnv, uses_retain
 from e2u_models.hparams import load_hparams
 from e2u_models.training.batching import IGNORE, collate, encode_example
 from e2u_models.training.loop import TrainSetup, train
@@ -57,9 +57,9 @@ def run(method, tokenizer, seed=0, model=None, **overrides):
     model = model or build_tiny_model(tokenizer)
     module = get_method(method)
     forget = requests(tokenizer, QUESTIONS[:3])
-    retain = requests(tokenizer, QUESTIONS[3:], with_targets=False) if module.USES_RETAIN else None
-    report = module.apply(model, tokenizer, forget, retain, hparams_of(method, **overrides),
-                          seed=seed, env=env_for(tokenizer))
+    hparams = hparams_of(method, **overrides)
+    retain = requests(tokenizer, QUESTIONS[3:], with_targets=False) if uses_retain(module, hparams) else None
+    report = module.apply(model, tokenizer, forget, retain, hparams, seed=seed, env=env_for(tokenizer))
     return model, report, forget, retain
 
 
@@ -82,7 +82,7 @@ def test_each_method_moves_the_forget_answers_away(method, tokenizer):
     assert details["optimizer_steps"] == 3 * 2  # 3 rows, batch 2 -> 2 steps per epoch
     assert report.changed_parameters and len(details["losses"]) == 6
     assert forget_nll(model, tokenizer, forget) > forget_nll(reference, tokenizer, forget)
-    assert (details["retain_sampling"] is not None) == get_method(method).USES_RETAIN
+    assert (details["retain_sampling"] is not None) == uses_retain(get_method(method), hparams_of(method))
 
 
 def test_losses_follow_their_definitions(tokenizer):
@@ -98,6 +98,22 @@ def test_losses_follow_their_definitions(tokenizer):
     # The first step starts at the reference: margin 0, loss log 2.
     assert dpo.details["loss_first"] == pytest.approx(0.6931, abs=1e-3)
     assert dpo.details["loss_parts_last"]["margin"] > 0
+    assert dpo.details["retain_sampling"] is None and "retain_nll" not in dpo.details["loss_parts_last"]
+
+
+def test_dpo_retain_term_is_open_unlearnings(tokenizer):
+    """retain_weight α adds α·NLL(retain) to the preference loss and makes DPO read the retain
+    split; at α = 0 it reads none (PISTOL's DPO)."""
+    module = get_method("dpo")
+    assert not uses_retain(module, hparams_of("dpo")) and uses_retain(module, hparams_of("dpo", retain_weight=1.0))
+    _, dpo, _, _ = run("dpo", tokenizer, retain_weight=2.0)
+    parts = dpo.details["loss_parts_last"]
+    assert dpo.details["loss_last"] == pytest.approx(parts["preference_loss"] + 2.0 * parts["retain_nll"], abs=1e-4)
+    assert dpo.details["retain_sampling"]["per_forget_example"] == 1
+    assert "retain_weight*NLL(retain)" in dpo.details["loss"]
+    with pytest.raises(E2UError, match="needs retain rows"):
+        module.apply(build_tiny_model(tokenizer), tokenizer, requests(tokenizer, QUESTIONS[:3]), None,
+                     hparams_of("dpo", retain_weight=1.0), seed=0, env=env_for(tokenizer))
 
 
 def test_same_seed_same_weights_other_seed_other_retain_draw(tokenizer):

@@ -57,7 +57,7 @@ class TrainHParams:
 
 @dataclass(frozen=True)
 class RetainHParams(TrainHParams):
-    """Settings of the methods that also train on retain rows (GD, KL)."""
+    """Settings of the methods that also train on retain rows (GD, KL; DPO with its retain term)."""
 
     # Retain rows drawn (uniformly, with replacement) per forget row in each step: the references
     # draw 1. More draws average the retain term over more of the retain set at each step, at the
