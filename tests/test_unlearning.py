@@ -452,6 +452,26 @@ def test_a_model_and_dataset_preset_wins_for_its_dataset_only():
     assert pistol.retain_weight != model.retain_weight
 
 
+def test_pistols_ga_kl_dpo_keep_the_setting_of_the_pistol_report():
+    """The dev-tuned SmolLM2 presets of GA, KL and DPO are TOFU's and known facts'; on PISTOL the
+    three keep lr 5e-5 for 2 epochs, and DPO no retain term (PISTOL's DPO, never reading retain)."""
+    from e2u_models.hparams import resolve_hparams_path
+    from e2u_models.protocol import uses_retain
+
+    smol = type("Config", (), {"model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576})()
+    for method in ("ga", "kl", "dpo"):
+        module = get_method(method)
+        path = resolve_hparams_path(method, None, smol, "pistol")
+        assert Path(path).stem == "smollm2-135m-pistol"
+        pistol = load_hparams(module.HyperParams, method, path)
+        assert (pistol.lr, pistol.epochs) == (5e-5, 2)
+        tofu = load_hparams(module.HyperParams, method, resolve_hparams_path(method, None, smol, "tofu_factual"))
+        assert tofu != pistol  # the dev-tuned setting is not PISTOL's
+    dpo = get_method("dpo")
+    assert not uses_retain(dpo, load_hparams(dpo.HyperParams, "dpo", resolve_hparams_path("dpo", None, smol, "pistol")))
+    assert uses_retain(dpo, load_hparams(dpo.HyperParams, "dpo", resolve_hparams_path("dpo", None, smol)))
+
+
 def test_the_pistol_command_records_the_preset_that_ran(tiny_model_dir, tmp_path, monkeypatch):
     """Presets match the config, so a tiny model gets the generic file; the dataset still reaches
     the choice (the SmolLM2 case is above): the results name the file and where each value came from."""
