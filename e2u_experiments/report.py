@@ -170,11 +170,16 @@ def retain_vs_none(base: Row | None, row: Row) -> est.Estimate | None:
 
 
 def targets_reached(runs: list[Run]) -> str:
-    """Edit requests whose refusal target the editor's own check reached, summed over ``runs``."""
+    """Edit requests whose refusal target the editor's own check reached after the edit, summed
+    over ``runs``; then, where every run recorded it, how many v* reached it before the weight
+    update (``v* n``)."""
     cards = [r.card["targets"] for r in runs if r.card.get("targets")]
     if not cards:
         return "–"
-    return f"{sum(c['reached'] for c in cards)}/{sum(c['requests'] for c in cards)}"
+    text = f"{sum(c['reached'] for c in cards)}/{sum(c['requests'] for c in cards)}"
+    if all("v_star_reached" in c for c in cards):
+        text += f" (v* {sum(c['v_star_reached'] for c in cards)})"
+    return text
 
 
 ACROSS_COLUMNS = (("forget", "rouge1_recall"), ("rephrase", "rouge1_recall"), ("retain", "rouge1_recall"))
@@ -542,8 +547,9 @@ def write_report(folders: list[str], out: str, bootstrap: int = 1000, seed: int 
                "Seed s draws the forget set (`forget_seed` s) and seeds the method. Bold rows: mean ± sd "
                "over the forget seeds [95% interval of the mean]; the rows below give each seed with its "
                "own interval. retain / none: retain ROUGE-1 as a fraction of `none`'s on the same forget "
-               "seed; targets reached: edit requests whose refusal target the editor's own check reached, "
-               "summed over the seeds.", ""]
+               "seed; targets reached: edit requests whose refusal target the editor's own check reached "
+               "after the edit, summed over the seeds, and in brackets how many v* reached before the "
+               "weight update (`v* k`, where recorded).", ""]
         md += across_seeds_markdown(block) + [""]
         seeds_csv += across_seeds_csv_rows(block)
     t1_rows, t2_rows, refusal_csv, card_rows, utility_csv, recovery_rows = [], [], [], [], [], []

@@ -284,6 +284,11 @@ def test_edit_changes_exactly_the_reported_weights(tokenizer, env, method, tmp_p
     reach = targets_reached({"details": {"verification": verification}})
     assert reach == {"reached": len(verification["requests"]) - len(verification["unreached"]),
                      "requests": len(verification["requests"])}
+    # with v*'s final losses: how many ended at or below the verification's own threshold
+    losses = report.details["v_star"]["final_losses"]
+    reach = targets_reached(report.as_dict())
+    assert reach["v_star_reached"] == sum(1 for x in losses if x <= verification["verify_nll"])
+    assert verification["verify_nll"] == hparams(method, **extra).verify_nll
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == set(report.changed_parameters)
     assert all(v > 0 for v in verification["weight_change_norms"].values())

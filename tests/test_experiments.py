@@ -173,6 +173,20 @@ def test_the_case_study_quotes_e2us_own_and_the_users_questions(tmp_path, capsys
     assert "**Q (row 0):** Question 0?" in case and "**gold:** gold 0" in case
 
 
+def test_targets_reached_adds_what_vstar_reached_only_where_every_run_recorded_it():
+    from types import SimpleNamespace
+
+    from e2u_experiments.report import targets_reached
+
+    card = lambda **t: SimpleNamespace(card={"targets": t})  # noqa: E731
+    assert targets_reached([card(reached=3, requests=40, v_star_reached=38),
+                            card(reached=5, requests=40, v_star_reached=40)]) == "8/80 (v* 78)"
+    # an older result without the v* count: the sum over the seeds would be partial, so none
+    assert targets_reached([card(reached=3, requests=40, v_star_reached=38),
+                            card(reached=5, requests=40)]) == "8/80"
+    assert targets_reached([SimpleNamespace(card={})]) == "–"
+
+
 def test_report_has_a_refusal_quality_table_for_runs_that_carry_it(results_dir, tmp_path, capsys):
     write_result(results_dir / "alphaedit_self", "alphaedit", {"target": "self"},
                  forget=[0.0, 0.0, 1.0, 0.5], rephrase=[0.0, 1.0, 1.0, 0.0], refusal=True)

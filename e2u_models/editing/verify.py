@@ -51,7 +51,7 @@ def verification(before: list[float], after: list[float], prepared: Sequence[Pre
     if unreached:
         log(f"e2u: {len(unreached)} of {len(prepared)} edit request(s) did not reach their target "
             f"(NLL > {verify_nll}): rows {unreached}")
-    return {"requests": per_request, "unreached": unreached,
+    return {"requests": per_request, "unreached": unreached, "verify_nll": verify_nll,
             "weight_change_norms": {k: round(v, 6) for k, v in weight_changes.items()},
             "mean_nll_before": round(sum(before) / max(len(before), 1), 4),
             "mean_nll_after": round(sum(after) / max(len(after), 1), 4)}
@@ -64,9 +64,21 @@ def check_finite(tensor: torch.Tensor, what: str) -> None:
 
 def targets_reached(method_report: dict) -> dict | None:
     """``{"reached": n, "requests": m}`` of an editor's own verification (target NLL after the
-    edit); None for methods that do not verify (training methods, ``none``)."""
-    verification = (method_report.get("details") or {}).get("verification") or {}
+    edit); None for methods that do not verify (training methods, ``none``).
+
+    For ROME, MEMIT and AlphaEdit also ``v_star_reached``: requests whose v* loss ended at or below
+    the same threshold. That loss is the target NLL under v* plus its KL and weight-decay terms
+    (never below the NLL), so it counts what the optimisation reached; ``reached`` counts what the
+    weight update then realised. The two differ when the update is kept lighter than v* asks
+    (L2, the covariance weight λ, the null space) or later edits undo earlier ones (ROME)."""
+    details = method_report.get("details") or {}
+    verification = details.get("verification") or {}
     requests = verification.get("requests")
     if not requests:
         return None
-    return {"reached": sum(1 for r in requests if r.get("reached")), "requests": len(requests)}
+    reach = {"reached": sum(1 for r in requests if r.get("reached")), "requests": len(requests)}
+    losses = (details.get("v_star") or {}).get("final_losses")
+    threshold = verification.get("verify_nll")
+    if losses and threshold is not None:
+        reach["v_star_reached"] = sum(1 for loss in losses if loss <= threshold)
+    return reach
