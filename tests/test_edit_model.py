@@ -66,7 +66,8 @@ def test_results_record_the_edit(tiny_model_dir, tmp_path):
     assert set(details["null_space_dimensions"]) == {"0"}
     assert {r["index"] for r in details["verification"]["requests"]} <= set(lm.splits.forget)
     reached = sum(r["reached"] for r in details["verification"]["requests"])
-    assert info["run_card"]["targets"] == {"reached": reached, "requests": 2}
+    v_star = sum(loss <= details["verification"]["verify_nll"] for loss in details["v_star"]["final_losses"])
+    assert info["run_card"]["targets"] == {"reached": reached, "requests": 2, "v_star_reached": v_star}
     assert info["hparams_source"].endswith("alphaedit.yaml")
     json.dumps(info)
 
