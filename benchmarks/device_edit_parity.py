@@ -1,13 +1,13 @@
 """Device parity of the editors' first steps on SmolLM2: the target NLL before the edit and v*.
 
 On one NVIDIA H200 (torch 2.11.0+cu130, transformers 5.17.0) the editors' own check reported a
-higher target NLL before any edit than on the CPU (the first TOFU-factual forget request of
-`known_facts` seed 100: 3.67 against 2.98), and v* ended higher (MEMIT preset: mean loss 1.09
-against 0.63), while the evaluation of the unedited model agreed to 1e-6 (design notes, "The
-editors on dev splits"). This script localises that in one process, on the same prepared
-requests and weights, on the CPU and (when there is one) on CUDA:
+higher target NLL before any edit than on the CPU (the first forget request of `known_facts`
+seed 100: 3.67 against 2.98), and v* ended higher (MEMIT preset: mean loss 1.09 against 0.63),
+while the evaluation of the unedited model agreed to 1e-6 (design notes, "The editors on dev
+splits"). This script localises that in one process, on the same prepared requests and weights,
+on the CPU and (when there is one) on CUDA:
 
-  * the token ids and the rendered prompt of each request (a tokenizer difference shows here);
+  * the first request's prompt and target token ids (in the JSON: a tokenizer difference shows);
   * the target NLL through the editors' check (`target_nll`, the shared-prefix runner, batches of
     16) and through a plain forward of each row alone (no cache, no padding);
   * v* (`optimise_targets`, fast engine) for a few steps: the final losses.
@@ -15,7 +15,8 @@ requests and weights, on the CPU and (when there is one) on CUDA:
     python benchmarks/device_edit_parity.py --json parity.json        # CPU, and CUDA if present
     python benchmarks/device_edit_parity.py --forget-size 4 --steps 2  # quick
 
-Prints one line per device and path, and the largest differences between them.
+Prints each device's means of the three, then the largest differences between the paths and
+devices; ``--json`` writes every value.
 """
 
 from __future__ import annotations
