@@ -10,10 +10,18 @@ on the CPU and (when there is one) on CUDA:
   * the first request's prompt and target token ids (in the JSON: a tokenizer difference shows);
   * the target NLL through the editors' check (`target_nll`, the shared-prefix runner, batches of
     16) and through a plain forward of each row alone (no cache, no padding);
+  * the same check again after each step an edit takes before its own check: a cold statistics
+    pass (the preset's layers, ``--stats-tokens`` tokens, an empty cache of its own) and v*, so a
+    step that leaves the model computing differently shows as a change between the stages;
   * v* (`optimise_targets`, fast engine) for a few steps: the final losses.
 
+On the CPU the model is the one the product loaded; on CUDA both a copy moved there and, with
+``--product-load``, the model the product loads with ``device=cuda`` (as `lm_eval --device cuda`
+does). With torch 2.11.0 on the CPU the figures equal torch 2.13.0's (design notes), so the
+H200's difference comes with CUDA.
+
     python benchmarks/device_edit_parity.py --json parity.json        # CPU, and CUDA if present
-    python benchmarks/device_edit_parity.py --forget-size 4 --steps 2  # quick
+    python benchmarks/device_edit_parity.py --forget-size 4 --steps 2 --stats-tokens 2000  # quick
 
 Prints each device's means of the three, then the largest differences between the paths and
 devices; ``--json`` writes every value.
@@ -57,13 +65,20 @@ def main() -> None:
     parser.add_argument("--forget-seed", type=int, default=100)
     parser.add_argument("--method", default="memit", help="whose preset prepares the requests")
     parser.add_argument("--steps", type=int, default=5, help="v* steps on each device")
+    parser.add_argument("--stats-tokens", type=int, default=20_000,
+                        help="tokens of the cold statistics pass between the checks")
+    parser.add_argument("--product-load", action="store_true",
+                        help="on CUDA also the model as the product loads it with device=cuda")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+
+    import tempfile
 
     import torch
 
     from e2u_models.architectures import with_architecture
     from e2u_models.editing.requests import KeySpec, merge_requests, prepare_requests
+    from e2u_models.editing.stats import StatsSpec, statistics_for
     from e2u_models.editing.verify import target_nll
     from e2u_models.editing.vstar import VStarSettings, optimise_targets
     from e2u_models.hparams import load_hparams, resolve_hparams_path
@@ -89,23 +104,43 @@ def main() -> None:
     record = {"torch": torch.__version__, "requests": len(prepared),
               "first_request": {"prompt_ids": first.ids[: first.label_start + 1], "labels": first.labels},
               "devices": {}}
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for device in devices:
-        on_device = model if device == "cpu" else copy.deepcopy(model).to(device)
-        settings = VStarSettings.of(hparams)
-        vstar = optimise_targets(on_device, tokenizer, prepared, settings, layer, module, desc=f"v* {device}")
+    stats_spec = dataclasses.replace(StatsSpec.of(hparams), mom2_n_tokens=args.stats_tokens)
+
+    def staged(on_device, name):
+        """The check fresh, after a cold statistics pass and after v*; v*'s final losses."""
         figures = {"target_nll": target_nll(on_device, tokenizer, prepared),
-                   "plain_nll": plain_nll(on_device, prepared),
-                   "vstar_final_losses": vstar.losses}
-        record["devices"][device] = figures
+                   "plain_nll": plain_nll(on_device, prepared)}
+        with tempfile.TemporaryDirectory() as cache_dir:
+            statistics_for(on_device, tokenizer, stats_spec, layers, dataclasses.replace(env, cache_dir=cache_dir))
+        figures["target_nll_after_statistics"] = target_nll(on_device, tokenizer, prepared)
+        vstar = optimise_targets(on_device, tokenizer, prepared, VStarSettings.of(hparams), layer, module,
+                                 desc=f"v* {name}")
+        figures["target_nll_after_vstar"] = target_nll(on_device, tokenizer, prepared)
+        figures["vstar_final_losses"] = vstar.losses
+        record["devices"][name] = figures
         means = {k: round(sum(v) / len(v), 4) for k, v in figures.items()}
-        print(json.dumps({"device": device, **means}), flush=True)
+        print(json.dumps({"device": name, **means}), flush=True)
+
+    staged(model, "cpu")
+    if torch.cuda.is_available():
+        staged(copy.deepcopy(model).to("cuda"), "cuda")
+        if args.product_load:
+            loaded = E2ULM(pretrained=args.pretrained, method="none", dataset=args.dataset,
+                           forget_size=args.forget_size, forget_seed=args.forget_seed, seed=args.forget_seed,
+                           device="cuda")
+            staged(loaded.model, "cuda (product load)")
     cpu = record["devices"]["cpu"]
-    differences = {"cpu: target_nll vs plain_nll": max(abs(a - b) for a, b in zip(cpu["target_nll"], cpu["plain_nll"]))}
-    if "cuda" in record["devices"]:
-        cuda = record["devices"]["cuda"]
-        for key in ("target_nll", "plain_nll", "vstar_final_losses"):
-            differences[f"cpu vs cuda: {key}"] = max(abs(a - b) for a, b in zip(cpu[key], cuda[key]))
+
+    def largest(a, b):
+        return max(abs(x - y) for x, y in zip(a, b))
+
+    differences = {"cpu: target_nll vs plain_nll": largest(cpu["target_nll"], cpu["plain_nll"])}
+    for name, figures in record["devices"].items():
+        for stage in ("target_nll_after_statistics", "target_nll_after_vstar"):
+            differences[f"{name}: target_nll vs {stage}"] = largest(figures["target_nll"], figures[stage])
+        if name != "cpu":
+            for key in ("target_nll", "plain_nll", "vstar_final_losses"):
+                differences[f"cpu vs {name}: {key}"] = largest(cpu[key], figures[key])
     record["largest_differences"] = {k: round(v, 6) for k, v in differences.items()}
     print(json.dumps(record["largest_differences"], indent=1))
     if args.json:
