@@ -22,6 +22,10 @@ seconds.
     python benchmarks/editor_speed.py --old-rev <sha>                           # SmolLM2-135M, 40 facts
     python benchmarks/editor_speed.py --old-rev <sha> --forget-size 4 --tokens 4000 --steps 3   # quick
     python benchmarks/editor_speed.py --old-rev <sha> --json benchmarks/results/editor_speed.json
+    python benchmarks/editor_speed.py --old-rev <sha> --stages alphaedit --steps 30 --set L2=50   # same edit
+
+``--steps`` and ``--set KEY=VALUE`` apply to both sides, so two revisions whose presets differ
+time the same edit (then ``identical`` compares like with like).
 
 ``--stage-args`` of a child (internal) are the same options; run the children with
 ``nice``/``OMP_NUM_THREADS`` as the parent was run.
@@ -54,6 +58,9 @@ def options() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=None,
                         help="steps of every optimisation (WISE n_iter, GRACE n_iter, v_num_grad_steps; "
                              "default: the presets')")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an hparam of the stage's method on both sides (repeatable), e.g. --set L2=50 "
+                             "when the two revisions' presets differ and the same edit is to be timed")
     parser.add_argument("--json", default=None, help="write the rows to this file")
     # Internal: one stage of one side.
     parser.add_argument("--child", choices=STAGES, help=argparse.SUPPRESS)
@@ -126,6 +133,11 @@ def run_child(args) -> dict:
         overrides["mom2_n_tokens"] = args.tokens
     if args.steps is not None:
         overrides[{"alphaedit": "v_num_grad_steps"}.get(name, "n_iter")] = args.steps
+    import yaml
+
+    for setting in args.set:
+        key, _, value = setting.partition("=")
+        overrides[key] = yaml.safe_load(value)
     hparams = load_hparams(method.HyperParams, name, resolve_hparams_path(name, None, model.config), overrides)
     hparams = with_architecture(hparams, model)
     row: dict = {}
@@ -179,6 +191,8 @@ def run_side(stage: str, root: Path, cache_dir: str, args, result_file: Path) ->
         command += ["--tokens", str(args.tokens)]
     if args.steps is not None:
         command += ["--steps", str(args.steps)]
+    for setting in args.set:
+        command += ["--set", setting]
     with tempfile.TemporaryFile("w+") as out:
         process = subprocess.Popen(command, stdout=out, env={**os.environ, "PYTHONPATH": str(root)})
         _, status, usage = os.wait4(process.pid, 0)
@@ -229,6 +243,9 @@ def main() -> None:
         return
     if not args.old_rev:
         raise SystemExit("editor_speed: give --old-rev <git revision> (the previous implementation)")
+    malformed = [s for s in args.set if "=" not in s or not s.partition("=")[0]]
+    if malformed:
+        raise SystemExit(f"editor_speed: --set takes KEY=VALUE (an hparam and its value), got {malformed[0]!r}")
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
@@ -268,7 +285,7 @@ def main() -> None:
         subprocess.run(["git", "worktree", "remove", "--force", str(old_root)], cwd=new_root, capture_output=True)
         shutil.rmtree(scratch, ignore_errors=True)
     settings = {"old_rev": old_sha[:12], "forget_size": args.forget_size, "tokens": args.tokens,
-                "steps": args.steps, "pretrained": args.pretrained}
+                "steps": args.steps, "set": " ".join(args.set) or None, "pretrained": args.pretrained}
     columns = list(dict.fromkeys(k for row in rows for k in row))
     print("\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for row in rows:
