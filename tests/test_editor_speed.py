@@ -139,3 +139,15 @@ def test_benchmark_reports_how_far_two_results_differ(tmp_path):
     # Different tensors (another codebook size) cannot be compared, nor a missing file.
     assert bench.largest_difference(tmp_path / "old.safetensors", tmp_path / "other.safetensors") is None
     assert bench.largest_difference(tmp_path / "old.safetensors", tmp_path / "missing.safetensors") is None
+
+
+def test_editor_speed_rejects_a_set_without_a_value_in_one_line():
+    """``--set`` takes KEY=VALUE; anything else is one error line before any worktree or model."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "editor_speed.py"), "--old-rev", "HEAD",
+                           "--set", "L2"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [
+        "editor_speed: --set takes KEY=VALUE (an hparam and its value), got 'L2'"]
