@@ -23,8 +23,8 @@ H200's difference comes with CUDA.
     python benchmarks/device_edit_parity.py --json parity.json        # CPU, and CUDA if present
     python benchmarks/device_edit_parity.py --forget-size 4 --steps 2 --stats-tokens 2000  # quick
 
-Prints each device's means of the three, then the largest differences between the paths and
-devices; ``--json`` writes every value.
+Prints each device's mean of every figure, then the largest differences between the paths,
+stages and devices; ``--json`` writes every value.
 """
 
 from __future__ import annotations
