@@ -295,18 +295,22 @@ class E2ULM(HFLM):
             def is_done(row, tokens):
                 return tokens[-1] == eot or any(u in self.tok_decode(tokens) for u in until)
 
-            generated = runner.greedy(first_logits, scored.cache, scored.mask, max_new, is_done)
-            for row, i in enumerate(chunk):
-                answer_ids = answers[row]
+            # The gold answers' ranks and log-probabilities first: then the batch's answer logits
+            # (rows × longest answer × vocabulary) are released before decoding builds its cache.
+            teacher_forced = []
+            for row, answer_ids in enumerate(answers):
                 scores = scored.answer_logits(row)[..., :vocab].float()
                 gold = torch.tensor(answer_ids, device=scores.device)
-                ranks = token_ranks(scores, gold)
-                logprobs = F.log_softmax(scores, dim=-1).gather(-1, gold[:, None]).squeeze(-1)
+                teacher_forced.append((F.log_softmax(scores, dim=-1).gather(-1, gold[:, None]).squeeze(-1).tolist(),
+                                       token_ranks(scores, gold).tolist()))
+            scored.logits = None
+            generated = runner.greedy(first_logits, scored.cache, scored.mask, max_new, is_done)
+            for row, i in enumerate(chunk):
                 text = self.tok_decode([t for t in generated[row] if t != eot])
                 for stop in until:
                     text = text.split(stop)[0]
-                results[i] = {"generation": text, "tokens": answer_ids,
-                              "logprobs": logprobs.tolist(), "ranks": ranks.tolist()}
+                logprobs, ranks = teacher_forced[row]
+                results[i] = {"generation": text, "tokens": answers[row], "logprobs": logprobs, "ranks": ranks}
                 if lens_rank is not None:
                     results[i].update(lens_rank=lens_rank[row], lens_layer=lens_layer[row])
             progress.update(len(chunk))
