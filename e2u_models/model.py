@@ -35,6 +35,7 @@ from e2u_models.prompts import PromptFormat
 from e2u_models.protocol import EditRequest, MethodEnv
 from e2u_models.provenance import e2u_info, environment_fingerprint, resource_usage
 from e2u_models.shared_prefix import SharedPrefixRunner, common_prefix_length
+from e2u_models.terminal import DEFAULT_BATCH_SIZE
 from e2u_tasks.errors import E2UError
 
 @dataclass(frozen=True)
@@ -98,7 +99,10 @@ class E2ULM(HFLM):
         self.args: E2UArgs = parse_model_args(pretrained, **model_args)
         # Plain attributes, not properties: every request reads them (and tests stand in a method).
         self.method, self.splits = self.args.method, self.args.splits
-        super().__init__(pretrained=self.args.pretrained, **self.args.hf_args)
+        # e2u's default batch size also where no command line adds it (lm-eval's Python API):
+        # the same numbers as the `lm_eval --model e2u` command, at its speed.
+        super().__init__(pretrained=self.args.pretrained,
+                         **{"batch_size": DEFAULT_BATCH_SIZE, **self.args.hf_args})
         self.prompt_format = PromptFormat.for_tokenizer(self.tokenizer, self.args.chat_template,
                                                         self.args.system_prompt)
         self.model_source = {**self.args.model_source, **self._saved_adapters(self.args.pretrained)}

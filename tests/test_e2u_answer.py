@@ -171,6 +171,16 @@ def test_length_sorted_batches_match_unpadded_rows_one_by_one(tmp_path, one_thre
     assert len({r["generation"] for r in got}) == len(got)  # and so do the generations
 
 
+def test_the_model_batches_by_default_as_the_command_line_does(tiny_model_dir):
+    """Without ``batch_size`` (lm-eval's Python API passes none) the model batches as ``lm_eval
+    --model e2u`` does; a given size wins."""
+    from e2u_models.model import E2ULM
+    from e2u_models.terminal import DEFAULT_BATCH_SIZE
+
+    assert E2ULM(pretrained=tiny_model_dir, method="none", device="cpu").batch_size == DEFAULT_BATCH_SIZE
+    assert E2ULM(pretrained=tiny_model_dir, method="none", device="cpu", batch_size=3).batch_size == 3
+
+
 def test_length_sorted_batches_are_balanced_and_longest_first(tiny_lm):
     lengths = [5, 9, 2, 7, 7, 1, 3, 8, 4]
     batches = tiny_lm._length_sorted_batches(lengths)  # batch_size 4: three batches of three
