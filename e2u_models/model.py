@@ -336,4 +336,7 @@ class E2ULM(HFLM):
         run_card = {**self.run_card, "evaluation": resource_usage(self._evaluation_started, self.device)}
         info["e2u"] = e2u_info(self.args, self.prepared, self.prompt_format, self.model_source, run_card,
                                environment_fingerprint(self.device, self.model.dtype))
+        # The rows per batch decide the last bits of the teacher-forced numbers; lm-eval's own
+        # config says None when its Python API passed no size.
+        info["e2u"]["batch_size"] = self.batch_size
         return info

@@ -177,7 +177,9 @@ def test_the_model_batches_by_default_as_the_command_line_does(tiny_model_dir):
     from e2u_models.model import E2ULM
     from e2u_models.terminal import DEFAULT_BATCH_SIZE
 
-    assert E2ULM(pretrained=tiny_model_dir, method="none", device="cpu").batch_size == DEFAULT_BATCH_SIZE
+    default = E2ULM(pretrained=tiny_model_dir, method="none", device="cpu")
+    assert default.batch_size == DEFAULT_BATCH_SIZE
+    assert default.get_model_info()["e2u"]["batch_size"] == DEFAULT_BATCH_SIZE  # recorded in the results
     assert E2ULM(pretrained=tiny_model_dir, method="none", device="cpu", batch_size=3).batch_size == 3
 
 
