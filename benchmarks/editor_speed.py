@@ -133,11 +133,9 @@ def run_child(args) -> dict:
         overrides["mom2_n_tokens"] = args.tokens
     if args.steps is not None:
         overrides[{"alphaedit": "v_num_grad_steps"}.get(name, "n_iter")] = args.steps
-    import yaml
-
-    for setting in args.set:
+    for setting in args.set:  # a string, typed by the hparams' own coercion as a model arg is
         key, _, value = setting.partition("=")
-        overrides[key] = yaml.safe_load(value)
+        overrides[key] = value
     hparams = load_hparams(method.HyperParams, name, resolve_hparams_path(name, None, model.config), overrides)
     hparams = with_architecture(hparams, model)
     row: dict = {}
@@ -209,7 +207,7 @@ def run_side(stage: str, root: Path, cache_dir: str, args, result_file: Path) ->
 def largest_difference(reference: Path, other: Path) -> float | None:
     """The largest relative Frobenius difference ‖X − X_ref‖ / ‖X_ref‖ over the tensors (the
     moments of each layer; the edited weights, codebook or side memory); None when the two hold
-    different tensors."""
+    different tensors; 0.0 when neither side changed any tensor."""
     from safetensors.torch import load_file
 
     if not (reference.is_file() and other.is_file()):
@@ -217,8 +215,8 @@ def largest_difference(reference: Path, other: Path) -> float | None:
     ref, new = load_file(str(reference)), load_file(str(other))
     if set(ref) != set(new) or any(ref[k].shape != new[k].shape for k in ref):
         return None
-    largest = max(float((new[k].double() - ref[k].double()).norm() / ref[k].double().norm().clamp(min=1e-30))
-                  for k in ref)
+    largest = max((float((new[k].double() - ref[k].double()).norm() / ref[k].double().norm().clamp(min=1e-30))
+                   for k in ref), default=0.0)
     return float(f"{largest:.3g}")
 
 

@@ -139,6 +139,10 @@ def test_benchmark_reports_how_far_two_results_differ(tmp_path):
     # Different tensors (another codebook size) cannot be compared, nor a missing file.
     assert bench.largest_difference(tmp_path / "old.safetensors", tmp_path / "other.safetensors") is None
     assert bench.largest_difference(tmp_path / "old.safetensors", tmp_path / "missing.safetensors") is None
+    # Neither side changed a tensor (an edit that left the model as it was): no difference.
+    save_file({}, str(tmp_path / "empty_old.safetensors"))
+    save_file({}, str(tmp_path / "empty_new.safetensors"))
+    assert bench.largest_difference(tmp_path / "empty_old.safetensors", tmp_path / "empty_new.safetensors") == 0.0
 
 
 def test_editor_speed_rejects_a_set_without_a_value_in_one_line():
