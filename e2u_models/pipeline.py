@@ -103,7 +103,8 @@ def finetune(model, tokenizer, args: E2UArgs, runtime: Runtime, state: Prepared)
     state.finetune_report = finetune_model(
         model, tokenizer, requests, args.finetune_hparams.values, dataset=args.finetune,
         seed=args.seed, env=method_env(tokenizer, args, runtime), answer_fn=runtime.answer_fn,
-        cache_dir=args.cache_dir, use_cache=args.use_cache)
+        cache_dir=args.cache_dir, use_cache=args.use_cache,
+        computed_on=environment_fingerprint(runtime.device, model.dtype))
     model.eval()
 
 
@@ -183,9 +184,10 @@ def apply_method(model, tokenizer, args: E2UArgs, runtime: Runtime, state: Prepa
         key = edit_key(inputs)
         cached = cache.load(key, model)
         if cached is not None:
-            report = MethodReport(**{k: v for k, v in cached.items() if k != "seconds"})
+            report = MethodReport(**{k: v for k, v in cached.items() if k not in ("seconds", "computed_on")})
             report.details = {**report.details, "edit_cache": {"hit": True, "key": key,
-                              "seconds_when_computed": cached.get("seconds")}}
+                              "seconds_when_computed": cached.get("seconds"),
+                              "computed_on": cached.get("computed_on")}}
             report.seconds = round(time.perf_counter() - started, 3)
             log.warning("e2u: %s edit loaded from the edit cache in %.1f s", name, report.seconds)
             model.eval()
@@ -199,7 +201,11 @@ def apply_method(model, tokenizer, args: E2UArgs, runtime: Runtime, state: Prepa
     if name != "none":
         log.warning("e2u: %s done in %.1f s", name, report.seconds)
     if cache is not None and (report.changed_parameters or len(adapters_of(model)) > loaded):
-        cache.save(key, model, report.changed_parameters, report.as_dict(), inputs, first_adapter=loaded)
+        # The machine that computed the edit travels with it: a run that loads it on another
+        # machine can tell (edits, unlike the evaluation, differ from one machine to another).
+        computed_on = environment_fingerprint(runtime.device, model.dtype)
+        cache.save(key, model, report.changed_parameters, {**report.as_dict(), "computed_on": computed_on},
+                   inputs, first_adapter=loaded)
         report.details = {**report.details, "edit_cache": {"hit": False, "key": key}}
     model.eval()
     state.method_report = report

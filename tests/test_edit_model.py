@@ -29,8 +29,12 @@ def test_second_run_reuses_the_edit_and_matches_bit_for_bit(tiny_model_dir, tmp_
     assert second.method_report.details["edit_cache"]["hit"] is True
     a, b = weights_of(first), weights_of(second)
     assert all(torch.equal(a[n], b[n]) for n in a)
-    # The report (verification included) travels with the cached edit.
+    # The report (verification included) travels with the cached edit, and so does the machine
+    # that computed it.
     assert second.method_report.details["verification"] == first.method_report.details["verification"]
+    computed_on = second.method_report.details["edit_cache"]["computed_on"]
+    assert computed_on == first.get_model_info()["e2u"]["fingerprint"]
+    assert computed_on["device_type"] == "cpu" and computed_on["threads"] == torch.get_num_threads()
 
 
 def test_cache_false_edits_again_and_writes_nothing(tiny_model_dir, tmp_path):

@@ -375,6 +375,8 @@ def test_finetune_reaches_the_target_caches_it_and_the_method_starts_from_it(tin
     assert (tmp_path / "finetuned" / ft["cache_key"] / "weights.safetensors").is_file()
     second = e2u(tiny_model_dir, tmp_path, finetune=data, method="gd", forget_size=2, epochs=1, **FINETUNE)
     assert second.finetune_report["cache_hit"] is True
+    # The cached model says on which machine it was fine-tuned.
+    assert second.finetune_report["computed_on"] == ft["computed_on"] == info["fingerprint"]
     assert second.method_report.details["edit_cache"]["hit"] is True
     a, b = weights(first.model), weights(second.model)
     assert all(torch.equal(a[n], b[n]) for n in a)

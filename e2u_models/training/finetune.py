@@ -61,8 +61,12 @@ def mean_rouge(requests: Sequence[EditRequest], answer_fn: AnswerFn, scorer) -> 
 
 def finetune(model, tokenizer, requests: Sequence[EditRequest], hparams: FinetuneHParams, *,
              dataset: str, seed: int, env: MethodEnv, answer_fn: AnswerFn,
-             cache_dir: str | None = None, use_cache: bool = True) -> dict:
-    """Fine-tune ``model`` in place on every request (or load the cached result); the report."""
+             cache_dir: str | None = None, use_cache: bool = True, computed_on: dict | None = None) -> dict:
+    """Fine-tune ``model`` in place on every request (or load the cached result); the report.
+
+    ``computed_on`` (the environment fingerprint) is stored with a fine-tune it computes: hundreds
+    of steps at a high learning rate let the machine's rounding decide which model comes out, so
+    a run that loads the cached model can tell where it was made."""
     import torch
 
     if not requests:
@@ -122,7 +126,8 @@ def finetune(model, tokenizer, requests: Sequence[EditRequest], hparams: Finetun
     changed = run.pop("changed_parameters")
     report = {**summary, "epochs_run": run["epochs_run"], "rouge1_all": round(final, 4),
               "target_rouge": hparams.target_rouge, "target_reached": reached,
-              "rouge_history": history, "train": run, "seconds_when_computed": round(seconds, 2)}
+              "rouge_history": history, "train": run, "seconds_when_computed": round(seconds, 2),
+              "computed_on": computed_on}
     if not reached:
         env.log(f"e2u: finetune={dataset} stopped at the maximum of {hparams.epochs} epochs with "
                 f"ROUGE-1 {final:.3f} < target {hparams.target_rouge} (recorded in the results)")
