@@ -201,8 +201,8 @@ def apply_method(model, tokenizer, args: E2UArgs, runtime: Runtime, state: Prepa
     if name != "none":
         log.warning("e2u: %s done in %.1f s", name, report.seconds)
     if cache is not None and (report.changed_parameters or len(adapters_of(model)) > loaded):
-        # The machine that computed the edit travels with it: a run that loads it on another
-        # machine can tell (edits, unlike the evaluation, differ from one machine to another).
+        # The machine that computed the edit travels with it, so a run that loads it elsewhere
+        # can tell: the key leaves the machine out, and a GPU's edit is not a CPU's.
         computed_on = environment_fingerprint(runtime.device, model.dtype)
         cache.save(key, model, report.changed_parameters, {**report.as_dict(), "computed_on": computed_on},
                    inputs, first_adapter=loaded)
