@@ -282,8 +282,12 @@ def main() -> None:
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(old_root)], cwd=new_root, capture_output=True)
         shutil.rmtree(scratch, ignore_errors=True)
+    from e2u_models.provenance import cpu_name
+
+    # The seconds are this machine's: the rows say which one, as command_speed.py's do.
     settings = {"old_rev": old_sha[:12], "forget_size": args.forget_size, "tokens": args.tokens,
-                "steps": args.steps, "set": " ".join(args.set) or None, "pretrained": args.pretrained}
+                "steps": args.steps, "set": " ".join(args.set) or None, "pretrained": args.pretrained,
+                "cpu": cpu_name(), "cpus": os.cpu_count()}
     columns = list(dict.fromkeys(k for row in rows for k in row))
     print("\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for row in rows:
