@@ -48,12 +48,18 @@ def repeated_cache(cache, batch: int):
 
 
 def gather_cache_positions(cache, columns: torch.Tensor) -> None:
-    """Keep, per row, the cache positions ``columns[row]`` (``[rows, new length]``), in that order."""
+    """Keep, per row, the cache positions ``columns[row]`` (``[rows, new length]``), in that order;
+    a layer that counts the tokens it has seen (sliding windows) counts the positions it keeps."""
     def gathered(states: torch.Tensor) -> torch.Tensor:
         return states.gather(2, columns[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[-1]))
 
     for layer in cache.layers:
         layer.keys, layer.values = gathered(layer.keys), gathered(layer.values)
+        seen = getattr(layer, "cumulative_length", None)  # a sliding-window layer sizes its masks by it
+        if isinstance(seen, torch.Tensor):
+            seen.fill_(layer.keys.shape[2])
+        elif seen is not None:
+            layer.cumulative_length = layer.keys.shape[2]
 
 
 def select_cache_rows(cache, index: torch.Tensor) -> None:

@@ -220,3 +220,27 @@ def test_decoding_into_reserved_cache_room_changes_no_bit(tiny_lm, monkeypatch, 
     plain = decode()
     assert roomy[0] == plain[0] and [len(t) for t in roomy[0]] == [3, 9, 6]
     assert len(roomy[1]) == 9 and all(torch.equal(a, b) for a, b in zip(roomy[1], plain[1]))
+
+
+def test_greedy_decoding_of_a_sliding_window_family_equals_the_full_forward(tokenizer):
+    """Mistral's cache layers size their attention masks by the tokens they have seen; the
+    runner's rearranged cache (prompts alone, realigned) must say how many it holds, or the
+    first decoding step's mask is one position off (and the forward fails)."""
+    from e2u_models.shared_prefix import SharedPrefixRunner
+    from tests.families import build_family_model
+
+    model = build_family_model("mistral", tokenizer)
+    assert model.config.sliding_window  # the layer kind this test is about
+    prefix = tokenizer("The story so far:", add_special_tokens=False)["input_ids"]
+    rows = [prefix + tokenizer(text, add_special_tokens=False)["input_ids"]
+            for text in (" who wrote it?", " what is the capital of Italy, and when was it founded?")]
+    runner = SharedPrefixRunner(model, prefix, tokenizer.pad_token_id, "cpu")
+    scored = runner.score_answers([r[len(prefix):] for r in rows], [[5, 6, 7, 8], [9, 10, 11]])
+    tokens = runner.greedy(scored.first_logits(), scored.cache, scored.mask, 4,
+                           lambda row, toks: len(toks) >= 4)
+    for row, generated in zip(rows, tokens):
+        ids = list(row)
+        with torch.no_grad():
+            for _ in range(4):
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        assert generated == ids[len(row):]
