@@ -55,10 +55,7 @@ def gather_cache_positions(cache, columns: torch.Tensor) -> None:
 
     for layer in cache.layers:
         layer.keys, layer.values = gathered(layer.keys), gathered(layer.values)
-        seen = getattr(layer, "cumulative_length", None)  # a sliding-window layer sizes its masks by it
-        if isinstance(seen, torch.Tensor):
-            seen.fill_(layer.keys.shape[2])
-        elif seen is not None:
+        if hasattr(layer, "cumulative_length"):  # a sliding-window layer sizes its masks by it
             layer.cumulative_length = layer.keys.shape[2]
 
 
