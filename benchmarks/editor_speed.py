@@ -23,6 +23,7 @@ seconds.
     python benchmarks/editor_speed.py --old-rev <sha> --forget-size 4 --tokens 4000 --steps 3   # quick
     python benchmarks/editor_speed.py --old-rev <sha> --json benchmarks/results/editor_speed.json
     python benchmarks/editor_speed.py --old-rev <sha> --stages alphaedit --steps 30 --set L2=50   # same edit
+    python benchmarks/editor_speed.py --old-rev <sha> --stages grace --repeats 3   # medians of 3 runs a side
 
 ``--steps`` and ``--set KEY=VALUE`` apply to both sides, so two revisions whose presets differ
 time the same edit (then ``identical`` compares like with like).
@@ -38,6 +39,7 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,6 +63,10 @@ def options() -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="an hparam of the stage's method on both sides (repeatable), e.g. --set L2=50 "
                              "when the two revisions' presets differ and the same edit is to be timed")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of each side per stage, alternating old and new; the row gives the "
+                             "median seconds and median peak RSS, and every run's (peak RSS moves by "
+                             "about 0.1 GiB between runs of the same code)")
     parser.add_argument("--json", default=None, help="write the rows to this file")
     # Internal: one stage of one side.
     parser.add_argument("--child", choices=STAGES, help=argparse.SUPPRESS)
@@ -204,6 +210,18 @@ def run_side(stage: str, root: Path, cache_dir: str, args, result_file: Path) ->
     return row
 
 
+def median_run(runs: list[dict]) -> dict:
+    """One side's row over its repeats: the last run's figures with the median seconds and
+    median peak RSS, and with several runs every run's seconds and peak RSS."""
+    row = dict(runs[-1])
+    row["seconds"] = round(statistics.median(r["seconds"] for r in runs), 2)
+    row["peak_rss_gib"] = round(statistics.median(r["peak_rss_gib"] for r in runs), 2)
+    if len(runs) > 1:
+        row["runs_s"] = [r["seconds"] for r in runs]
+        row["runs_rss_gib"] = [r["peak_rss_gib"] for r in runs]
+    return row
+
+
 def largest_difference(reference: Path, other: Path) -> float | None:
     """The largest relative Frobenius difference ‖X − X_ref‖ / ‖X_ref‖ over the tensors (the
     moments of each layer; the edited weights, codebook or side memory); None when the two hold
@@ -227,7 +245,8 @@ def compare(stage: str, old: dict, new: dict) -> dict:
            "ratio": round(old["seconds"] / max(new["seconds"], 1e-9), 2),
            "old_rss_gib": old["peak_rss_gib"], "new_rss_gib": new["peak_rss_gib"],
            "identical": old["sha256"] == new["sha256"]}
-    for key in ("tokens_per_s", "forward_tokens_per_s", "max_rel_diff", "nll_after", "unreached", "value_training"):
+    for key in ("tokens_per_s", "forward_tokens_per_s", "max_rel_diff", "nll_after", "unreached", "value_training",
+                "runs_s", "runs_rss_gib"):
         for side, result in (("old", old), ("new", new)):
             if key in result:
                 row[f"{side}_{key}"] = result[key]
@@ -241,6 +260,8 @@ def main() -> None:
         return
     if not args.old_rev:
         raise SystemExit("editor_speed: give --old-rev <git revision> (the previous implementation)")
+    if args.repeats < 1:
+        raise SystemExit(f"editor_speed: --repeats takes a count >= 1, got {args.repeats}")
     malformed = [s for s in args.set if "=" not in s or not s.partition("=")[0]]
     if malformed:
         raise SystemExit(f"editor_speed: --set takes KEY=VALUE (an hparam and its value), got {malformed[0]!r}")
@@ -260,15 +281,17 @@ def main() -> None:
     rows = []
     try:
         for stage in stages:
-            results = {}
-            for side, root in (("old", old_root), ("new", new_root)):
-                if stage == "stats":  # an empty cache: cold
-                    cache = scratch / f"cache-{side}"
-                    shutil.rmtree(cache, ignore_errors=True)
-                else:  # both editors read the same statistics (the old side's, filled on first use)
-                    cache = scratch / "cache-old"
-                results[side] = run_side(stage, root, str(cache), args, scratch / f"{stage}-{side}.safetensors")
-                print(f"{stage} {side}: {json.dumps(results[side])}", file=sys.stderr, flush=True)
+            runs = {"old": [], "new": []}
+            for _ in range(args.repeats):
+                for side, root in (("old", old_root), ("new", new_root)):
+                    if stage == "stats":  # an empty cache: cold
+                        cache = scratch / f"cache-{side}"
+                        shutil.rmtree(cache, ignore_errors=True)
+                    else:  # both editors read the same statistics (the old side's, filled on first use)
+                        cache = scratch / "cache-old"
+                    runs[side].append(run_side(stage, root, str(cache), args, scratch / f"{stage}-{side}.safetensors"))
+                    print(f"{stage} {side}: {json.dumps(runs[side][-1])}", file=sys.stderr, flush=True)
+            results = {side: median_run(side_runs) for side, side_runs in runs.items()}
             for side in results:
                 reference, other = ((scratch / "cache-old.moments.safetensors", scratch / f"cache-{side}.moments.safetensors")
                                     if stage == "stats" else
@@ -286,7 +309,8 @@ def main() -> None:
 
     # The seconds are this machine's: the rows say which one, as command_speed.py's do.
     settings = {"old_rev": old_sha[:12], "forget_size": args.forget_size, "tokens": args.tokens,
-                "steps": args.steps, "set": " ".join(args.set) or None, "pretrained": args.pretrained,
+                "steps": args.steps, "set": " ".join(args.set) or None, "repeats": args.repeats,
+                "pretrained": args.pretrained,
                 "cpu": cpu_name(), "cpus": os.cpu_count()}
     columns = list(dict.fromkeys(k for row in rows for k in row))
     print("\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from contextlib import contextmanager
 from functools import lru_cache
 
 import torch
@@ -109,6 +110,32 @@ def _roomy_dynamic_layer() -> type:
             self._expose()
 
     return RoomyDynamicLayer
+
+
+@contextmanager
+def cache_kept_from(model, first: int):
+    """Within: a forward's key/value cache keeps the layers from ``first`` on; a lower layer's
+    keys/values are dropped as soon as the layer has run (nothing after it reads them), so a pass
+    that fills the upper layers' cache never holds the whole model's. The outputs are the same."""
+    family = family_of(model.config)
+    layers = list(dict(model.named_modules())[family.layer_container])[:first]
+
+    def drop(index: int):
+        def hook(module, args, kwargs, output):
+            cache = kwargs.get(cache_keyword(module))
+            if cache is not None and index < len(cache.layers):
+                stored = cache.layers[index]
+                stored.keys = stored.keys.new_empty((*stored.keys.shape[:2], 0, stored.keys.shape[-1]))
+                stored.values = stored.values.new_empty((*stored.values.shape[:2], 0, stored.values.shape[-1]))
+
+        return hook
+
+    handles = [layer.register_forward_hook(drop(index), with_kwargs=True) for index, layer in enumerate(layers)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def prefix_kv(cache, layers: range, length: int) -> KV:

@@ -85,7 +85,10 @@ def trace(model, inputs: Mapping | None = None, outputs: Mapping | None = None):
 
 
 def forward_until_stopped(forward: Callable, **kwargs) -> None:
-    """``forward(**kwargs)``, ended early without error when a hook raises :class:`StopForward`."""
+    """``forward(**kwargs)``, ended early without error when a hook raises :class:`StopForward`.
+    No key/value cache unless asked for: nothing reads it, and a model whose config enables it
+    would copy every layer's keys and values into it (the same outputs either way)."""
+    kwargs.setdefault("use_cache", False)
     try:
         forward(**kwargs)
     except StopForward:

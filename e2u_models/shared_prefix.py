@@ -83,7 +83,7 @@ class SharedPrefixRunner:
 
     @torch.no_grad()
     def score_answers(self, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
-                      hidden_states: bool = False) -> ScoredBatch:
+                      hidden_states: bool = False, for_decoding: bool = True) -> ScoredBatch:
         """One forward over ``prompt + answer`` for every row.
 
         Layout ``[prefix | pad | prompt | answer]``: each row right-aligned by its whole length
@@ -91,7 +91,9 @@ class SharedPrefixRunner:
         result holds the logits predicting each answer token (the first one also starts greedy
         decoding), the cache and mask rearranged to ``[prefix | pad | prompt]`` (prompts
         end-aligned, answers dropped) ready for :meth:`greedy`, and with ``hidden_states`` the
-        same forward's hidden states after every layer.
+        same forward's hidden states after every layer. ``for_decoding=False`` (scoring only)
+        skips that rearrangement, a second copy of the whole cache: ``cache`` and ``mask`` are
+        then None.
         """
         answer_lengths = [len(a) for a in answers]
         lengths = [len(p) + len(a) - 1 for p, a in zip(prompts, answers)]
@@ -108,10 +110,13 @@ class SharedPrefixRunner:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                          use_cache=True, logits_to_keep=longest,
                          **{self._cache_arg: self._cache_for(rows)}, **extra)
+        prompt_ends = torch.tensor([total - n for n in answer_lengths], device=self.device)
+        hidden = out.hidden_states if hidden_states else None
+        if not for_decoding:
+            return ScoredBatch(out.logits, answer_lengths, None, None, hidden, prompt_ends)
         cache, width = cache_of(out), max(len(p) for p in prompts)
         # Decoding continues after each prompt: gather every row's prompt keys/values into the
         # end-aligned layout [prefix | pad | prompt]; the pad columns stay masked.
-        prompt_ends = torch.tensor([total - n for n in answer_lengths], device=self.device)
         columns = torch.arange(width, device=self.device) - width + 1
         source = (prompt_ends[:, None] + columns).clamp(min=0) + self.prefix_length
         prefix_columns = torch.arange(self.prefix_length, device=self.device).expand(rows, -1)
@@ -119,8 +124,7 @@ class SharedPrefixRunner:
         prompt_lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         decode_mask = torch.cat([mask[:, : self.prefix_length],
                                  (columns[None] > -prompt_lengths[:, None]).long()], dim=1)
-        return ScoredBatch(out.logits, answer_lengths, cache, decode_mask,
-                           out.hidden_states if hidden_states else None, prompt_ends)
+        return ScoredBatch(out.logits, answer_lengths, cache, decode_mask, hidden, prompt_ends)
 
     @torch.no_grad()
     def greedy(self, first_logits: torch.Tensor, cache, mask: torch.Tensor, max_new_tokens: int,

@@ -116,6 +116,10 @@ def test_shared_prefix_scores_match_unshared_ones(tiny_lm):
     for row, answer in enumerate(answers):
         assert a.answer_logits(row).shape[0] == len(answer)
         assert torch.allclose(a.answer_logits(row), b.answer_logits(row), atol=1e-4)
+    # Scoring only (the editors' target check) keeps the same logits and builds no decoding state.
+    scored_only = shared.score_answers([r[prefix:] for r in rows], answers, for_decoding=False)
+    assert scored_only.cache is None and scored_only.mask is None
+    assert torch.equal(scored_only.logits, a.logits)
 
 
 def test_rows_that_finish_early_leave_the_batch_without_changing_the_others(tiny_lm):

@@ -376,6 +376,21 @@ def test_alphaedit_state_does_not_leak_between_runs(tokenizer, env, tmp_path):
     assert torch.equal(weights[0], weights[1])
 
 
+def test_alphaedit_reads_edited_keys_only_for_a_later_batch(tokenizer, env, tmp_path, monkeypatch):
+    """The keys of an edited batch protect the batches after it; the last batch's are not read."""
+    env = dataclasses.replace(env, cache_dir=str(tmp_path))
+    batches = []
+    monkeypatch.setattr(alphaedit.AlphaEditor, "remember", lambda self, batch: batches.append(len(batch)))
+    requests = make_requests(env)
+    hp = hparams("alphaedit", nullspace_threshold=10.0, nullspace_rule="relative", edit_batch_size=2)
+    alphaedit.apply(fresh_model(tokenizer), tokenizer, requests, None, hp, seed=0, env=env)
+    assert batches == [2] * ((len(requests) + 1) // 2 - 1)
+    batches.clear()
+    hp = hparams("alphaedit", nullspace_threshold=10.0, nullspace_rule="relative")
+    alphaedit.apply(fresh_model(tokenizer), tokenizer, requests, None, hp, seed=0, env=env)
+    assert batches == []
+
+
 def test_layer_out_of_range_is_reported_with_the_accepted_range(tokenizer):
     hp = load_hparams(memit.HyperParams, "memit", None, {"layers": [3, 40]})
     with pytest.raises(E2UError, match=r"layers=\[3, 40\] is out of range .*30 layers: accepted 0..29"):

@@ -102,6 +102,32 @@ def test_wise_module_inputs_equal_the_full_forward_capture(tiny):
         model(input_ids=ids, attention_mask=mask)
     handle.remove()
     assert torch.equal(module_inputs(model, tokenizer, rows, module), captured["x"][mask.bool()].float())
+    # A few rows per forward (GRACE's check, to hold less memory): the same rows in the same order.
+    chunked = module_inputs(model, tokenizer, rows, module, batch_size=2)
+    assert chunked.shape == captured["x"][mask.bool()].shape
+    assert torch.allclose(chunked, captured["x"][mask.bool()].float(), atol=1e-5)
+
+
+def test_a_pass_keeping_the_upper_cache_only_gives_the_same_outputs_and_upper_cache(tiny):
+    """v*'s prefix pass keeps the cache of the layers above the edit only (less memory); every
+    output and every kept key/value is bit-identical to the whole cache's."""
+    from e2u_models.layers import cache_kept_from, cache_of
+
+    model, tokenizer = tiny
+    rows = [tokenizer(t)["input_ids"] for t in TRAINING_TEXT[:4]]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    with torch.no_grad():
+        whole = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        with cache_kept_from(model, 1):
+            upper = model(input_ids=ids, attention_mask=mask, use_cache=True)
+    assert torch.equal(whole.logits, upper.logits)
+    kept, full = cache_of(upper).layers, cache_of(whole).layers
+    assert kept[0].keys.shape[2] == 0 and kept[0].values.shape[2] == 0
+    for index in range(1, len(full)):
+        assert torch.equal(kept[index].keys, full[index].keys)
+        assert torch.equal(kept[index].values, full[index].values)
 
 
 def load_benchmark():
@@ -125,6 +151,16 @@ def test_benchmark_rows_compare_both_sides_and_render_on_the_performance_page(tm
     block = docs.benchmarks_block(tmp_path)
     assert "| stage | old_s | new_s | ratio |" in block and "| wise | 300.0 | 100.0 | 3.0 |" in block
     assert "editor_speed.py" in block  # the block says how to produce the file
+
+
+def test_repeated_runs_give_the_median_seconds_and_peak_rss_and_keep_every_run():
+    bench = load_benchmark()
+    runs = [{"seconds": s, "peak_rss_gib": r, "sha256": "a"} for s, r in ((30.0, 1.8), (28.0, 1.6), (35.0, 1.7))]
+    side = bench.median_run(runs)
+    assert side["seconds"] == 30.0 and side["peak_rss_gib"] == 1.7
+    assert side["runs_s"] == [30.0, 28.0, 35.0] and side["runs_rss_gib"] == [1.8, 1.6, 1.7]
+    row = bench.compare("grace", side, bench.median_run(runs[:1]))
+    assert row["old_runs_s"] == [30.0, 28.0, 35.0] and "new_runs_s" not in row  # one run: no list
 
 
 def test_benchmark_reports_how_far_two_results_differ(tmp_path):

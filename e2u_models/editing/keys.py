@@ -68,18 +68,23 @@ def mean_key_per_request(model, tokenizer, prepared: Sequence[PreparedRequest], 
 
 
 @torch.no_grad()
-def module_inputs(model, tokenizer, texts_ids: list[list[int]], module_name: str) -> torch.Tensor:
+def module_inputs(model, tokenizer, texts_ids: list[list[int]], module_name: str,
+                  batch_size: int | None = None) -> torch.Tensor:
     """The module's input at every real token of the given sequences: (tokens, d_in) float32.
-    The forward stops at the module: nothing above it is needed."""
+    The forward stops at the module: nothing above it is needed. ``batch_size`` sequences at a
+    time (None: all in one forward, whose float rounding WISE's training inputs were made with)."""
     module = module_named(model, module_name, 0, "inner_module_tmp")
     device = next(model.parameters()).device
-    ids, mask = pad_right(texts_ids, pad_id_of(tokenizer), device)
-    captured = {}
+    step = batch_size or max(len(texts_ids), 1)
+    captured: list[torch.Tensor] = []
 
     def take(x):
-        captured["x"] = x
+        captured.append(x)
         raise StopForward
 
     with trace(model, inputs={module: take}):
-        forward_until_stopped(model, input_ids=ids, attention_mask=mask)
-    return captured["x"][mask.bool()].float()
+        for start in range(0, len(texts_ids), step):
+            ids, mask = pad_right(texts_ids[start: start + step], pad_id_of(tokenizer), device)
+            forward_until_stopped(model, input_ids=ids, attention_mask=mask)
+            captured[-1] = captured[-1][mask.bool()].float()
+    return torch.cat(captured)

@@ -13,7 +13,7 @@ from e2u_tasks.errors import E2UError
 
 
 @torch.no_grad()
-def target_nll(model, tokenizer, prepared: Sequence[PreparedRequest], batch_size: int = 16) -> list[float]:
+def target_nll(model, tokenizer, prepared: Sequence[PreparedRequest], batch_size: int = 8) -> list[float]:
     """Mean per-token NLL of each request's target after its bare prompt (the edit's check);
     the prompts' common prefix (the chat template) is computed once."""
     if not prepared:
@@ -27,7 +27,7 @@ def target_nll(model, tokenizer, prepared: Sequence[PreparedRequest], batch_size
     for start in range(0, len(rows), batch_size):
         chunk = rows[start: start + batch_size]
         scored = runner.score_answers([p[prefix:] for p in prompts[start: start + batch_size]],
-                                      [row.labels for row in chunk])
+                                      [row.labels for row in chunk], for_decoding=False)
         for b, row in enumerate(chunk):
             labels = torch.tensor(row.labels, device=device)
             result.append(float(torch.nn.functional.cross_entropy(scored.answer_logits(b).float(), labels)))

@@ -37,7 +37,7 @@ from e2u_models.architectures import direct_layers_fallback, injection_module
 from e2u_models.editing.keys import read_at_keys
 from e2u_models.editing.locate import module_named
 from e2u_models.editing.requests import EditRow, PreparedRequest
-from e2u_models.layers import FixedPrefixKV, LayerRunner, additive_mask, cache_of, prefix_kv
+from e2u_models.layers import FixedPrefixKV, LayerRunner, additive_mask, cache_kept_from, cache_of, prefix_kv
 from e2u_models.nethook import pad_id_of, pad_right, trace
 from e2u_models.snapshot import frozen
 from e2u_tasks.errors import E2UError
@@ -148,7 +148,7 @@ class UpperStack:
                    lambda h: captured.__setitem__("h", h[:, prefix:].detach())}
         inputs = {} if capture_input is None else {
             module_named(model, capture_input, layer, "inner_module_tmp"): lambda x: captured.__setitem__("x", x.detach())}
-        with trace(model, inputs, outputs), torch.no_grad():
+        with trace(model, inputs, outputs), cache_kept_from(model, layer + 1), torch.no_grad():
             out = self.runner.base(input_ids=ids, attention_mask=self.layout_mask, position_ids=positions,
                                    use_cache=True)
         self.captured_input = captured.get("x")
@@ -232,7 +232,8 @@ class HookedStack:
             captured = {}
             module = module_named(model, capture_input, layer, "inner_module_tmp")
             with trace(model, inputs={module: lambda x: captured.__setitem__("x", x.detach())}), torch.no_grad():
-                model(input_ids=self.ids, attention_mask=self.layout_mask, position_ids=self.layout_positions)
+                model(input_ids=self.ids, attention_mask=self.layout_mask, position_ids=self.layout_positions,
+                      use_cache=False)
             self.captured_input = captured["x"]
         self._rows: torch.Tensor | None = None
 
@@ -254,7 +255,7 @@ class HookedStack:
             if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
         with trace(self.model, outputs={self.inject_at: add}):
             out = self.model(input_ids=self.ids[rows], attention_mask=self.layout_mask[rows],
-                             position_ids=self.layout_positions[rows], **keep)
+                             position_ids=self.layout_positions[rows], use_cache=False, **keep)
         return out.logits[:, -self.suffix:]
 
     def logprobs(self, logits: torch.Tensor) -> torch.Tensor:
@@ -539,12 +540,12 @@ def _classic_request(run: VStarRun, number: int, request: PreparedRequest, layer
         kl_init = None
         if settings.kl_factor > 0:
             with torch.no_grad():
-                logits = model(input_ids=ids, attention_mask=mask).logits
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             kl_init = F.log_softmax(logits[-1, rows[-1].key].float(), dim=-1)[None]
 
         def compute(active):
             current["delta"] = single[0]
-            logprobs = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+            logprobs = F.log_softmax(model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float(), dim=-1)
             per_row = []
             for b, row in enumerate(rows):
                 if not row.labels:

@@ -193,7 +193,8 @@ def why_not_batched(model, tokenizer, prepared, codebook: Codebook, entries: lis
     if "expanded" in events:
         return "an entry is shared by several requests (its value trains on top of the earlier one)"
     rows = [request.nll_rows(number)[0].ids for number, request in enumerate(prepared)]
-    per_row = torch.split(module_inputs(model, tokenizer, rows, module_name), [len(r) for r in rows])
+    # A few rows per forward: the decision has a margin for the float noise of the batching.
+    per_row = torch.split(module_inputs(model, tokenizer, rows, module_name, batch_size=8), [len(r) for r in rows])
     for number, inputs in enumerate(per_row):
         size, radii = history[number]
         if (reached_by_others(inputs, codebook.keys[:size], radii, entries[number])

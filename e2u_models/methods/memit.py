@@ -82,7 +82,7 @@ def edit_batches(model, tokenizer, prepared: Sequence[PreparedRequest], hparams,
             weight = weights[layer]
             with torch.no_grad():
                 weight.add_(update.to(weight.device, weight.dtype))
-        if after_batch is not None:
+        if after_batch is not None and start + size < len(prepared):  # only later batches read it
             after_batch(batch)
     return {"seconds": round(v_seconds, 2), "mode": "/".join(sorted(modes)) or hparams.v_mode,
             "final_losses": [round(x, 4) for x in losses]}
