@@ -123,7 +123,7 @@ def cache_kept_from(model, first: int):
     def drop(index: int):
         def hook(module, args, kwargs, output):
             cache = kwargs.get(cache_keyword(module))
-            if cache is not None and index < len(cache.layers):
+            if index < len(getattr(cache, "layers", ())):  # a cache object with per-layer entries
                 stored = cache.layers[index]
                 stored.keys = stored.keys.new_empty((*stored.keys.shape[:2], 0, stored.keys.shape[-1]))
                 stored.values = stored.values.new_empty((*stored.values.shape[:2], 0, stored.values.shape[-1]))
