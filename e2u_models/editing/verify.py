@@ -13,7 +13,7 @@ from e2u_tasks.errors import E2UError
 
 
 @torch.no_grad()
-def target_nll(model, tokenizer, prepared: Sequence[PreparedRequest], batch_size: int = 8) -> list[float]:
+def target_nll(model, tokenizer, prepared: Sequence[PreparedRequest], batch_size: int = 16) -> list[float]:
     """Mean per-token NLL of each request's target after its bare prompt (the edit's check);
     the prompts' common prefix (the chat template) is computed once."""
     if not prepared:
