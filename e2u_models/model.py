@@ -317,6 +317,9 @@ class E2ULM(HFLM):
                 results[i] = {"generation": text, "tokens": answers[row], "logprobs": logprobs, "ranks": ranks}
                 if lens_rank is not None:
                     results[i].update(lens_rank=lens_rank[row], lens_layer=lens_layer[row])
+            # The decoding cache (still holding the rows that ran to the token cap) and the first
+            # logits are not held through the next batch's forward.
+            del scored, first_logits, generated
             progress.update(len(chunk))
         return results
 

@@ -174,6 +174,7 @@ def continue_greedily(model, encoded: Sequence[Sequence[int]], pad_id: int, max_
         scored = runner.score_answers(chunk, [[pad_id]] * len(chunk))
         generated += runner.greedy(scored.first_logits(), scored.cache, scored.mask, max_new_tokens,
                                    is_done, pick)
+        del scored  # its grown cache is not held through the next batch's forward
     return generated
 
 

@@ -31,6 +31,7 @@ def target_nll(model, tokenizer, prepared: Sequence[PreparedRequest], batch_size
         for b, row in enumerate(chunk):
             labels = torch.tensor(row.labels, device=device)
             result.append(float(torch.nn.functional.cross_entropy(scored.answer_logits(b).float(), labels)))
+        del scored  # this batch's logits and cache are not held through the next batch's forward
     return result
 
 

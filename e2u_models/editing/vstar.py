@@ -37,6 +37,7 @@ from e2u_models.architectures import direct_layers_fallback, injection_module
 from e2u_models.editing.keys import read_at_keys
 from e2u_models.editing.locate import module_named
 from e2u_models.editing.requests import EditRow, PreparedRequest
+from e2u_models.heap import return_freed_memory
 from e2u_models.layers import FixedPrefixKV, LayerRunner, additive_mask, cache_kept_from, cache_of, prefix_kv
 from e2u_models.nethook import pad_id_of, pad_right, trace
 from e2u_models.snapshot import frozen
@@ -334,6 +335,7 @@ def optimise_targets(model, tokenizer, prepared: Sequence[PreparedRequest], sett
         result.mode = settings.mode
     with frozen(model):
         (_fast if settings.mode == "fast" else _classic)(run)
+    return_freed_memory()  # the steps' graphs are gone; the target check that follows starts lean
     result.deltas = deltas.detach()
     result.seconds = time.perf_counter() - started
     return result

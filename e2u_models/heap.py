@@ -1,0 +1,35 @@
+"""Giving freed heap memory back to the system between the phases of an edit.
+
+PyTorch's CPU tensors live in the C library's heap. After a training loop over many rows frees
+its graphs, glibc keeps most of those pages as free heap rather than returning them, and the
+allocations of the next phase (the check of the edit's targets) land beside them instead of in
+them: the process's resident memory peaks at both together. ``malloc_trim`` hands the free pages
+back, so the next phase starts from the live memory alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import gc
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None where the C library has none (macOS, Windows, musl)."""
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except OSError:
+        return None
+
+
+def return_freed_memory() -> bool:
+    """Collect unreachable Python objects (tensors held by reference cycles), then return the
+    heap's free pages to the system. True when the C library could do so; elsewhere nothing is
+    returned and the caller's results are the same either way."""
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
