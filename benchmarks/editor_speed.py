@@ -24,9 +24,12 @@ seconds.
     python benchmarks/editor_speed.py --old-rev <sha> --json benchmarks/results/editor_speed.json
     python benchmarks/editor_speed.py --old-rev <sha> --stages alphaedit --steps 30 --set L2=50   # same edit
     python benchmarks/editor_speed.py --old-rev <sha> --stages grace --repeats 3   # medians of 3 runs a side
+    python benchmarks/editor_speed.py --old-rev <sha> --stages alphaedit --old-set v_loss_threshold=0.05   # new preset vs old
 
 ``--steps`` and ``--set KEY=VALUE`` apply to both sides, so two revisions whose presets differ
-time the same edit (then ``identical`` compares like with like).
+time the same edit (then ``identical`` compares like with like); ``--old-set KEY=VALUE`` applies
+to the old side only, so a changed preset is timed against the previous one on the previous code
+(then the two edits differ, and ``nll_after``/``unreached`` say how).
 
 ``--stage-args`` of a child (internal) are the same options; run the children with
 ``nice``/``OMP_NUM_THREADS`` as the parent was run.
@@ -63,6 +66,10 @@ def options() -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="an hparam of the stage's method on both sides (repeatable), e.g. --set L2=50 "
                              "when the two revisions' presets differ and the same edit is to be timed")
+    parser.add_argument("--old-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an hparam of the old side only, applied after --set (repeatable): the "
+                             "previous preset on the old code against this tree's preset, e.g. "
+                             "--old-set v_loss_threshold=0.05 when a preset changed")
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs of each side per stage, alternating old and new; the row gives the "
                              "median seconds and median peak RSS, and every run's (peak RSS moves by "
@@ -187,7 +194,9 @@ def run_child(args) -> dict:
 # --------------------------------------------------------------------------- both sides (parent)
 
 
-def run_side(stage: str, root: Path, cache_dir: str, args, result_file: Path) -> dict:
+def child_command(stage: str, side: str, root: Path, cache_dir: str, args, result_file: Path) -> list[str]:
+    """The subprocess of one stage of one side: the shared options, and on the old side its own
+    ``--old-set`` hparams after the shared ``--set`` ones (a later setting wins)."""
     command = [sys.executable, str(HERE), "--child", stage, "--root", str(root), "--cache-dir", cache_dir,
                "--pretrained", args.pretrained, "--forget-size", str(args.forget_size),
                "--result-file", str(result_file)]
@@ -195,8 +204,13 @@ def run_side(stage: str, root: Path, cache_dir: str, args, result_file: Path) ->
         command += ["--tokens", str(args.tokens)]
     if args.steps is not None:
         command += ["--steps", str(args.steps)]
-    for setting in args.set:
+    for setting in args.set + (args.old_set if side == "old" else []):
         command += ["--set", setting]
+    return command
+
+
+def run_side(stage: str, side: str, root: Path, cache_dir: str, args, result_file: Path) -> dict:
+    command = child_command(stage, side, root, cache_dir, args, result_file)
     with tempfile.TemporaryFile("w+") as out:
         process = subprocess.Popen(command, stdout=out, env={**os.environ, "PYTHONPATH": str(root)})
         _, status, usage = os.wait4(process.pid, 0)
@@ -262,9 +276,10 @@ def main() -> None:
         raise SystemExit("editor_speed: give --old-rev <git revision> (the previous implementation)")
     if args.repeats < 1:
         raise SystemExit(f"editor_speed: --repeats takes a count >= 1, got {args.repeats}")
-    malformed = [s for s in args.set if "=" not in s or not s.partition("=")[0]]
+    malformed = [s for s in args.set + args.old_set if "=" not in s or not s.partition("=")[0]]
     if malformed:
-        raise SystemExit(f"editor_speed: --set takes KEY=VALUE (an hparam and its value), got {malformed[0]!r}")
+        raise SystemExit(f"editor_speed: --set and --old-set take KEY=VALUE (an hparam and its value), "
+                         f"got {malformed[0]!r}")
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
@@ -289,7 +304,8 @@ def main() -> None:
                         shutil.rmtree(cache, ignore_errors=True)
                     else:  # both editors read the same statistics (the old side's, filled on first use)
                         cache = scratch / "cache-old"
-                    runs[side].append(run_side(stage, root, str(cache), args, scratch / f"{stage}-{side}.safetensors"))
+                    runs[side].append(run_side(stage, side, root, str(cache), args,
+                                               scratch / f"{stage}-{side}.safetensors"))
                     print(f"{stage} {side}: {json.dumps(runs[side][-1])}", file=sys.stderr, flush=True)
             results = {side: median_run(side_runs) for side, side_runs in runs.items()}
             for side in results:
@@ -309,7 +325,8 @@ def main() -> None:
 
     # The seconds are this machine's: the rows say which one, as command_speed.py's do.
     settings = {"old_rev": old_sha[:12], "forget_size": args.forget_size, "tokens": args.tokens,
-                "steps": args.steps, "set": " ".join(args.set) or None, "repeats": args.repeats,
+                "steps": args.steps, "set": " ".join(args.set) or None,
+                "old_set": " ".join(args.old_set) or None, "repeats": args.repeats,
                 "pretrained": args.pretrained,
                 "cpu": cpu_name(), "cpus": os.cpu_count()}
     columns = list(dict.fromkeys(k for row in rows for k in row))

@@ -19,7 +19,7 @@ def _malloc_trim():
     """glibc's ``malloc_trim``, or None where the C library has none (macOS, Windows, musl)."""
     try:
         return getattr(ctypes.CDLL(None), "malloc_trim", None)
-    except OSError:
+    except (OSError, TypeError):  # Windows has no process-wide CDLL(None)
         return None
 
 

@@ -182,12 +182,27 @@ def test_benchmark_reports_how_far_two_results_differ(tmp_path):
 
 
 def test_editor_speed_rejects_a_set_without_a_value_in_one_line():
-    """``--set`` takes KEY=VALUE; anything else is one error line before any worktree or model."""
+    """``--set``/``--old-set`` take KEY=VALUE; anything else is one error line before any worktree or model."""
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "editor_speed.py"), "--old-rev", "HEAD",
-                           "--set", "L2"], capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines() == [
-        "editor_speed: --set takes KEY=VALUE (an hparam and its value), got 'L2'"]
+    for option, value in (("--set", "L2"), ("--old-set", "=3")):
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "editor_speed.py"), "--old-rev", "HEAD",
+                               option, value], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert proc.returncode != 0
+        assert proc.stderr.strip().splitlines() == [
+            f"editor_speed: --set and --old-set take KEY=VALUE (an hparam and its value), got {value!r}"]
+
+
+def test_old_set_reaches_the_old_side_only_after_the_shared_settings(tmp_path):
+    bench = load_benchmark()
+    args = bench.options().parse_args(["--old-rev", "HEAD", "--set", "L2=50", "--set", "v_loss_threshold=0.3",
+                                       "--old-set", "v_loss_threshold=0.05"])
+
+    def settings(side):
+        command = bench.child_command("alphaedit", side, tmp_path, "cache", args, tmp_path / f"{side}.safetensors")
+        return [command[i + 1] for i, word in enumerate(command) if word == "--set"]
+
+    # The old side's own value comes last, so it wins there; the new side never sees it.
+    assert settings("old") == ["L2=50", "v_loss_threshold=0.3", "v_loss_threshold=0.05"]
+    assert settings("new") == ["L2=50", "v_loss_threshold=0.3"]
