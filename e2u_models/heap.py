@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import gc
 
 
 @functools.lru_cache(maxsize=1)
@@ -24,10 +23,9 @@ def _malloc_trim():
 
 
 def return_freed_memory() -> bool:
-    """Collect unreachable Python objects (tensors held by reference cycles), then return the
-    heap's free pages to the system. True when the C library could do so; elsewhere nothing is
-    returned and the caller's results are the same either way."""
-    gc.collect()
+    """Return the heap's free pages to the system. No ``gc.collect`` first: it walks every Python
+    object, and ROME's sequence calls this once per request. True when the C library could do
+    so; elsewhere nothing is returned and the caller's results are the same either way."""
     trim = _malloc_trim()
     if trim is None:
         return False
